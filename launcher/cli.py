@@ -1,0 +1,152 @@
+"""``ftl``: the command line. Each subcommand is a thin shell over one module.
+
+Arguments containing ``=`` after the recipe are overrides (``train.learning_rate=1e-4``), applied
+before validation, exactly as ``python -m launcher.train`` applies them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from launcher.console import console, setup_logging
+from launcher.errors import UserError, exit_on_user_error
+
+
+def _split(items: list[str]) -> tuple[list[str], list[str]]:
+    files = [i for i in items if "=" not in i]
+    overrides = [i for i in items if "=" in i]
+    return files, overrides
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from launcher.config import RecipeError, load_recipe
+
+    files, overrides = _split(args.items)
+    if not files:
+        raise UserError("ftl validate: name at least one recipe file")
+    problems: list[str] = []
+    for path in files:
+        try:
+            recipe = load_recipe(path, overrides)
+        except RecipeError as err:
+            problems += err.problems
+            continue
+        if len(files) == 1 and not args.quiet:
+            console.print(recipe.to_yaml(), end="")
+        console.print(f"[green]ok[/] {path}")
+    if problems:
+        raise UserError("\n".join(problems))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from launcher.config import load_recipe
+    from launcher.train import train
+
+    files, overrides = _split(args.items)
+    if len(files) != 1:
+        raise UserError("ftl train: name exactly one recipe file (overrides look like key.sub=value)")
+    summary = train(load_recipe(files[0], overrides))
+    console.print(f"[green]done[/]: {summary['steps']} steps in {summary['elapsed_s']:.1f}s, checkpoint {summary['checkpoint']}")
+    return 0
+
+
+def cmd_tiny_model(args: argparse.Namespace) -> int:
+    from launcher.tiny import ARCHS, write_tiny_model
+
+    if args.arch not in ARCHS:
+        raise UserError(f"--arch: unknown architecture '{args.arch}'; choose one of {', '.join(ARCHS)}")
+    corpus = None
+    if args.corpus:
+        corpus_path = Path(args.corpus)
+        if not corpus_path.is_file():
+            raise UserError(f"--corpus: {corpus_path} is not a file")
+        corpus = corpus_path.read_text().splitlines()
+    out = write_tiny_model(args.out_dir, args.arch, args.hidden_size, args.layers, args.vocab_size, args.seed, corpus)
+    console.print(f"wrote tiny {args.arch} model and tokenizer to {out}")
+    return 0
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    from launcher.demo_data import write_demo_data
+
+    train_path, eval_path = write_demo_data(args.out_dir, args.train_rows, args.eval_rows, args.seed)
+    console.print(f"wrote {train_path} and {eval_path}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from launcher.config import DataSource
+    from launcher.evaluate import evaluate_path
+
+    source = DataSource(path=args.data, format=args.format)
+    accuracy, n, examples = evaluate_path(args.model, source, args.limit)
+    for example in examples:
+        console.print(f"  expected {example['expected']!r:<24} generated {example['generated']!r}")
+    console.print(f"exact match: [bold]{accuracy:.1%}[/] of {n} rows")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from launcher.demo import run_demo
+
+    result = run_demo(args.recipe, Path(args.workdir))
+    return 0 if result["accuracy_after"] > result["accuracy_before"] else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ftl", description="Fine-tune LLMs from one YAML recipe.")
+    parser.add_argument("--log-level", default=os.environ.get("FTL_LOG_LEVEL", "INFO"))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="check recipes and print the resolved recipe")
+    p.add_argument("items", nargs="+", metavar="RECIPE_OR_OVERRIDE")
+    p.add_argument("-q", "--quiet", action="store_true", help="only say ok or print the errors")
+    p.set_defaults(fn=cmd_validate)
+
+    p = sub.add_parser("train", help="train a recipe in this process")
+    p.add_argument("items", nargs="+", metavar="RECIPE_OR_OVERRIDE")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("tiny-model", help="write a tiny random model with a locally trained tokenizer")
+    p.add_argument("out_dir")
+    p.add_argument("--arch", default="llama", help="llama | qwen2 | mistral")
+    p.add_argument("--hidden-size", type=int, default=128)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--vocab-size", type=int, default=2048, help="upper bound; a small corpus gives fewer")
+    p.add_argument("--corpus", help="text file to train the tokenizer on (default: built-in demo text)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_tiny_model)
+
+    p = sub.add_parser("demo-data", help="write the demo's train and held-out eval sets (alpaca jsonl)")
+    p.add_argument("out_dir")
+    p.add_argument("--train-rows", type=int, default=2000)
+    p.add_argument("--eval-rows", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_demo_data)
+
+    p = sub.add_parser("eval", help="exact-match accuracy of a model or checkpoint by greedy generation")
+    p.add_argument("model", help="model directory or checkpoint (full model or PEFT adapter)")
+    p.add_argument("--data", required=True, help="alpaca or chat data file with reference answers")
+    p.add_argument("--format", default="alpaca", choices=["alpaca", "chat"])
+    p.add_argument("--limit", type=int, help="only the first N rows")
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("demo", help="build a tiny model and data, train, and compare held-out accuracy")
+    p.add_argument("--recipe", default="recipes/demo.yaml")
+    p.add_argument("--workdir", default="runs/demo")
+    p.set_defaults(fn=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    sys.exit(exit_on_user_error(lambda: args.fn(args)))
+
+
+if __name__ == "__main__":
+    main()

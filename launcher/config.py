@@ -1,0 +1,315 @@
+"""The recipe: one YAML file that describes a whole run.
+
+Loading a recipe goes YAML file -> CLI overrides (``a.b.c=value``) -> pydantic schema. Every error
+is turned into a :class:`RecipeError` whose lines name the key path, the YAML line it came from and
+what to do, so a user never sees a traceback for a typo. Later sections (quantization,
+distributed, slurm, export) slot in as new sub-models of :class:`Recipe`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from launcher.errors import UserError
+
+
+class RecipeError(UserError):
+    """A recipe problem the user can fix; ``str()`` is one line per problem."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+class ModelSection(_Section):
+    path: str = Field(description="Local directory or Hugging Face hub id of the base model.")
+    tokenizer: str | None = Field(None, description="Tokenizer path if it differs from model.path.")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "bfloat16"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = "sdpa"
+    trust_remote_code: bool = False
+
+
+class DataSource(_Section):
+    path: str = Field(description="A local .json/.jsonl/.parquet file or directory, or a datasets name.")
+    format: Literal["alpaca", "chat", "completion"] = "alpaca"
+    split: str = "train"
+    subset: str | None = Field(None, description="datasets configuration name (for hub datasets).")
+    fields: dict[str, str] = Field(
+        default_factory=dict,
+        description="Map from the format's field names to the columns of this source, "
+        "e.g. {instruction: question, output: answer}.",
+    )
+
+    @field_validator("fields")
+    @classmethod
+    def _known_fields(cls, fields: dict[str, str]) -> dict[str, str]:
+        known = {"instruction", "input", "output", "messages", "text", "role", "content"}
+        for key in fields:
+            if key not in known:
+                raise ValueError(f"unknown field '{key}' in fields mapping; known: {', '.join(sorted(known))}")
+        return fields
+
+
+class DataSection(_Section):
+    train: list[DataSource]
+    eval: list[DataSource] | None = None
+    max_length: int = Field(2048, ge=8)
+    mask_prompt: bool = Field(True, description="Train only on responses (assistant turns); -100 elsewhere.")
+    add_eos: bool = Field(True, description="Append the EOS token to alpaca/completion examples.")
+
+    @field_validator("train", "eval", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, dict) else value
+
+
+class LoraSection(_Section):
+    r: int = Field(16, ge=1, validation_alias=AliasChoices("r", "rank"))
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: str | list[str] = "all-linear"
+    modules_to_save: list[str] = Field(default_factory=list)
+    use_rslora: bool = False
+    use_dora: bool = False
+
+
+class MethodSection(_Section):
+    type: Literal["full", "lora"] = "lora"
+    lora: LoraSection = Field(default_factory=LoraSection)
+    freeze: list[str] = Field(
+        default_factory=list,
+        description="Full fine-tuning only: glob patterns of parameter names to keep frozen, "
+        "e.g. 'model.embed_tokens.*' or 'model.layers.0.*'.",
+    )
+
+    @model_validator(mode="after")
+    def _freeze_only_for_full(self) -> MethodSection:
+        if self.freeze and self.type != "full":
+            raise ValueError("method.freeze applies to method.type: full; LoRA already freezes the base model")
+        return self
+
+
+class TrainSection(_Section):
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs when set.")
+    micro_batch_size: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(2e-4, gt=0)
+    lr_scheduler: Literal["linear", "cosine", "constant"] = "cosine"
+    warmup_steps: int | None = Field(None, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_epsilon: float = Field(1e-8, gt=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    seed: int = 42
+    eval_steps: int | None = Field(None, ge=1, description="Evaluate every N optimizer steps (and at the end).")
+    save_steps: int | None = Field(None, ge=1, description="Checkpoint every N optimizer steps (and at the end).")
+    logging_steps: int = Field(1, ge=1)
+    gradient_checkpointing: bool = False
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+
+
+class OutputSection(_Section):
+    dir: str = Field(description="The run directory: resolved recipe, metrics, checkpoints.")
+    overwrite: bool = Field(False, description="Allow training into a run directory that already has checkpoints.")
+
+
+class Recipe(_Section):
+    model: ModelSection
+    data: DataSection
+    method: MethodSection = Field(default_factory=MethodSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    output: OutputSection
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def resolved(self) -> Recipe:
+        """A copy with local paths made absolute, so every rank and node reads the same files."""
+        data = self.model_dump()
+
+        def absolute(path: str | None) -> str | None:
+            if path is None:
+                return None
+            candidate = Path(path).expanduser()
+            return str(candidate.resolve()) if candidate.exists() else path
+
+        data["model"]["path"] = absolute(data["model"]["path"])
+        data["model"]["tokenizer"] = absolute(data["model"]["tokenizer"])
+        for source in data["data"]["train"] + (data["data"]["eval"] or []):
+            source["path"] = absolute(source["path"])
+        data["output"]["dir"] = str(Path(data["output"]["dir"]).expanduser().resolve())
+        return Recipe.model_validate(data)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe file, apply ``key.sub=value`` overrides and validate it."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise RecipeError([f"{path}: cannot read recipe ({err.strerror})"]) from None
+    try:
+        raw, lines = _parse_yaml(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise RecipeError([f"{where}: invalid YAML: {getattr(err, 'problem', err)}"]) from None
+    if not isinstance(raw, dict):
+        raise RecipeError([f"{path}: a recipe is a YAML mapping with sections model, data, method, train, output"])
+    for override in overrides or []:
+        _apply_override(raw, override)
+    return validate_recipe(raw, source=str(path), lines=lines)
+
+
+def validate_recipe(raw: dict, source: str = "<recipe>", lines: dict[tuple, int] | None = None) -> Recipe:
+    """Validate a recipe dict, translating pydantic errors into one actionable line each."""
+    lines = lines or {}
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise RecipeError([_describe(e, raw, source, lines) for e in err.errors()]) from None
+
+
+def _apply_override(raw: dict, override: str) -> None:
+    key, sep, value = override.partition("=")
+    if not sep or not key:
+        raise RecipeError([f"override '{override}': expected key.sub=value, e.g. train.learning_rate=1e-4"])
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise RecipeError([f"override '{override}': '{part}' is not a section"])
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        node[parts[-1]] = value
+
+
+def _parse_yaml(text: str) -> tuple[Any, dict[tuple, int]]:
+    """Load YAML and remember the 1-based line of every key path (for error messages)."""
+    lines: dict[tuple, int] = {}
+
+    def walk(node: yaml.Node, path: tuple) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                child = path + (key_node.value,)
+                lines[child] = key_node.start_mark.line + 1
+                walk(value_node, child)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                lines[path + (i,)] = item.start_mark.line + 1
+                walk(item, path + (i,))
+
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    if root is not None:
+        walk(root, ())
+    return yaml.safe_load(text), lines
+
+
+def _describe(error: dict, raw: dict, source: str, lines: dict[tuple, int]) -> str:
+    loc = tuple(error["loc"])
+    # Errors raised by model validators end their loc at the section; strip pydantic's internals.
+    loc = tuple(p for p in loc if not (isinstance(p, str) and p.startswith("function-")))
+    dotted = ".".join(str(p) for p in loc) or "(recipe)"
+    line = _nearest_line(loc, lines)
+    where = f"{source}:{line}" if line else source
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        valid = _valid_keys(loc[:-1])
+        hint = _suggest(str(loc[-1]), valid)
+        tip = f"did you mean {hint}?" if hint else f"valid keys here: {', '.join(valid)}"
+        return f"{where}: unknown key '{loc[-1]}' at {dotted}; {tip}"
+    if kind == "missing":
+        return f"{where}: missing required key {dotted}"
+    message = error["msg"].removeprefix("Value error, ")
+    got = error.get("input")
+    shown = "" if isinstance(got, (dict, list)) or kind.startswith("value_error") else f" (got {got!r})"
+    return f"{where}: {dotted}: {message}{shown}"
+
+
+def _nearest_line(loc: tuple, lines: dict[tuple, int]) -> int | None:
+    for end in range(len(loc), 0, -1):
+        if loc[:end] in lines:
+            return lines[loc[:end]]
+    return None
+
+
+def _valid_keys(section_loc: tuple) -> list[str]:
+    """Field names (and aliases) of the schema section at ``section_loc``."""
+    model: Any = Recipe
+    for part in section_loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        model = _section_type(field.annotation)
+        if model is None:
+            return []
+    names: list[str] = []
+    for name, field in model.model_fields.items():
+        names.append(name)
+        alias = field.validation_alias
+        if isinstance(alias, AliasChoices):
+            names.extend(a for a in alias.choices if isinstance(a, str) and a != name)
+    return names
+
+
+def _section_type(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _section_type(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _suggest(word: str, candidates: list[str]) -> str | None:
+    """Closest valid key by edit distance (transpositions count as one edit)."""
+    scored = sorted((_edit_distance(word.lower(), c.lower()), c) for c in candidates)
+    close = [c for d, c in scored if d <= max(1, len(word) // 3)]
+    if not close:
+        return None
+    best = close[0]
+    # Name the alias target too, e.g. 'rank' is an alias of 'r'.
+    model_names = [c for c in candidates if c != best and _edit_distance(best, c) > 0 and best.startswith(c)]
+    extra = f" (or '{model_names[0]}')" if model_names else ""
+    return f"'{best}'{extra}"
+
+
+def _edit_distance(a: str, b: str) -> int:
+    """Optimal string alignment distance (Levenshtein + adjacent transpositions)."""
+    d = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
+    for i in range(len(a) + 1):
+        d[i][0] = i
+    for j in range(len(b) + 1):
+        d[0][j] = j
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            cost = 0 if a[i - 1] == b[j - 1] else 1
+            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + cost)
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
+    return d[len(a)][len(b)]

@@ -1,0 +1,23 @@
+"""The one place user-facing output goes through (rich); diagnostics go through ``logging``."""
+
+from __future__ import annotations
+
+import logging
+
+from rich.console import Console
+from rich.logging import RichHandler
+
+console = Console(highlight=False)
+console_err = Console(stderr=True, highlight=False)
+
+
+def setup_logging(level: str = "INFO", rank: int = 0) -> None:
+    """Log to stderr through rich; ranks other than 0 only log warnings."""
+    logging.basicConfig(
+        level=level if rank == 0 else "WARNING",
+        format="%(message)s",
+        handlers=[RichHandler(console=console_err, show_path=False, show_time=False)],
+        force=True,
+    )
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "torch.distributed"):
+        logging.getLogger(noisy).setLevel("WARNING")

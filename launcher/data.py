@@ -1,0 +1,238 @@
+"""Training data: load sources, render them (alpaca | chat | completion), tokenize, mask, collate.
+
+Every example becomes ``input_ids`` and ``labels`` of equal length, with ``-100`` wherever the
+model must not be trained (the prompt, unless ``data.mask_prompt`` is off). An example is
+rendered as a list of (text, trainable) segments that are tokenized one by one, so the prompt is
+tokenized exactly as it will be at inference time and the mask is exact, whatever the tokenizer.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+
+from launcher.config import DataSection, DataSource
+from launcher.errors import UserError
+from launcher.loss import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task. Write a response that completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+ALPACA_PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
+FILE_TYPES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+class DataError(UserError):
+    """A data problem the user can fix: names the file, the row and the field."""
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_source(source: DataSource) -> datasets.Dataset:
+    """Load one source as a ``datasets.Dataset`` (local file, directory of files or a dataset name)."""
+    path = Path(source.path).expanduser()
+    if path.is_file():
+        kind = FILE_TYPES.get(path.suffix.lower())
+        if kind is None:
+            raise DataError(f"{path}: unsupported data file type; use .json, .jsonl, .parquet or .csv")
+        return _load(kind, data_files=str(path), where=str(path))
+    if path.is_dir():
+        files = sorted(str(p) for p in path.iterdir() if p.suffix.lower() in FILE_TYPES)
+        kinds = {FILE_TYPES[Path(f).suffix.lower()] for f in files}
+        if len(kinds) != 1:
+            raise DataError(f"{path}: expected data files of one type (.jsonl, .json, .parquet or .csv), found {files}")
+        return _load(kinds.pop(), data_files=files, where=str(path))
+    if path.suffix.lower() in FILE_TYPES or source.path.startswith((".", "/", "~")):
+        raise DataError(f"{source.path}: data file not found (relative paths are resolved from {Path.cwd()})")
+    try:
+        return datasets.load_dataset(source.path, source.subset, split=source.split)
+    except Exception as err:  # datasets raises many kinds; the user needs only the gist
+        raise DataError(f"{source.path}: could not load dataset '{source.path}' (split {source.split}): {err}") from None
+
+
+def _load(kind: str, data_files: Any, where: str) -> datasets.Dataset:
+    try:
+        return datasets.load_dataset(kind, data_files=data_files, split="train")
+    except Exception as err:
+        raise DataError(f"{where}: could not parse as {kind}: {str(err).splitlines()[0]}") from None
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def render_segments(row: dict, source: DataSource, tokenizer: Any, where: str) -> list[tuple[str, bool]]:
+    """Render one row as (text, is_response) segments in the source's format."""
+    if source.format == "alpaca":
+        instruction = _field(row, source, "instruction", where)
+        extra = _field(row, source, "input", where, required=False)
+        output = _field(row, source, "output", where)
+        template = ALPACA_PROMPT_WITH_INPUT if extra else ALPACA_PROMPT
+        return [(template.format(instruction=instruction, input=extra), False), (output, True)]
+    if source.format == "completion":
+        return [(_field(row, source, "text", where), True)]
+    return _chat_segments(parse_messages(row, source, where), tokenizer, where)
+
+
+def _field(row: dict, source: DataSource, name: str, where: str, required: bool = True) -> str | None:
+    column = source.fields.get(name, name)
+    value = row.get(column)
+    if value is None:
+        if required:
+            raise DataError(f"{where}: missing field '{column}' ({source.format} format needs '{name}')")
+        return None
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field '{column}' must be a string, got {type(value).__name__}")
+    return value
+
+
+def parse_messages(row: dict, source: DataSource, where: str) -> list[dict[str, str]]:
+    column = source.fields.get("messages", "messages")
+    role_key = source.fields.get("role", "role")
+    content_key = source.fields.get("content", "content")
+    raw = row.get(column)
+    if not isinstance(raw, list) or not raw:
+        raise DataError(f"{where}: field '{column}' must be a non-empty list of messages")
+    messages = []
+    for i, message in enumerate(raw):
+        if not isinstance(message, dict) or not isinstance(message.get(role_key), str):
+            raise DataError(f"{where}: {column}[{i}] needs a string '{role_key}'")
+        if not isinstance(message.get(content_key), str):
+            raise DataError(f"{where}: {column}[{i}] needs a string '{content_key}'")
+        role = ROLE_ALIASES.get(message[role_key], message[role_key])
+        messages.append({"role": role, "content": message[content_key]})
+    return messages
+
+
+def _chat_segments(messages: list[dict[str, str]], tokenizer: Any, where: str) -> list[tuple[str, bool]]:
+    """Split the rendered conversation into assistant turns (trainable) and everything else.
+
+    The template is rendered for growing prefixes of the conversation; each assistant turn is the
+    text between the prefix that ends with the generation prompt and the prefix that includes the
+    turn, so its end-of-turn token is trained and the role header is not.
+    """
+    if tokenizer.chat_template is None:
+        raise DataError(f"{where}: chat format needs a tokenizer with a chat template (tokenizer_config.json)")
+
+    def render(msgs: list[dict[str, str]], generation_prompt: bool) -> str:
+        try:
+            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+        except Exception as err:
+            raise DataError(f"{where}: the chat template failed to render this conversation: {err}") from None
+
+    full = render(messages, False)
+    segments: list[tuple[str, bool]] = []
+    done = 0
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = len(render(messages[:i], True)) if i else 0
+        end = len(render(messages[: i + 1], False))
+        if not (done <= start <= end <= len(full)) or not full.startswith(render(messages[: i + 1], False)):
+            raise DataError(
+                f"{where}: this tokenizer's chat template does not render conversations prefix by prefix, "
+                "so assistant turns cannot be located; use data.mask_prompt: false"
+            )
+        segments += [(full[done:start], False), (full[start:end], True)]
+        done = end
+    segments.append((full[done:], False))
+    return [(text, trainable) for text, trainable in segments if text]
+
+
+# ----------------------------------------------------------------------------- tokenizing
+
+
+def tokenize_segments(
+    segments: list[tuple[str, bool]], tokenizer: Any, mask_prompt: bool, add_special_tokens: bool
+) -> tuple[list[int], list[int]]:
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for i, (text, trainable) in enumerate(segments):
+        ids = tokenizer(text, add_special_tokens=add_special_tokens and i == 0)["input_ids"]
+        input_ids += ids
+        labels += ids if (trainable or not mask_prompt) else [IGNORE_INDEX] * len(ids)
+    return input_ids, labels
+
+
+def tokenize_row(row: dict, source: DataSource, tokenizer: Any, cfg: DataSection, where: str) -> dict[str, Any]:
+    """Tokenize one row into ``input_ids``/``labels`` truncated to ``cfg.max_length``."""
+    segments = render_segments(row, source, tokenizer, where)
+    if source.format != "chat" and cfg.add_eos and tokenizer.eos_token:
+        segments.append((tokenizer.eos_token, True))
+    # Chat templates write their own BOS into the text; the other formats get the tokenizer's.
+    input_ids, labels = tokenize_segments(segments, tokenizer, cfg.mask_prompt, source.format != "chat")
+    if all(label == IGNORE_INDEX for label in labels):
+        raise DataError(f"{where}: no trainable token (empty response or no assistant turn)")
+    truncated = len(input_ids) > cfg.max_length
+    return {
+        "input_ids": input_ids[: cfg.max_length],
+        "labels": labels[: cfg.max_length],
+        "truncated": truncated,
+    }
+
+
+def build_dataset(sources: list[DataSource], tokenizer: Any, cfg: DataSection) -> datasets.Dataset:
+    """Load, render and tokenize every source; concatenate them in order."""
+    parts = []
+    for source in sources:
+        raw = load_source(source)
+        name = source.path
+
+        def encode(row: dict, index: int, source: DataSource = source, name: str = name) -> dict[str, Any]:
+            return tokenize_row(row, source, tokenizer, cfg, where=f"{name}: row {index}")
+
+        tokenized = raw.map(encode, with_indices=True, remove_columns=raw.column_names, desc=f"tokenizing {name}")
+        n_truncated = sum(tokenized["truncated"])
+        kept = tokenized.filter(lambda labels: any(label != IGNORE_INDEX for label in labels), input_columns="labels")
+        dropped = len(tokenized) - len(kept)
+        if n_truncated:
+            log.warning("%s: %d of %d rows truncated to data.max_length=%d", name, n_truncated, len(raw), cfg.max_length)
+        if dropped:
+            log.warning("%s: dropped %d rows whose response lies beyond data.max_length", name, dropped)
+        parts.append(kept.remove_columns("truncated"))
+    dataset = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    if len(dataset) == 0:
+        raise DataError(f"{', '.join(s.path for s in sources)}: no usable rows")
+    return dataset
+
+
+def collate(rows: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Pad a micro-batch on the right to its longest row."""
+    width = max(len(r["input_ids"]) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        n = len(row["input_ids"])
+        input_ids[i, :n] = torch.tensor(row["input_ids"])
+        labels[i, :n] = torch.tensor(row["labels"])
+        attention_mask[i, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def batch_indices(n_rows: int, micro_batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
+    """This rank's micro-batches for one epoch.
+
+    The shuffle depends only on (seed, epoch), never on the batch size or the world size, so the
+    same rows are seen in the same order however they are split: micro-batch 2 with 4 accumulation
+    steps sees exactly what micro-batch 8 sees, and a resumed run can skip what it already consumed.
+    Batches are dealt round-robin; trailing batches that not every rank would get are dropped so
+    that ranks never wait for each other.
+    """
+    generator = torch.Generator().manual_seed(seed + epoch)
+    order = torch.randperm(n_rows, generator=generator).tolist()
+    batches = [order[i : i + micro_batch_size] for i in range(0, n_rows, micro_batch_size)]
+    usable = len(batches) - len(batches) % world
+    return batches[rank:usable:world]

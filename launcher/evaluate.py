@@ -1,0 +1,82 @@
+"""Held-out exact-match accuracy by greedy generation.
+
+Eval loss says the model got closer; exact match says it now gives the right answer. The prompt
+is rendered exactly as in training (same template, same tokenization), the model generates
+greedily until EOS, and the stripped text must equal the reference answer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from launcher.config import DataSource
+from launcher.data import DataError, load_source, parse_messages, render_segments
+
+
+def prompts_and_answers(source: DataSource, tokenizer: Any, limit: int | None = None) -> list[tuple[list[int], str]]:
+    """(prompt token ids, reference answer) for each row of an alpaca or chat source."""
+    if source.format == "completion":
+        raise DataError(f"{source.path}: exact match needs prompts and answers (alpaca or chat format)")
+    rows = load_source(source)
+    pairs = []
+    for index, row in enumerate(rows):
+        if limit is not None and index >= limit:
+            break
+        where = f"{source.path}: row {index}"
+        if source.format == "alpaca":
+            prompt, answer = render_segments(row, source, tokenizer, where)
+            ids = tokenizer(prompt[0], add_special_tokens=True)["input_ids"]
+            pairs.append((ids, answer[0]))
+        else:
+            messages = parse_messages(row, source, where)
+            if messages[-1]["role"] != "assistant":
+                raise DataError(f"{where}: for exact match, the conversation must end with an assistant turn")
+            text = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            pairs.append((ids, messages[-1]["content"]))
+    return pairs
+
+
+@torch.no_grad()
+def exact_match(
+    model: Any, tokenizer: Any, pairs: list[tuple[list[int], str]], max_new_tokens: int = 32, batch_size: int = 32
+) -> tuple[float, list[dict[str, str]]]:
+    """Accuracy over ``pairs`` and the first few (expected, generated) examples."""
+    model.eval()
+    device = next(model.parameters()).device
+    correct, shown = 0, []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        input_ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, (ids, _) in enumerate(chunk):  # left padding, so every prompt ends at the same column
+            input_ids[i, width - len(ids) :] = torch.tensor(ids)
+            attention[i, width - len(ids) :] = 1
+        out = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        for i, (_, answer) in enumerate(chunk):
+            text = tokenizer.decode(out[i, width:], skip_special_tokens=True).strip()
+            correct += text == answer.strip()
+            if len(shown) < 5:
+                shown.append({"expected": answer, "generated": text})
+    return correct / max(len(pairs), 1), shown
+
+
+def evaluate_path(model_path: str | Path, data: DataSource, limit: int | None = None) -> tuple[float, int, list]:
+    """Load a model or checkpoint and measure exact match on ``data``."""
+    from launcher.model import load_for_inference
+
+    model, tokenizer = load_for_inference(model_path)
+    pairs = prompts_and_answers(data, tokenizer, limit)
+    accuracy, examples = exact_match(model, tokenizer, pairs)
+    return accuracy, len(pairs), examples

@@ -1,0 +1,26 @@
+"""Causal-LM loss as a *sum* over trainable tokens.
+
+The training loop divides by the number of trainable tokens of the whole optimizer step (all
+micro-batches, all ranks), so gradient accumulation and data parallelism give the same update as
+one big batch. A per-micro-batch mean would weight short and long batches unequally.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def count_trainable_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """Tokens that contribute to the loss: labels shifted left by one, minus ignored ones."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum()
+
+
+def causal_lm_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of next-token cross-entropy over the batch's trainable tokens (fp32 logits)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    logits = logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")

@@ -1,0 +1,136 @@
+"""Build the model to train from the recipe: load the base, decide what is trainable, wrap it.
+
+The training loop never asks which method it runs: this module returns a model whose
+``requires_grad`` flags say what to train (LoRA adapters through peft, or the base weights minus
+any frozen patterns) and a tokenizer that always has a pad token.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from launcher.config import MethodSection, ModelSection, Recipe
+from launcher.errors import UserError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+class ModelError(UserError):
+    """The model or tokenizer cannot be loaded as the recipe asks; the message says why."""
+
+
+def load_tokenizer(cfg: ModelSection) -> Any:
+    source = cfg.tokenizer or cfg.path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"model.tokenizer: cannot load a tokenizer from '{source}': {_first_line(err)}") from None
+    if tokenizer.pad_token is None:
+        # Padding is masked out of attention and loss, so any existing token serves.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        log.info("tokenizer has no pad token; using %r", tokenizer.pad_token)
+    return tokenizer
+
+
+def load_base_model(cfg: ModelSection, tokenizer: Any | None = None) -> PreTrainedModel:
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.path,
+            dtype=DTYPES[cfg.dtype],
+            attn_implementation=cfg.attn_implementation,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    except (OSError, ValueError, ImportError) as err:
+        raise ModelError(f"model.path: cannot load a causal LM from '{cfg.path}': {_first_line(err)}") from None
+    if tokenizer is not None and model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def apply_method(model: PreTrainedModel, method: MethodSection, gradient_checkpointing: bool) -> PreTrainedModel:
+    """Make the right parameters trainable: LoRA adapters, or the base minus frozen patterns."""
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if method.type == "lora":
+        return _wrap_lora(model, method)
+    freeze_patterns(model, method.freeze)
+    return model
+
+
+def _wrap_lora(model: PreTrainedModel, method: MethodSection) -> PreTrainedModel:
+    from peft import LoraConfig, get_peft_model
+
+    lora = method.lora
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        modules_to_save=lora.modules_to_save or None,
+        use_rslora=lora.use_rslora,
+        use_dora=lora.use_dora,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        peft_model = get_peft_model(model, config)
+    except ValueError as err:
+        raise ModelError(f"method.lora.target_modules: {_first_line(err)}") from None
+    if model.is_gradient_checkpointing:
+        # The frozen embeddings produce no grad; without this, checkpointed blocks see no input grad.
+        peft_model.enable_input_require_grads()
+    return peft_model
+
+
+def freeze_patterns(model: torch.nn.Module, patterns: list[str]) -> None:
+    names = [name for name, _ in model.named_parameters()]
+    for pattern in patterns:
+        matched = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        if not matched:
+            example = names[min(2, len(names) - 1)]
+            raise ModelError(f"method.freeze: pattern '{pattern}' matches no parameter (names look like '{example}')")
+    for name, param in model.named_parameters():
+        if any(fnmatch.fnmatchcase(name, p) for p in patterns):
+            param.requires_grad_(False)
+
+
+def build_model(recipe: Recipe) -> tuple[PreTrainedModel, Any]:
+    """Tokenizer and trainable model for ``recipe``."""
+    tokenizer = load_tokenizer(recipe.model)
+    model = load_base_model(recipe.model, tokenizer)
+    model = apply_method(model, recipe.method, recipe.train.gradient_checkpointing)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log.info("trainable parameters: %d of %d (%.2f%%)", trainable, total, 100 * trainable / max(total, 1))
+    return model, tokenizer
+
+
+def load_for_inference(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, Any]:
+    """Load a saved checkpoint (full model or PEFT adapter) or a base model for generation."""
+    path = Path(path)
+    try:
+        if (path / "adapter_config.json").exists():
+            from peft import AutoPeftModelForCausalLM
+
+            model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"{path}: cannot load a model for inference: {_first_line(err)}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -1,0 +1,241 @@
+"""The training loop: one flow for every method, read top to bottom.
+
+Run as ``ftl train RECIPE`` or ``python -m launcher.train RECIPE [key=value ...]``, also under an
+``accelerate launch`` that the user starts by hand. Each optimizer step gathers its micro-batches
+first, counts their trainable tokens across all ranks, and scales every micro-batch's summed loss
+by that count, so the update equals the one of a single batch of the same rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from transformers import get_scheduler
+
+from launcher.checkpoint import checkpoints_dir, save_checkpoint
+from launcher.config import Recipe, load_recipe
+from launcher.console import setup_logging
+from launcher.data import batch_indices, build_dataset, collate, load_source
+from launcher.errors import UserError, exit_on_user_error
+from launcher.loss import causal_lm_loss_sum, count_trainable_tokens
+from launcher.metrics import MetricsWriter, TrainingProgress
+from launcher.model import build_model
+
+log = logging.getLogger(__name__)
+
+
+class TrainError(UserError):
+    """The run cannot start as the recipe asks (run directory, data size)."""
+
+
+def train(recipe: Recipe) -> dict[str, Any]:
+    """Train as the recipe says; returns a summary (final losses, steps, checkpoint path)."""
+    recipe = recipe.resolved()
+    cfg = recipe.train
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    run_dir = Path(recipe.output.dir)
+    main = accelerator.is_main_process
+    if main:
+        _prepare_run_dir(run_dir, recipe)
+    accelerator.wait_for_everyone()
+    set_seed(cfg.seed)
+
+    # Fail on missing data before spending minutes loading a model.
+    for source in recipe.data.train + (recipe.data.eval or []):
+        if main:
+            load_source(source)
+
+    model, tokenizer = build_model(recipe)
+    with accelerator.main_process_first():
+        train_set = build_dataset(recipe.data.train, tokenizer, recipe.data)
+        eval_set = build_dataset(recipe.data.eval, tokenizer, recipe.data) if recipe.data.eval else None
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    accum = cfg.gradient_accumulation_steps
+    batches_per_epoch = len(batch_indices(len(train_set), cfg.micro_batch_size, cfg.seed, 0, rank, world))
+    if batches_per_epoch == 0:
+        raise TrainError(
+            f"data.train: {len(train_set)} rows make no micro-batch for each of {world} processes; "
+            "lower train.micro_batch_size or add data"
+        )
+    steps_per_epoch = math.ceil(batches_per_epoch / accum)
+    total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * total_steps)
+
+    optimizer = torch.optim.AdamW(
+        _param_groups(model, cfg.weight_decay),
+        lr=cfg.learning_rate,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_epsilon,
+    )
+    # Not prepared by Accelerate: it would step the schedule once per process.
+    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=main)
+    progress = TrainingProgress(total_steps, enabled=main)
+    progress.message(
+        f"training {total_steps} steps: {len(train_set)} rows, {world} process(es), micro-batch "
+        f"{cfg.micro_batch_size} x accumulation {accum} x {world} = {cfg.micro_batch_size * accum * world} rows/step"
+    )
+    summary: dict[str, Any] = {"total_steps": total_steps}
+    if eval_set is not None:
+        summary["initial_eval_loss"] = _evaluate(model, eval_set, tokenizer, cfg.micro_batch_size, accelerator)
+        metrics.write({"step": 0, "eval_loss": summary["initial_eval_loss"]})
+        progress.message(f"step 0: eval loss {summary['initial_eval_loss']:.4f}")
+
+    step, epoch, start = 0, 0, time.perf_counter()
+    window_tokens, window_start = 0, time.perf_counter()
+    while step < total_steps:
+        batches = batch_indices(len(train_set), cfg.micro_batch_size, cfg.seed, epoch, rank, world)
+        for first in range(0, len(batches), accum):
+            if step >= total_steps:
+                break
+            micro = [collate([train_set[i] for i in idx], tokenizer.pad_token_id) for idx in batches[first : first + accum]]
+            micro = [{k: v.to(accelerator.device) for k, v in mb.items()} for mb in micro]
+            local_tokens = sum(count_trainable_tokens(mb["labels"]) for mb in micro)
+            step_tokens = accelerator.reduce(local_tokens.clone(), reduction="sum").clamp(min=1)
+            loss_sum = torch.zeros((), device=accelerator.device)
+            model.train()
+            for k, mb in enumerate(micro):
+                sync = k == len(micro) - 1
+                with nullcontext() if sync else accelerator.no_sync(model):
+                    with accelerator.autocast():
+                        loss = causal_lm_loss_sum(model, mb)
+                    # DDP averages gradients over ranks; multiplying by world turns that into a sum.
+                    accelerator.backward(loss * world / step_tokens)
+                loss_sum += loss.detach().float()
+            grad_norm = _clip_grad_norm(accelerator, model, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            step_loss = (accelerator.reduce(loss_sum, reduction="sum") / step_tokens).item()
+            window_tokens += int(accelerator.reduce(sum(mb["attention_mask"].sum() for mb in micro), "sum"))
+            if step % cfg.logging_steps == 0 or step == total_steps:
+                now = time.perf_counter()
+                record = {
+                    "step": step,
+                    "epoch": round(epoch + first / max(len(batches), 1), 4),
+                    "loss": step_loss,
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": grad_norm,
+                    "trainable_tokens": int(step_tokens),
+                    "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
+                    "elapsed_s": now - start,
+                }
+                metrics.write(record)
+                progress.update(step, record)
+                window_tokens, window_start = 0, now
+            summary["final_train_loss"] = step_loss
+
+            if eval_set is not None and (
+                (cfg.eval_steps and step % cfg.eval_steps == 0) or step == total_steps
+            ):
+                eval_loss = _evaluate(model, eval_set, tokenizer, cfg.micro_batch_size, accelerator)
+                metrics.write({"step": step, "eval_loss": eval_loss})
+                progress.message(f"step {step}: eval loss {eval_loss:.4f}")
+                summary["final_eval_loss"] = eval_loss
+            if (cfg.save_steps and step % cfg.save_steps == 0) or step == total_steps:
+                state = {"epoch": epoch, "loss": step_loss, "method": recipe.method.type}
+                summary["checkpoint"] = str(save_checkpoint(accelerator, model, tokenizer, run_dir, step, state))
+        epoch += 1
+
+    progress.close()
+    summary["steps"] = step
+    summary["elapsed_s"] = time.perf_counter() - start
+    accelerator.end_training()
+    return summary
+
+
+def _prepare_run_dir(run_dir: Path, recipe: Recipe) -> None:
+    """Create the run dir and write the resolved recipe; refuse to mix with an earlier run."""
+    ckpts = checkpoints_dir(run_dir)
+    if ckpts.exists() and any(ckpts.iterdir()):
+        if not recipe.output.overwrite:
+            raise TrainError(
+                f"output.dir: {run_dir} already holds checkpoints of an earlier run; choose another "
+                "output.dir or set output.overwrite=true to replace them"
+            )
+        shutil.rmtree(ckpts)
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on biases and norm weights (1-D tensors), as is standard for transformers."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _clip_grad_norm(accelerator: Accelerator, model: torch.nn.Module, max_norm: float | None) -> float:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if max_norm is not None:
+        norm = accelerator.clip_grad_norm_(params, max_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    return float(norm) if norm is not None else float("nan")
+
+
+@torch.no_grad()
+def _evaluate(model: torch.nn.Module, dataset: Any, tokenizer: Any, batch_size: int, accelerator: Accelerator) -> float:
+    """Token-weighted mean loss over the whole eval set, rows split across ranks."""
+    model.eval()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    rows = list(range(len(dataset)))
+    batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+    rounds = math.ceil(len(batches) / world)
+    loss_sum = torch.zeros((), device=accelerator.device)
+    tokens = torch.zeros((), device=accelerator.device, dtype=torch.long)
+    for r in range(rounds):
+        index = r * world + rank
+        # Every rank runs the same number of forwards (sharded models need all ranks); extra ones count zero.
+        batch = collate([dataset[i] for i in batches[min(index, len(batches) - 1)]], tokenizer.pad_token_id)
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        with accelerator.autocast():
+            loss = causal_lm_loss_sum(model, batch)
+        if index < len(batches):
+            loss_sum += loss.float()
+            tokens += count_trainable_tokens(batch["labels"])
+    total = accelerator.reduce(loss_sum, "sum") / accelerator.reduce(tokens, "sum").clamp(min=1)
+    model.train()
+    return total.item()
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Entry point for ``python -m launcher.train RECIPE [key=value ...]``."""
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help"):
+        print("usage: python -m launcher.train RECIPE [key.sub=value ...]")
+        sys.exit(0 if args else 2)
+    setup_logging(rank=int(_env_rank()))
+
+    def run() -> dict[str, Any]:
+        recipe = load_recipe(args[0], args[1:])
+        summary = train(recipe)
+        return summary
+
+    return exit_on_user_error(run)
+
+
+def _env_rank() -> str:
+    return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))
+
+
+if __name__ == "__main__":
+    main()
