@@ -174,20 +174,20 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if not isinstance(raw, dict):
         raise RecipeError([f"{path}: a recipe is a YAML mapping with sections model, data, method, train, output"])
     for override in overrides or []:
-        _apply_override(raw, override)
+        lines[_apply_override(raw, override)] = "command-line override"
     return validate_recipe(raw, source=str(path), lines=lines)
 
 
-def validate_recipe(raw: dict, source: str = "<recipe>", lines: dict[tuple, int] | None = None) -> Recipe:
+def validate_recipe(raw: dict, source: str = "<recipe>", lines: dict[tuple, int | str] | None = None) -> Recipe:
     """Validate a recipe dict, translating pydantic errors into one actionable line each."""
     lines = lines or {}
     try:
         return Recipe.model_validate(raw)
     except ValidationError as err:
-        raise RecipeError([_describe(e, raw, source, lines) for e in err.errors()]) from None
+        raise RecipeError([_describe(e, source, lines) for e in err.errors()]) from None
 
 
-def _apply_override(raw: dict, override: str) -> None:
+def _apply_override(raw: dict, override: str) -> tuple:
     key, sep, value = override.partition("=")
     if not sep or not key:
         raise RecipeError([f"override '{override}': expected key.sub=value, e.g. train.learning_rate=1e-4"])
@@ -204,11 +204,12 @@ def _apply_override(raw: dict, override: str) -> None:
         node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError:
         node[parts[-1]] = value
+    return tuple(parts)
 
 
-def _parse_yaml(text: str) -> tuple[Any, dict[tuple, int]]:
+def _parse_yaml(text: str) -> tuple[Any, dict[tuple, int | str]]:
     """Load YAML and remember the 1-based line of every key path (for error messages)."""
-    lines: dict[tuple, int] = {}
+    lines: dict[tuple, int | str] = {}
 
     def walk(node: yaml.Node, path: tuple) -> None:
         if isinstance(node, yaml.MappingNode):
@@ -227,13 +228,13 @@ def _parse_yaml(text: str) -> tuple[Any, dict[tuple, int]]:
     return yaml.safe_load(text), lines
 
 
-def _describe(error: dict, raw: dict, source: str, lines: dict[tuple, int]) -> str:
+def _describe(error: dict, source: str, lines: dict[tuple, int | str]) -> str:
     loc = tuple(error["loc"])
     # Errors raised by model validators end their loc at the section; strip pydantic's internals.
     loc = tuple(p for p in loc if not (isinstance(p, str) and p.startswith("function-")))
     dotted = ".".join(str(p) for p in loc) or "(recipe)"
     line = _nearest_line(loc, lines)
-    where = f"{source}:{line}" if line else source
+    where = f"{source}:{line}" if isinstance(line, int) else f"{source} ({line})" if line else source
     kind = error["type"]
     if kind == "extra_forbidden":
         valid = _valid_keys(loc[:-1])
@@ -248,7 +249,7 @@ def _describe(error: dict, raw: dict, source: str, lines: dict[tuple, int]) -> s
     return f"{where}: {dotted}: {message}{shown}"
 
 
-def _nearest_line(loc: tuple, lines: dict[tuple, int]) -> int | None:
+def _nearest_line(loc: tuple, lines: dict[tuple, int | str]) -> int | str | None:
     for end in range(len(loc), 0, -1):
         if loc[:end] in lines:
             return lines[loc[:end]]

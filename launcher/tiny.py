@@ -29,6 +29,8 @@ ARCHS = ("llama", "qwen2", "mistral")
 
 BOS, EOS, PAD = "<|begin_of_text|>", "<|im_end|>", "<|pad|>"
 IM_START = "<|im_start|>"
+# Qwen2's tokenizer class defaults its unknown token to this; it must exist in the vocabulary.
+END_OF_TEXT = "<|endoftext|>"
 
 # ChatML, as Qwen uses it. Llama-style tokenizers get a BOS in front, as Llama 3's template does.
 CHAT_TEMPLATE = (
@@ -42,7 +44,7 @@ CHAT_TEMPLATE = (
 
 def build_tokenizer(texts: Iterable[str], vocab_size: int = 2048, add_bos: bool = True) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer with BOS/EOS/PAD and a ChatML chat template."""
-    specials = [PAD, BOS, EOS, IM_START]
+    specials = [PAD, BOS, EOS, IM_START, END_OF_TEXT]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -63,7 +65,7 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 2048, add_bos: bool 
         bos_token=BOS if add_bos else None,
         eos_token=EOS,
         pad_token=PAD,
-        additional_special_tokens=[IM_START],
+        additional_special_tokens=[IM_START, END_OF_TEXT],
         chat_template=template,
     )
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from transformers import get_scheduler
 
@@ -157,6 +158,10 @@ def train(recipe: Recipe) -> dict[str, Any]:
     summary["steps"] = step
     summary["elapsed_s"] = time.perf_counter() - start
     accelerator.end_training()
+    if world == 1:
+        # Accelerate keeps its state in a process-wide singleton; a second run in this process
+        # (the demo, tests, notebooks) may ask for another mixed precision.
+        AcceleratorState._reset_state(reset_partial_state=True)
     return summary
 
 

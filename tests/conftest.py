@@ -1,0 +1,48 @@
+"""Shared fixtures: a tiny model per architecture and the demo data, built once per session."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launcher.demo_data import write_demo_data
+from launcher.tiny import write_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "llama", "llama", hidden_size=64)
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return write_demo_data(tmp_path_factory.mktemp("data"), n_train=400, n_eval=48)
+
+
+def make_recipe(model_path: Path, train_path: Path, run_dir: Path, eval_path: Path | None = None, **sections: dict) -> dict:
+    """A small recipe dict; ``sections`` update the defaults section by section."""
+    recipe = {
+        "model": {"path": str(model_path), "dtype": "float32"},
+        "data": {"train": {"path": str(train_path)}, "max_length": 128},
+        "method": {"type": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
+        "train": {"max_steps": 4, "micro_batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1, "seed": 0},
+        "output": {"dir": str(run_dir)},
+    }
+    if eval_path is not None:
+        recipe["data"]["eval"] = {"path": str(eval_path)}
+    for name, values in sections.items():
+        recipe.setdefault(name, {}).update(values)
+    return recipe
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

@@ -1,0 +1,112 @@
+from pathlib import Path
+
+import pytest
+
+from launcher.config import RecipeError, load_recipe, validate_recipe
+from tests.conftest import make_recipe, write_yaml
+
+RECIPES = sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_shipped_recipe_validates(path: Path) -> None:
+    recipe = load_recipe(path)
+    assert recipe.output.dir
+
+
+def _recipe_file(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return path
+
+
+BASE = """\
+model:
+  path: some/model
+data:
+  train: {path: data.jsonl}
+method:
+  type: lora
+  lora:
+    rnak: 8
+output:
+  dir: runs/x
+"""
+
+
+def test_misspelt_key_names_key_line_and_suggestion(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError) as err:
+        load_recipe(_recipe_file(tmp_path, BASE))
+    assert len(err.value.problems) == 1
+    line = err.value.problems[0]
+    assert "'rnak'" in line and "r.yaml:8" in line and "method.lora.rnak" in line
+    assert "'rank'" in line and "'r'" in line
+
+
+def test_rank_alias_and_r_are_the_same_field(tmp_path: Path) -> None:
+    recipe = load_recipe(_recipe_file(tmp_path, BASE.replace("rnak", "rank")))
+    assert recipe.method.lora.r == 8
+
+
+def test_wrong_type_and_range_name_path_and_expectation(tmp_path: Path) -> None:
+    text = BASE.replace("rnak: 8", "r: 0") + "train:\n  learning_rate: fast\n"
+    with pytest.raises(RecipeError) as err:
+        load_recipe(_recipe_file(tmp_path, text))
+    problems = "\n".join(err.value.problems)
+    assert "r.yaml:8: method.lora.r: Input should be greater than or equal to 1 (got 0)" in problems
+    assert "r.yaml:12: train.learning_rate: Input should be a valid number" in problems
+
+
+def test_unknown_section_suggests_closest(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError) as err:
+        load_recipe(_recipe_file(tmp_path, BASE.replace("rnak", "r") + "trian:\n  epochs: 1\n"))
+    assert "unknown key 'trian'" in str(err.value) and "did you mean 'train'" in str(err.value)
+
+
+def test_missing_required_section(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match="missing required key output"):
+        load_recipe(_recipe_file(tmp_path, BASE.replace("rnak", "r").replace("output:\n  dir: runs/x\n", "")))
+
+
+def test_overrides_apply_before_validation(tmp_path: Path) -> None:
+    path = _recipe_file(tmp_path, BASE.replace("rnak", "r"))
+    recipe = load_recipe(path, ["train.learning_rate=1e-4", "method.lora.target_modules=[q_proj,v_proj]"])
+    assert recipe.train.learning_rate == 1e-4
+    assert recipe.method.lora.target_modules == ["q_proj", "v_proj"]
+    with pytest.raises(RecipeError, match=r"r.yaml \(command-line override\): train.micro_batch_size"):
+        load_recipe(path, ["train.micro_batch_size=zero"])
+    with pytest.raises(RecipeError, match="expected key.sub=value"):
+        load_recipe(path, ["=3"])
+
+
+def test_invalid_yaml_names_line(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match=r"r.yaml:3: invalid YAML"):
+        load_recipe(_recipe_file(tmp_path, "model:\n  path: x\n  bad: a: b\n"))
+
+
+def test_freeze_needs_full_method(tmp_path: Path) -> None:
+    raw = make_recipe(Path("m"), Path("d.jsonl"), tmp_path, method={"type": "lora", "freeze": ["model.*"]})
+    with pytest.raises(RecipeError, match="method.freeze applies to method.type: full"):
+        validate_recipe(raw)
+
+
+def test_single_source_or_list(tmp_path: Path) -> None:
+    raw = make_recipe(Path("m"), Path("d.jsonl"), tmp_path)
+    raw["data"]["train"] = [{"path": "a.jsonl"}, {"path": "b.jsonl", "format": "chat"}]
+    recipe = validate_recipe(raw)
+    assert [s.format for s in recipe.data.train] == ["alpaca", "chat"]
+
+
+def test_resolved_makes_existing_paths_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d.jsonl").write_text("")
+    recipe = validate_recipe(make_recipe(Path("hub/model"), Path("d.jsonl"), Path("runs/x"))).resolved()
+    assert recipe.data.train[0].path == str(tmp_path / "d.jsonl")
+    assert recipe.model.path == "hub/model"  # a hub id stays as it is
+    assert recipe.output.dir == str(tmp_path / "runs/x")
+
+
+def test_resolved_recipe_round_trips(tmp_path: Path) -> None:
+    recipe = validate_recipe(make_recipe(Path("m"), Path("d.jsonl"), tmp_path))
+    again = load_recipe(write_yaml(tmp_path / "again.yaml", __import__("yaml").safe_load(recipe.to_yaml())))
+    assert again == recipe

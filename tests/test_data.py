@@ -1,0 +1,122 @@
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from launcher.config import DataSection, DataSource
+from launcher.data import IGNORE_INDEX, DataError, batch_indices, build_dataset, collate, tokenize_row
+from tests.conftest import write_jsonl
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_llama: Path):
+    return AutoTokenizer.from_pretrained(tiny_llama)
+
+
+def _cfg(**kw) -> DataSection:
+    return DataSection(train=[{"path": "unused.jsonl"}], **kw)
+
+
+def _trained_text(tokenizer, row: dict) -> str:
+    """The tokens the loss predicts (position 0 is never a target: labels are shifted by one)."""
+    pairs = zip(row["input_ids"][1:], row["labels"][1:])
+    return tokenizer.decode([t for t, label in pairs if label != IGNORE_INDEX])
+
+
+def test_alpaca_trains_only_on_the_response(tokenizer) -> None:
+    row = {"instruction": "Which word is a color?", "input": "cat red sun", "output": "red"}
+    out = tokenize_row(row, DataSource(path="x"), tokenizer, _cfg(), "x: row 0")
+    assert len(out["input_ids"]) == len(out["labels"])
+    assert out["input_ids"][0] == tokenizer.bos_token_id
+    assert _trained_text(tokenizer, out) == "red" + tokenizer.eos_token
+    n_response = len(tokenizer("red", add_special_tokens=False)["input_ids"]) + 1
+    assert out["labels"][:-n_response] == [IGNORE_INDEX] * (len(out["labels"]) - n_response)
+    prompt = tokenizer.decode(out["input_ids"][:-n_response], skip_special_tokens=True)
+    assert prompt.endswith("### Input:\ncat red sun\n\n### Response:\n")
+
+
+def test_mask_prompt_off_trains_on_everything(tokenizer) -> None:
+    row = {"instruction": "Say hi.", "output": "hi"}
+    out = tokenize_row(row, DataSource(path="x"), tokenizer, _cfg(mask_prompt=False), "x")
+    assert out["labels"] == out["input_ids"]
+
+
+def test_chat_renders_template_and_masks_all_but_assistant_turns(tokenizer) -> None:
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "color of fire?"},
+        {"role": "assistant", "content": "red"},
+        {"role": "user", "content": "and ice?"},
+        {"role": "assistant", "content": "white"},
+    ]
+    out = tokenize_row({"messages": messages}, DataSource(path="x", format="chat"), tokenizer, _cfg(), "x")
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+    assert tokenizer.decode(out["input_ids"]) == rendered
+    assert out["input_ids"][0] == tokenizer.bos_token_id  # once, from the template
+    assert out["input_ids"].count(tokenizer.bos_token_id) == 1
+    trained = [i for i, label in enumerate(out["labels"]) if label != IGNORE_INDEX]
+    spans = tokenizer.decode([out["input_ids"][i] for i in trained])
+    assert spans == "red<|im_end|>\nwhite<|im_end|>\n"
+    assert "user" not in spans and "assistant" not in spans
+
+
+def test_sharegpt_roles_and_field_mapping(tokenizer) -> None:
+    row = {"conv": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}
+    source = DataSource(path="x", format="chat", fields={"messages": "conv", "role": "from", "content": "value"})
+    out = tokenize_row(row, source, tokenizer, _cfg(), "x")
+    assert _trained_text(tokenizer, out) == "yo<|im_end|>\n"
+
+
+def test_completion_trains_on_all_text(tokenizer) -> None:
+    out = tokenize_row({"body": "the sun"}, DataSource(path="x", format="completion", fields={"text": "body"}), tokenizer, _cfg(), "x")
+    assert _trained_text(tokenizer, out) == "the sun" + tokenizer.eos_token
+
+
+def test_malformed_rows_name_file_row_and_field(tmp_path: Path, tokenizer) -> None:
+    good = {"instruction": "a", "output": "b"}
+    path = write_jsonl(tmp_path / "bad.jsonl", [good, good, {"instruction": "a", "answer": "b"}])
+    with pytest.raises(DataError, match=r"bad.jsonl: row 2: missing field 'output'"):
+        build_dataset([DataSource(path=str(path))], tokenizer, _cfg())
+    path = write_jsonl(tmp_path / "bad2.jsonl", [good, {"instruction": "a", "output": 3}])
+    with pytest.raises(DataError, match=r"bad2.jsonl: row 1: field 'output' must be a string, got int"):
+        build_dataset([DataSource(path=str(path))], tokenizer, _cfg())
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
+    with pytest.raises(DataError, match=r"chat.jsonl: row 0: no trainable token"):
+        build_dataset([DataSource(path=str(path), format="chat")], tokenizer, _cfg())
+
+
+def test_missing_and_unparsable_files(tmp_path: Path, tokenizer) -> None:
+    with pytest.raises(DataError, match=r"nope.jsonl: data file not found"):
+        build_dataset([DataSource(path=str(tmp_path / "nope.jsonl"))], tokenizer, _cfg())
+    (tmp_path / "broken.jsonl").write_text('{"instruction": "a", "output": \n')
+    with pytest.raises(DataError, match=r"broken.jsonl: could not parse as json"):
+        build_dataset([DataSource(path=str(tmp_path / "broken.jsonl"))], tokenizer, _cfg())
+
+
+def test_truncation_drops_rows_without_trainable_tokens(tmp_path: Path, tokenizer) -> None:
+    short = {"instruction": "a", "output": "b"}
+    limit = len(tokenize_row(short, DataSource(path="x"), tokenizer, _cfg(), "x")["input_ids"])
+    path = write_jsonl(tmp_path / "long.jsonl", [{"instruction": "a " * 40, "output": "b"}, short])
+    dataset = build_dataset([DataSource(path=str(path))], tokenizer, _cfg(max_length=limit))
+    assert len(dataset) == 1
+    assert all(len(ids) <= limit for ids in dataset["input_ids"])
+
+
+def test_collate_pads_right_and_masks_padding() -> None:
+    batch = collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}], pad_token_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_batch_order_does_not_depend_on_batch_or_world_size() -> None:
+    flat = lambda batches: [i for b in batches for i in b]  # noqa: E731
+    eight = flat(batch_indices(64, 8, seed=1, epoch=0, rank=0, world=1))
+    two = flat(batch_indices(64, 2, seed=1, epoch=0, rank=0, world=1))
+    assert eight == two and sorted(eight) == list(range(64))
+    ranks = [batch_indices(64, 4, seed=1, epoch=0, rank=r, world=2) for r in range(2)]
+    interleaved = flat(b for pair in zip(*ranks) for b in pair)
+    assert interleaved == eight
+    assert flat(batch_indices(64, 8, seed=1, epoch=1, rank=0, world=1)) != eight
+    uneven = [batch_indices(10, 4, seed=1, epoch=0, rank=r, world=2) for r in range(2)]
+    assert len(uneven[0]) == len(uneven[1]) == 1  # the third batch would leave rank 1 waiting
