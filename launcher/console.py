@@ -21,3 +21,7 @@ def setup_logging(level: str = "INFO", rank: int = 0) -> None:
     )
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "torch.distributed"):
         logging.getLogger(noisy).setLevel("WARNING")
+    # Per-file weight loading bars say nothing useful for a training run; datasets' bars stay.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()

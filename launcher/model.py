@@ -58,8 +58,7 @@ def load_base_model(cfg: ModelSection, tokenizer: Any | None = None) -> PreTrain
 def apply_method(model: PreTrainedModel, method: MethodSection, gradient_checkpointing: bool) -> PreTrainedModel:
     """Make the right parameters trainable: LoRA adapters, or the base minus frozen patterns."""
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+        _enable_checkpointing(model)
     if method.type == "lora":
         return _wrap_lora(model, method)
     freeze_patterns(model, method.freeze)
@@ -84,10 +83,26 @@ def _wrap_lora(model: PreTrainedModel, method: MethodSection) -> PreTrainedModel
         peft_model = get_peft_model(model, config)
     except ValueError as err:
         raise ModelError(f"method.lora.target_modules: {_first_line(err)}") from None
-    if model.is_gradient_checkpointing:
+    if _is_checkpointing(model):
         # The frozen embeddings produce no grad; without this, checkpointed blocks see no input grad.
         peft_model.enable_input_require_grads()
     return peft_model
+
+
+def _enable_checkpointing(model: PreTrainedModel) -> None:
+    """Non-reentrant activation checkpointing (transformers 5 renamed the method; 4.x has the old name)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.config.use_cache = False
+
+
+def _is_checkpointing(model: PreTrainedModel) -> bool:
+    if hasattr(model, "is_activation_checkpointing"):
+        return bool(model.is_activation_checkpointing)
+    return bool(getattr(model, "is_gradient_checkpointing", False))
 
 
 def freeze_patterns(model: torch.nn.Module, patterns: list[str]) -> None:
