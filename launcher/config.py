@@ -85,7 +85,7 @@ class LoraSection(_Section):
 
 
 class MethodSection(_Section):
-    type: Literal["full", "lora"] = "lora"
+    type: Literal["full", "lora", "qlora"] = "lora"
     lora: LoraSection = Field(default_factory=LoraSection)
     freeze: list[str] = Field(
         default_factory=list,
@@ -93,11 +93,17 @@ class MethodSection(_Section):
         "e.g. 'model.embed_tokens.*' or 'model.layers.0.*'.",
     )
 
-    @model_validator(mode="after")
-    def _freeze_only_for_full(self) -> MethodSection:
-        if self.freeze and self.type != "full":
-            raise ValueError("method.freeze applies to method.type: full; LoRA already freezes the base model")
-        return self
+
+
+class QuantizationSection(_Section):
+    bits: Literal[4, 8] | None = Field(None, description="Load the frozen base in 4 or 8 bits (bitsandbytes).")
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = Field(True, description="Quantize the 4-bit block scales too (~0.37 bits/parameter saved).")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = Field(
+        "uint8", description="Element type that packs 4-bit weights; bfloat16 lets ZeRO-3/FSDP shard them."
+    )
+    skip_modules: list[str] = Field(default_factory=lambda: ["lm_head"], description="Modules kept in full precision.")
 
 
 class TrainSection(_Section):
@@ -120,6 +126,7 @@ class TrainSection(_Section):
     logging_steps: int = Field(1, ge=1)
     gradient_checkpointing: bool = False
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "adamw_torch"
 
 
 class OutputSection(_Section):
@@ -131,6 +138,7 @@ class Recipe(_Section):
     model: ModelSection
     data: DataSection
     method: MethodSection = Field(default_factory=MethodSection)
+    quantization: QuantizationSection = Field(default_factory=QuantizationSection)
     train: TrainSection = Field(default_factory=TrainSection)
     output: OutputSection
 
@@ -182,9 +190,43 @@ def validate_recipe(raw: dict, source: str = "<recipe>", lines: dict[tuple, int 
     """Validate a recipe dict, translating pydantic errors into one actionable line each."""
     lines = lines or {}
     try:
-        return Recipe.model_validate(raw)
+        recipe = Recipe.model_validate(raw)
     except ValidationError as err:
         raise RecipeError([_describe(e, source, lines) for e in err.errors()]) from None
+    problems = []
+    for key, message in check_combinations(recipe):
+        line = _nearest_line(key, lines)
+        where = f"{source}:{line}" if isinstance(line, int) else f"{source} ({line})" if line else source
+        problems.append(f"{where}: {'.'.join(key)}: {message}")
+    if problems:
+        raise RecipeError(problems)
+    return recipe
+
+
+def check_combinations(recipe: Recipe) -> list[tuple[tuple, str]]:
+    """Settings that are each valid but cannot work together, found before any model is loaded.
+
+    Also fills in what a combination implies (``method.type: qlora`` means a 4-bit base).
+    Returns (key path, message) pairs; every cross-section rule of the schema lives here.
+    """
+    method, quant = recipe.method, recipe.quantization
+    problems: list[tuple[tuple, str]] = []
+    if method.freeze and method.type != "full":
+        problems.append((("method", "freeze"), "applies to method.type: full; LoRA already freezes the base model"))
+    if method.type == "qlora":
+        if quant.bits is None:
+            quant.bits = 4
+        elif quant.bits != 4:
+            problems.append(
+                (("quantization", "bits"), "method.type: qlora means a 4-bit base; for an 8-bit base use method.type: lora")
+            )
+    if method.type == "full" and quant.bits is not None:
+        problems.append(
+            (("quantization", "bits"), "full fine-tuning cannot train quantized weights; use method.type: lora or qlora, or remove quantization.bits")
+        )
+    if quant.bits == 8 and quant.quant_storage != "uint8":
+        problems.append((("quantization", "quant_storage"), "applies to 4-bit quantization only"))
+    return problems
 
 
 def _apply_override(raw: dict, override: str) -> tuple:

@@ -19,6 +19,9 @@ def setup_logging(level: str = "INFO", rank: int = 0) -> None:
         handlers=[RichHandler(console=console_err, show_path=False, show_time=False)],
         force=True,
     )
+    # Library warnings (e.g. bitsandbytes' paged-optimizer fallback) reach the user through the
+    # same handler; Python's default filter already shows each one once.
+    logging.captureWarnings(True)
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "torch.distributed"):
         logging.getLogger(noisy).setLevel("WARNING")
     # Per-file weight loading bars say nothing useful for a training run; datasets' bars stay.

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
-from launcher.config import MethodSection, ModelSection, Recipe
+from launcher.config import MethodSection, ModelSection, QuantizationSection, Recipe
 from launcher.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -40,13 +41,39 @@ def load_tokenizer(cfg: ModelSection) -> Any:
     return tokenizer
 
 
-def load_base_model(cfg: ModelSection, tokenizer: Any | None = None) -> PreTrainedModel:
+def quantization_config(quant: QuantizationSection) -> BitsAndBytesConfig | None:
+    """The bitsandbytes config for ``quantization``, or None for a full-precision base."""
+    if quant.bits is None:
+        return None
+    if quant.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=quant.skip_modules or None)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.quant_type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=DTYPES[quant.compute_dtype],
+        bnb_4bit_quant_storage=DTYPES[quant.quant_storage] if quant.quant_storage != "uint8" else torch.uint8,
+        llm_int8_skip_modules=quant.skip_modules or None,
+    )
+
+
+def load_base_model(
+    cfg: ModelSection, tokenizer: Any | None = None, quant: QuantizationSection | None = None
+) -> PreTrainedModel:
+    bnb_config = quantization_config(quant) if quant is not None else None
+    extra: dict[str, Any] = {}
+    if bnb_config is not None:
+        extra["quantization_config"] = bnb_config
+        if torch.cuda.is_available():
+            # bitsandbytes quantizes while loading, on the device the weights land on: this rank's GPU.
+            extra["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             cfg.path,
             dtype=DTYPES[cfg.dtype],
             attn_implementation=cfg.attn_implementation,
             trust_remote_code=cfg.trust_remote_code,
+            **extra,
         )
     except (OSError, ValueError, ImportError) as err:
         raise ModelError(f"model.path: cannot load a causal LM from '{cfg.path}': {_first_line(err)}") from None
@@ -57,9 +84,14 @@ def load_base_model(cfg: ModelSection, tokenizer: Any | None = None) -> PreTrain
 
 def apply_method(model: PreTrainedModel, method: MethodSection, gradient_checkpointing: bool) -> PreTrainedModel:
     """Make the right parameters trainable: LoRA adapters, or the base minus frozen patterns."""
+    if getattr(model, "is_quantized", False):
+        from peft import prepare_model_for_kbit_training
+
+        # QLoRA's recipe: freeze the base, keep norms/embeddings/head in fp32, make inputs require grad.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if gradient_checkpointing:
         _enable_checkpointing(model)
-    if method.type == "lora":
+    if method.type in ("lora", "qlora"):
         return _wrap_lora(model, method)
     freeze_patterns(model, method.freeze)
     return model
@@ -120,7 +152,7 @@ def freeze_patterns(model: torch.nn.Module, patterns: list[str]) -> None:
 def build_model(recipe: Recipe) -> tuple[PreTrainedModel, Any]:
     """Tokenizer and trainable model for ``recipe``."""
     tokenizer = load_tokenizer(recipe.model)
-    model = load_base_model(recipe.model, tokenizer)
+    model = load_base_model(recipe.model, tokenizer, recipe.quantization)
     model = apply_method(model, recipe.method, recipe.train.gradient_checkpointing)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -129,13 +161,29 @@ def build_model(recipe: Recipe) -> tuple[PreTrainedModel, Any]:
 
 
 def load_for_inference(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, Any]:
-    """Load a saved checkpoint (full model or PEFT adapter) or a base model for generation."""
+    """Load a saved checkpoint (full model or PEFT adapter) or a base model for generation.
+
+    An adapter checkpoint inside a run directory is attached to the base loaded exactly as in
+    training (the run's ``recipe.yaml``): a QLoRA adapter on a freshly quantized base, since on
+    the full-precision base it computes something else.
+    """
     path = Path(path)
     try:
         if (path / "adapter_config.json").exists():
-            from peft import AutoPeftModelForCausalLM
+            from peft import PeftModel
 
-            model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=dtype)
+            recipe_file = path.parent.parent / "recipe.yaml"
+            if recipe_file.exists():
+                from launcher.config import load_recipe
+
+                recipe = load_recipe(recipe_file)
+                base = load_base_model(recipe.model, quant=recipe.quantization)
+            else:
+                from peft import PeftConfig
+
+                base_path = PeftConfig.from_pretrained(path).base_model_name_or_path
+                base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
+            model = PeftModel.from_pretrained(base, path)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(path)

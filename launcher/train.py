@@ -32,6 +32,7 @@ from launcher.errors import UserError, exit_on_user_error
 from launcher.loss import causal_lm_loss_sum, count_trainable_tokens
 from launcher.metrics import MetricsWriter, TrainingProgress
 from launcher.model import build_model
+from launcher.optim import build_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +75,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * total_steps)
 
-    optimizer = torch.optim.AdamW(
-        _param_groups(model, cfg.weight_decay),
-        lr=cfg.learning_rate,
-        betas=(cfg.adam_beta1, cfg.adam_beta2),
-        eps=cfg.adam_epsilon,
-    )
+    optimizer = build_optimizer(model, cfg)
     # Not prepared by Accelerate: it would step the schedule once per process.
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -150,7 +146,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
                 progress.message(f"step {step}: eval loss {eval_loss:.4f}")
                 summary["final_eval_loss"] = eval_loss
             if (cfg.save_steps and step % cfg.save_steps == 0) or step == total_steps:
-                state = {"epoch": epoch, "loss": step_loss, "method": recipe.method.type}
+                state = {"epoch": epoch, "loss": step_loss, "method": recipe.method.type, "bits": recipe.quantization.bits}
                 summary["checkpoint"] = str(save_checkpoint(accelerator, model, tokenizer, run_dir, step, state))
         epoch += 1
 
@@ -178,14 +174,6 @@ def _prepare_run_dir(run_dir: Path, recipe: Recipe) -> None:
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
-
-
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on biases and norm weights (1-D tensors), as is standard for transformers."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def _clip_grad_norm(accelerator: Accelerator, model: torch.nn.Module, max_norm: float | None) -> float:

@@ -86,7 +86,7 @@ def test_invalid_yaml_names_line(tmp_path: Path) -> None:
 
 def test_freeze_needs_full_method(tmp_path: Path) -> None:
     raw = make_recipe(Path("m"), Path("d.jsonl"), tmp_path, method={"type": "lora", "freeze": ["model.*"]})
-    with pytest.raises(RecipeError, match="method.freeze applies to method.type: full"):
+    with pytest.raises(RecipeError, match="method.freeze: applies to method.type: full"):
         validate_recipe(raw)
 
 
