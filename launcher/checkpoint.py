@@ -1,46 +1,149 @@
-"""Checkpoints in the run directory: ``checkpoints/step-N/`` plus a ``latest`` pointer.
+"""Checkpoints that survive anything: atomic, verified, and enough to continue the run exactly.
 
-A checkpoint is written into ``step-N.tmp/`` and renamed when complete, and ``latest`` is
-replaced atomically after that, so a kill at any moment leaves either the old or the new
-checkpoint, never half of one. A checkpoint holds what a user loads: the PEFT adapter (LoRA) or the
-full model in safetensors (full fine-tuning), the tokenizer, and ``trainer_state.json``.
+Layout of the run directory::
+
+    checkpoints/step-N/      model (PEFT adapter or full model, safetensors), tokenizer,
+                             optimizer.pt, scheduler.pt, rng_state_rank{R}.pt,
+                             trainer_state.json (step, epoch, data position), manifest.json
+    checkpoints/latest       name of the newest complete checkpoint
+
+A checkpoint is written into ``step-N.tmp/``, every file is fsynced, ``manifest.json`` (size and
+sha256 of every file) is written last, the directory is renamed, and only then is ``latest``
+replaced (write + rename). A kill at any moment leaves the previous checkpoint intact; a
+checkpoint whose files do not match its manifest is skipped with a warning when resuming.
+Everything is loaded with ``weights_only=True``: no pickle from a checkpoint can run code.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from accelerate import Accelerator
 
+from launcher.errors import UserError
+
+log = logging.getLogger(__name__)
+
 LATEST = "latest"
+MANIFEST = "manifest.json"
+STATE = "trainer_state.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(UserError):
+    """A checkpoint is incomplete or does not match its manifest."""
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
-def save_checkpoint(accelerator: Accelerator, model: Any, tokenizer: Any, run_dir: Path, step: int, state: dict) -> Path:
-    """Save on the main process; every rank must call this (it synchronises)."""
+# ----------------------------------------------------------------------------- saving
+
+
+def save_checkpoint(
+    accelerator: Accelerator,
+    model: Any,
+    tokenizer: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    run_dir: Path,
+    state: dict[str, Any],
+    keep_last: int | None = None,
+) -> Path:
+    """Save everything needed to continue; every rank must call this (it synchronises)."""
+    step = state["step"]
     final = checkpoints_dir(run_dir) / f"step-{step}"
+    tmp = final.with_name(final.name + ".tmp")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         accelerator.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=2))
-        _fsync_tree(tmp)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / STATE).write_text(json.dumps(state, indent=2))
+    accelerator.wait_for_everyone()
+    torch.save(_rng_state(), tmp / f"rng_state_rank{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_manifest(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        _fsync_dir(final.parent)
         _write_atomic(checkpoints_dir(run_dir) / LATEST, final.name)
+        if keep_last:
+            _prune(run_dir, keep_last, keep=final)
     accelerator.wait_for_everyone()
     return final
+
+
+def write_manifest(directory: Path) -> None:
+    """fsync every file, then record its size and sha256 in ``manifest.json`` (fsynced too)."""
+    files = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST):
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+        files[str(path.relative_to(directory))] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+    _write_atomic(directory / MANIFEST, json.dumps({"files": files}, indent=1))
+
+
+def _prune(run_dir: Path, keep_last: int, keep: Path) -> None:
+    complete = sorted(_step_dirs(run_dir), key=lambda p: _step_of(p))
+    for old in complete[: max(0, len(complete) - keep_last)]:
+        if old != keep:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- finding and verifying
+
+
+def verify(directory: Path) -> None:
+    """Raise :class:`CheckpointError` unless every file listed in the manifest is intact."""
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{directory}: no {MANIFEST} (incomplete checkpoint)")
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+    except (ValueError, KeyError):
+        raise CheckpointError(f"{directory}: unreadable {MANIFEST}") from None
+    for name, meta in files.items():
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(f"{directory}: {name} is missing")
+        if path.stat().st_size != meta["size"]:
+            raise CheckpointError(f"{directory}: {name} has {path.stat().st_size} bytes, manifest says {meta['size']}")
+        if _sha256(path) != meta["sha256"]:
+            raise CheckpointError(f"{directory}: {name} does not match its checksum")
+
+
+def find_resumable(run_dir: Path) -> Path | None:
+    """The newest checkpoint that verifies; broken newer ones are skipped with a warning."""
+    candidates = sorted(_step_dirs(run_dir), key=_step_of, reverse=True)
+    pointer = checkpoints_dir(run_dir) / LATEST
+    if pointer.is_file():
+        named = checkpoints_dir(run_dir) / pointer.read_text().strip()
+        # Anything newer than `latest` was never declared complete.
+        candidates = [c for c in candidates if _step_of(c) <= _step_of(named)] if _STEP_DIR.match(named.name) else candidates
+    for candidate in candidates:
+        try:
+            verify(candidate)
+            return candidate
+        except CheckpointError as err:
+            log.warning("skipping broken checkpoint: %s", err)
+    return None
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -49,6 +152,95 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
         return None
     path = checkpoints_dir(run_dir) / pointer.read_text().strip()
     return path if path.is_dir() else None
+
+
+def _step_dirs(run_dir: Path) -> list[Path]:
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    return [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
+
+
+def _step_of(path: Path) -> int:
+    match = _STEP_DIR.match(path.name)
+    return int(match.group(1)) if match else -1
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_training_state(
+    checkpoint: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any, rank: int
+) -> dict[str, Any]:
+    """Load weights, optimizer, scheduler and this rank's RNG from a verified checkpoint."""
+    _load_weights(model, checkpoint)
+    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
+    rng_file = checkpoint / f"rng_state_rank{rank}.pt"
+    if not rng_file.exists():
+        raise CheckpointError(f"{checkpoint}: no RNG state for rank {rank}; resume with the same number of processes")
+    state = json.loads((checkpoint / STATE).read_text())
+    state["_rng"] = torch.load(rng_file, weights_only=True)
+    return state
+
+
+def restore_rng(rng: dict[str, Any]) -> None:
+    """Restore the RNG streams saved by :func:`_rng_state` (call right before training continues)."""
+    version, internal, gauss = rng["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np_state = rng["numpy"]
+    np.random.set_state(
+        (np_state["kind"], np.array(np_state["keys"], dtype=np.uint32), np_state["pos"], np_state["has_gauss"], np_state["cached_gaussian"])
+    )
+    torch.set_rng_state(rng["torch"])
+    if torch.cuda.is_available() and rng.get("cuda"):
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _rng_state() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        # numpy arrays would need pickle; plain lists load with weights_only=True
+        "numpy": {"kind": kind, "keys": keys.tolist(), "pos": pos, "has_gauss": has_gauss, "cached_gaussian": cached},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _load_weights(model: Any, checkpoint: Path) -> None:
+    from safetensors.torch import load_file
+
+    adapter = checkpoint / "adapter_model.safetensors"
+    if adapter.exists():
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, load_file(adapter))
+        if getattr(result, "unexpected_keys", None):
+            raise CheckpointError(f"{checkpoint}: adapter does not fit this model ({result.unexpected_keys[:3]})")
+        return
+    index = checkpoint / "model.safetensors.index.json"
+    files = sorted({checkpoint / f for f in json.loads(index.read_text())["weight_map"].values()}) if index.exists() else [
+        checkpoint / "model.safetensors"
+    ]
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        state.update(load_file(path))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    if unexpected or set(missing) - tied:
+        raise CheckpointError(f"{checkpoint}: weights do not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -60,8 +252,9 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _fsync_tree(root: Path) -> None:
-    for path in root.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -44,12 +44,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from launcher.config import load_recipe
+    from launcher.signals import EXIT_STOPPED
     from launcher.train import train
 
     files, overrides = _split(args.items)
     if len(files) != 1:
         raise UserError("ftl train: name exactly one recipe file (overrides look like key.sub=value)")
     summary = train(load_recipe(files[0], overrides))
+    if summary.get("stopped"):
+        return EXIT_STOPPED
     console.print(f"[green]done[/]: {summary['steps']} steps in {summary['elapsed_s']:.1f}s, checkpoint {summary['checkpoint']}")
     return 0
 

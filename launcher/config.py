@@ -126,12 +126,20 @@ class TrainSection(_Section):
     logging_steps: int = Field(1, ge=1)
     gradient_checkpointing: bool = False
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    resume: str = Field(
+        "auto",
+        description="auto: continue from the run directory's newest complete checkpoint if there is one; "
+        "never: start fresh; or the path of a checkpoint directory.",
+    )
     optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "adamw_torch"
 
 
 class OutputSection(_Section):
     dir: str = Field(description="The run directory: resolved recipe, metrics, checkpoints.")
-    overwrite: bool = Field(False, description="Allow training into a run directory that already has checkpoints.")
+    overwrite: bool = Field(
+        False, description="With train.resume: never, allow starting over in a run directory that has checkpoints."
+    )
+    keep_last: int | None = Field(None, ge=1, description="Keep only the newest K checkpoints (older ones are deleted after a new one is complete).")
 
 
 class Recipe(_Section):

@@ -27,7 +27,8 @@ def run_demo(recipe_path: str | Path, workdir: Path) -> dict[str, Any]:
     recipe.data.train[0].path = str(train_path)
     recipe.data.eval[0].path = str(eval_path)
     recipe.output.dir = str(workdir / "run")
-    recipe.output.overwrite = True  # the demo's own run directory, rebuilt each time
+    recipe.train.resume = "never"  # the demo's own run directory, rebuilt each time
+    recipe.output.overwrite = True
 
     console.rule("1. tiny model and data")
     write_tiny_model(model_dir, "llama")

@@ -8,6 +8,7 @@ by that count, so the update equals the one of a single batch of the same rows.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -24,17 +25,27 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from transformers import get_scheduler
 
-from launcher.checkpoint import checkpoints_dir, save_checkpoint
+from launcher.checkpoint import (
+    checkpoints_dir,
+    find_resumable,
+    load_training_state,
+    restore_rng,
+    save_checkpoint,
+    verify,
+)
 from launcher.config import Recipe, load_recipe
 from launcher.console import setup_logging
 from launcher.data import batch_indices, build_dataset, collate, load_source
 from launcher.errors import UserError, exit_on_user_error
 from launcher.loss import causal_lm_loss_sum, count_trainable_tokens
-from launcher.metrics import MetricsWriter, TrainingProgress
+from launcher.metrics import MetricsWriter, TrainingProgress, read_metrics
 from launcher.model import build_model
 from launcher.optim import build_optimizer
+from launcher.signals import EXIT_STOPPED, StopRequest
 
 log = logging.getLogger(__name__)
+
+STOPPED = "STOPPED"  # marker in the run dir: why and where the last attempt stopped
 
 
 class TrainError(UserError):
@@ -42,14 +53,15 @@ class TrainError(UserError):
 
 
 def train(recipe: Recipe) -> dict[str, Any]:
-    """Train as the recipe says; returns a summary (final losses, steps, checkpoint path)."""
+    """Train as the recipe says; returns a summary (losses, steps, checkpoint, why it stopped)."""
     recipe = recipe.resolved()
     cfg = recipe.train
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     run_dir = Path(recipe.output.dir)
     main = accelerator.is_main_process
+    checkpoint = _resume_point(recipe, run_dir)
     if main:
-        _prepare_run_dir(run_dir, recipe)
+        _prepare_run_dir(run_dir, recipe, checkpoint)
     accelerator.wait_for_everyone()
     set_seed(cfg.seed)
 
@@ -80,56 +92,67 @@ def train(recipe: Recipe) -> dict[str, Any]:
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
 
+    # Position of the next micro-batch: (epoch, index into that epoch's micro-batches).
+    step, epoch, position = 0, 0, 0
+    resumed: dict[str, Any] = {}
+    if checkpoint is not None:
+        resumed = load_training_state(checkpoint, accelerator.unwrap_model(model), optimizer, scheduler, rank)
+        step, epoch, position = resumed["step"], resumed["epoch"], resumed["position"]
+
     metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=main)
     progress = TrainingProgress(total_steps, enabled=main)
-    progress.message(
-        f"training {total_steps} steps: {len(train_set)} rows, {world} process(es), micro-batch "
-        f"{cfg.micro_batch_size} x accumulation {accum} x {world} = {cfg.micro_batch_size * accum * world} rows/step"
-    )
-    summary: dict[str, Any] = {"total_steps": total_steps}
-    if eval_set is not None:
-        summary["initial_eval_loss"] = _evaluate(model, eval_set, tokenizer, cfg.micro_batch_size, accelerator)
-        metrics.write({"step": 0, "eval_loss": summary["initial_eval_loss"]})
-        progress.message(f"step 0: eval loss {summary['initial_eval_loss']:.4f}")
+    summary: dict[str, Any] = {"total_steps": total_steps, "resumed_from": str(checkpoint) if checkpoint else None}
+    if checkpoint is not None:
+        progress.message(f"resuming from {checkpoint} (step {step} of {total_steps})")
+        summary.update({k: resumed[k] for k in ("initial_eval_loss", "final_eval_loss") if resumed.get(k) is not None})
+    else:
+        progress.message(
+            f"training {total_steps} steps: {len(train_set)} rows, {world} process(es), micro-batch "
+            f"{cfg.micro_batch_size} x accumulation {accum} x {world} = {cfg.micro_batch_size * accum * world} rows/step"
+        )
+        if eval_set is not None:
+            summary["initial_eval_loss"] = _evaluate(model, eval_set, tokenizer, cfg.micro_batch_size, accelerator)
+            metrics.write({"step": 0, "eval_loss": summary["initial_eval_loss"]})
+            progress.message(f"step 0: eval loss {summary['initial_eval_loss']:.4f}")
 
-    step, epoch, start = 0, 0, time.perf_counter()
+    def save() -> Path:
+        state = {
+            "step": step, "epoch": epoch, "position": position, "total_steps": total_steps,
+            "method": recipe.method.type, "bits": recipe.quantization.bits,
+            "initial_eval_loss": summary.get("initial_eval_loss"), "final_eval_loss": summary.get("final_eval_loss"),
+        }
+        path = save_checkpoint(accelerator, model, tokenizer, optimizer, scheduler, run_dir, state, recipe.output.keep_last)
+        summary["checkpoint"] = str(path)
+        return path
+
+    if checkpoint is not None:
+        summary["checkpoint"] = str(checkpoint)
+        restore_rng(resumed["_rng"])  # last, so nothing above draws from the restored streams
+    start = time.perf_counter()
     window_tokens, window_start = 0, time.perf_counter()
-    while step < total_steps:
-        batches = batch_indices(len(train_set), cfg.micro_batch_size, cfg.seed, epoch, rank, world)
-        for first in range(0, len(batches), accum):
-            if step >= total_steps:
-                break
-            micro = [collate([train_set[i] for i in idx], tokenizer.pad_token_id) for idx in batches[first : first + accum]]
+    with StopRequest() as stop:
+        while step < total_steps:
+            batches = batch_indices(len(train_set), cfg.micro_batch_size, cfg.seed, epoch, rank, world)
+            if position >= len(batches):
+                epoch, position = epoch + 1, 0
+                continue
+            micro = [collate([train_set[i] for i in idx], tokenizer.pad_token_id) for idx in batches[position : position + accum]]
             micro = [{k: v.to(accelerator.device) for k, v in mb.items()} for mb in micro]
-            local_tokens = sum(count_trainable_tokens(mb["labels"]) for mb in micro)
-            step_tokens = accelerator.reduce(local_tokens.clone(), reduction="sum").clamp(min=1)
-            loss_sum = torch.zeros((), device=accelerator.device)
-            model.train()
-            for k, mb in enumerate(micro):
-                sync = k == len(micro) - 1
-                with nullcontext() if sync else accelerator.no_sync(model):
-                    with accelerator.autocast():
-                        loss = causal_lm_loss_sum(model, mb)
-                    # DDP averages gradients over ranks; multiplying by world turns that into a sum.
-                    accelerator.backward(loss * world / step_tokens)
-                loss_sum += loss.detach().float()
-            grad_norm = _clip_grad_norm(accelerator, model, cfg.max_grad_norm)
-            optimizer.step()
+            step_loss, step_tokens, grad_norm = _optimizer_step(accelerator, model, optimizer, micro, cfg.max_grad_norm)
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             step += 1
+            position += len(micro)
 
-            step_loss = (accelerator.reduce(loss_sum, reduction="sum") / step_tokens).item()
             window_tokens += int(accelerator.reduce(sum(mb["attention_mask"].sum() for mb in micro), "sum"))
             if step % cfg.logging_steps == 0 or step == total_steps:
                 now = time.perf_counter()
                 record = {
                     "step": step,
-                    "epoch": round(epoch + first / max(len(batches), 1), 4),
+                    "epoch": round(epoch + position / len(batches), 4),
                     "loss": step_loss,
                     "lr": scheduler.get_last_lr()[0],
                     "grad_norm": grad_norm,
-                    "trainable_tokens": int(step_tokens),
+                    "trainable_tokens": step_tokens,
                     "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
                     "elapsed_s": now - start,
                 }
@@ -138,21 +161,26 @@ def train(recipe: Recipe) -> dict[str, Any]:
                 window_tokens, window_start = 0, now
             summary["final_train_loss"] = step_loss
 
-            if eval_set is not None and (
-                (cfg.eval_steps and step % cfg.eval_steps == 0) or step == total_steps
-            ):
+            if eval_set is not None and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == total_steps):
                 eval_loss = _evaluate(model, eval_set, tokenizer, cfg.micro_batch_size, accelerator)
                 metrics.write({"step": step, "eval_loss": eval_loss})
                 progress.message(f"step {step}: eval loss {eval_loss:.4f}")
                 summary["final_eval_loss"] = eval_loss
-            if (cfg.save_steps and step % cfg.save_steps == 0) or step == total_steps:
-                state = {"epoch": epoch, "loss": step_loss, "method": recipe.method.type, "bits": recipe.quantization.bits}
-                summary["checkpoint"] = str(save_checkpoint(accelerator, model, tokenizer, run_dir, step, state))
-        epoch += 1
+            reason = stop.agreed(accelerator)
+            if (cfg.save_steps and step % cfg.save_steps == 0) or step == total_steps or reason:
+                save()
+            if reason and step < total_steps:
+                summary["stopped"] = reason
+                if main:
+                    (run_dir / STOPPED).write_text(json.dumps({"reason": reason, "step": step, "checkpoint": summary["checkpoint"]}))
+                progress.message(f"stopped by {reason} at step {step}; checkpoint {summary['checkpoint']}; run again to resume")
+                break
 
     progress.close()
     summary["steps"] = step
     summary["elapsed_s"] = time.perf_counter() - start
+    if step >= total_steps and checkpoint is not None and "final_train_loss" not in summary:
+        progress.message(f"{run_dir} is already complete ({step} steps)")
     accelerator.end_training()
     if world == 1:
         # Accelerate keeps its state in a process-wide singleton; a second run in this process
@@ -161,18 +189,65 @@ def train(recipe: Recipe) -> dict[str, Any]:
     return summary
 
 
-def _prepare_run_dir(run_dir: Path, recipe: Recipe) -> None:
-    """Create the run dir and write the resolved recipe; refuse to mix with an earlier run."""
+def _optimizer_step(
+    accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, micro: list[dict], max_grad_norm: float | None
+) -> tuple[float, int, float]:
+    """One optimizer step over ``micro``; returns (loss per trainable token, trainable tokens, grad norm)."""
+    world = accelerator.num_processes
+    local_tokens = sum(count_trainable_tokens(mb["labels"]) for mb in micro)
+    step_tokens = accelerator.reduce(local_tokens.clone(), reduction="sum").clamp(min=1)
+    loss_sum = torch.zeros((), device=accelerator.device)
+    model.train()
+    for k, mb in enumerate(micro):
+        with nullcontext() if k == len(micro) - 1 else accelerator.no_sync(model):
+            with accelerator.autocast():
+                loss = causal_lm_loss_sum(model, mb)
+            # DDP averages gradients over ranks; multiplying by world turns that into a sum.
+            accelerator.backward(loss * world / step_tokens)
+        loss_sum += loss.detach().float()
+    grad_norm = _clip_grad_norm(accelerator, model, max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    step_loss = (accelerator.reduce(loss_sum, reduction="sum") / step_tokens).item()
+    return step_loss, int(step_tokens), grad_norm
+
+
+def _resume_point(recipe: Recipe, run_dir: Path) -> Path | None:
+    """The checkpoint to continue from, as ``train.resume`` says."""
+    mode = recipe.train.resume
+    if mode == "never":
+        return None
+    if mode == "auto":
+        return find_resumable(run_dir)
+    path = Path(mode).expanduser()
+    if not path.is_dir():
+        raise TrainError(f"train.resume: {path} is not a checkpoint directory (or use auto / never)")
+    verify(path)
+    return path
+
+
+def _prepare_run_dir(run_dir: Path, recipe: Recipe, checkpoint: Path | None) -> None:
+    """Create the run dir and write the resolved recipe; never mix a fresh run into an old one."""
     ckpts = checkpoints_dir(run_dir)
-    if ckpts.exists() and any(ckpts.iterdir()):
-        if not recipe.output.overwrite:
+    if checkpoint is None and ckpts.exists() and any(ckpts.iterdir()):
+        if recipe.train.resume == "auto":
+            log.warning("%s holds no complete checkpoint; starting from step 0", ckpts)
+        elif not recipe.output.overwrite:
             raise TrainError(
-                f"output.dir: {run_dir} already holds checkpoints of an earlier run; choose another "
-                "output.dir or set output.overwrite=true to replace them"
+                f"output.dir: {run_dir} already holds checkpoints of an earlier run; use train.resume=auto to "
+                "continue it, another output.dir, or output.overwrite=true to replace them"
             )
         shutil.rmtree(ckpts)
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / STOPPED).unlink(missing_ok=True)
+    if checkpoint is not None:
+        # Records after the checkpoint belong to steps that will run again.
+        step = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
+        metrics_file = run_dir / "metrics.jsonl"
+        if metrics_file.exists():
+            kept = [r for r in read_metrics(metrics_file) if r["step"] <= step]
+            metrics_file.write_text("".join(json.dumps(r) + "\n" for r in kept))
     (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
 
 
@@ -218,12 +293,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sys.exit(0 if args else 2)
     setup_logging(rank=int(_env_rank()))
 
-    def run() -> dict[str, Any]:
-        recipe = load_recipe(args[0], args[1:])
-        summary = train(recipe)
-        return summary
-
-    return exit_on_user_error(run)
+    summary = exit_on_user_error(lambda: train(load_recipe(args[0], args[1:])))
+    if summary.get("stopped"):
+        sys.exit(EXIT_STOPPED)
+    return summary
 
 
 def _env_rank() -> str:

@@ -139,9 +139,11 @@ def test_eight_bit_base_with_lora(tiny_llama: Path, demo_data, tmp_path: Path) -
 
 
 @pytest.mark.parametrize("switch", ["use_dora", "use_rslora"])
-def test_dora_and_rslora_on_qlora(tiny_llama: Path, demo_data, tmp_path: Path, switch: str) -> None:
-    method = {"type": "qlora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0, switch: True}}
-    recipe = _recipe(tiny_llama, demo_data, tmp_path, method=method, train={"max_steps": 2})
+@pytest.mark.parametrize("method_type", ["lora", "qlora"])
+def test_dora_and_rslora(tiny_llama: Path, demo_data, tmp_path: Path, switch: str, method_type: str) -> None:
+    method = {"type": method_type, "lora": {"r": 8, "alpha": 16, "dropout": 0.0, switch: True}}
+    quant = FP32_COMPUTE if method_type == "qlora" else {}
+    recipe = _recipe(tiny_llama, demo_data, tmp_path, method=method, quantization=quant, train={"max_steps": 2})
     model, _ = build_model(recipe)
     config = model.peft_config["default"]
     assert getattr(config, switch) is True

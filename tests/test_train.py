@@ -86,14 +86,15 @@ def test_freeze_pattern_matching_nothing_is_an_error(tiny_llama: Path, demo_data
         _train(tiny_llama, demo_data, tmp_path / "run", method={"type": "full", "freeze": ["layers.0.*"]})
 
 
-def test_refuses_run_dir_with_earlier_checkpoints(tiny_llama: Path, demo_data, tmp_path: Path) -> None:
+def test_resume_never_refuses_run_dir_with_earlier_checkpoints(tiny_llama: Path, demo_data, tmp_path: Path) -> None:
     _train(tiny_llama, demo_data, tmp_path / "run", train={"max_steps": 1})
     before = (tmp_path / "run/metrics.jsonl").read_text()
-    with pytest.raises(TrainError, match="already holds checkpoints.*output.overwrite=true"):
-        _train(tiny_llama, demo_data, tmp_path / "run", train={"max_steps": 1})
+    with pytest.raises(TrainError, match="already holds checkpoints.*train.resume=auto.*output.overwrite=true"):
+        _train(tiny_llama, demo_data, tmp_path / "run", train={"max_steps": 1, "resume": "never"})
     assert (tmp_path / "run/metrics.jsonl").read_text() == before  # nothing lost
-    _train(tiny_llama, demo_data, tmp_path / "run", train={"max_steps": 2}, output={"overwrite": True})
+    _train(tiny_llama, demo_data, tmp_path / "run", train={"max_steps": 2, "resume": "never"}, output={"overwrite": True})
     assert (tmp_path / "run/checkpoints/latest").read_text() == "step-2"
+    assert not (tmp_path / "run/checkpoints/step-1").exists()
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "mistral"])
