@@ -146,14 +146,6 @@ def find_resumable(run_dir: Path) -> Path | None:
     return None
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    pointer = checkpoints_dir(run_dir) / LATEST
-    if not pointer.exists():
-        return None
-    path = checkpoints_dir(run_dir) / pointer.read_text().strip()
-    return path if path.is_dir() else None
-
-
 def _step_dirs(run_dir: Path) -> list[Path]:
     root = checkpoints_dir(run_dir)
     if not root.is_dir():

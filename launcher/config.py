@@ -203,9 +203,7 @@ def validate_recipe(raw: dict, source: str = "<recipe>", lines: dict[tuple, int 
         raise RecipeError([_describe(e, source, lines) for e in err.errors()]) from None
     problems = []
     for key, message in check_combinations(recipe):
-        line = _nearest_line(key, lines)
-        where = f"{source}:{line}" if isinstance(line, int) else f"{source} ({line})" if line else source
-        problems.append(f"{where}: {'.'.join(key)}: {message}")
+        problems.append(f"{_where(source, _nearest_line(key, lines))}: {'.'.join(key)}: {message}")
     if problems:
         raise RecipeError(problems)
     return recipe
@@ -283,8 +281,7 @@ def _describe(error: dict, source: str, lines: dict[tuple, int | str]) -> str:
     # Errors raised by model validators end their loc at the section; strip pydantic's internals.
     loc = tuple(p for p in loc if not (isinstance(p, str) and p.startswith("function-")))
     dotted = ".".join(str(p) for p in loc) or "(recipe)"
-    line = _nearest_line(loc, lines)
-    where = f"{source}:{line}" if isinstance(line, int) else f"{source} ({line})" if line else source
+    where = _where(source, _nearest_line(loc, lines))
     kind = error["type"]
     if kind == "extra_forbidden":
         valid = _valid_keys(loc[:-1])
@@ -297,6 +294,13 @@ def _describe(error: dict, source: str, lines: dict[tuple, int | str]) -> str:
     got = error.get("input")
     shown = "" if isinstance(got, (dict, list)) or kind.startswith("value_error") else f" (got {got!r})"
     return f"{where}: {dotted}: {message}{shown}"
+
+
+def _where(source: str, line: int | str | None) -> str:
+    """``file:line`` for a YAML key, ``file (command-line override)`` for an override."""
+    if isinstance(line, int):
+        return f"{source}:{line}"
+    return f"{source} ({line})" if line else source
 
 
 def _nearest_line(loc: tuple, lines: dict[tuple, int | str]) -> int | str | None:

@@ -139,8 +139,9 @@ def _chat_segments(messages: list[dict[str, str]], tokenizer: Any, where: str) -
         if message["role"] != "assistant":
             continue
         start = len(render(messages[:i], True)) if i else 0
-        end = len(render(messages[: i + 1], False))
-        if not (done <= start <= end <= len(full)) or not full.startswith(render(messages[: i + 1], False)):
+        through_turn = render(messages[: i + 1], False)
+        end = len(through_turn)
+        if not (done <= start <= end <= len(full)) or not full.startswith(through_turn):
             raise DataError(
                 f"{where}: this tokenizer's chat template does not render conversations prefix by prefix, "
                 "so assistant turns cannot be located; use data.mask_prompt: false"

@@ -291,16 +291,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not args or args[0] in ("-h", "--help"):
         print("usage: python -m launcher.train RECIPE [key.sub=value ...]")
         sys.exit(0 if args else 2)
-    setup_logging(rank=int(_env_rank()))
+    setup_logging(rank=int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))))
 
     summary = exit_on_user_error(lambda: train(load_recipe(args[0], args[1:])))
     if summary.get("stopped"):
         sys.exit(EXIT_STOPPED)
     return summary
-
-
-def _env_rank() -> str:
-    return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))
 
 
 if __name__ == "__main__":

@@ -120,3 +120,10 @@ def test_batch_order_does_not_depend_on_batch_or_world_size() -> None:
     assert flat(batch_indices(64, 8, seed=1, epoch=1, rank=0, world=1)) != eight
     uneven = [batch_indices(10, 4, seed=1, epoch=0, rank=r, world=2) for r in range(2)]
     assert len(uneven[0]) == len(uneven[1]) == 1  # the third batch would leave rank 1 waiting
+
+
+def test_add_eos_off_trains_without_eos(tokenizer) -> None:
+    row = {"instruction": "Which word is a color?", "input": "cat red sun", "output": "red"}
+    out = tokenize_row(row, DataSource(path="x"), tokenizer, _cfg(add_eos=False), "x")
+    assert _trained_text(tokenizer, out) == "red"
+    assert tokenizer.eos_token_id not in out["input_ids"]
