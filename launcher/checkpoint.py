@@ -5,13 +5,23 @@ Layout of the run directory::
     checkpoints/step-N/      model (PEFT adapter or full model, safetensors), tokenizer,
                              optimizer.pt, scheduler.pt, rng_state_rank{R}.pt,
                              trainer_state.json (step, epoch, data position), manifest.json
+                             deepspeed/  instead of optimizer.pt under ZeRO: DeepSpeed's own
+                                         checkpoint (partitioned optimizer states per rank)
+                             dcp/        instead of optimizer.pt under FSDP2: torch distributed
+                                         checkpoint of the sharded model and optimizer
     checkpoints/latest       name of the newest complete checkpoint
+
+The model files are always a consolidated, loadable model (gathered from the shards), so
+``ftl eval`` and export work from any checkpoint; the one exception is ZeRO-3 with
+``distributed.zero.gather_16bit_weights_on_model_save: false``, where only ``deepspeed/`` holds
+the weights (DeepSpeed's ``zero_to_fp32`` consolidates them).
 
 A checkpoint is written into ``step-N.tmp/``, every file is fsynced, ``manifest.json`` (size and
 sha256 of every file) is written last, the directory is renamed, and only then is ``latest``
 replaced (write + rename). A kill at any moment leaves the previous checkpoint intact; a
 checkpoint whose files do not match its manifest is skipped with a warning when resuming.
-Everything is loaded with ``weights_only=True``: no pickle from a checkpoint can run code.
+Our files load with ``weights_only=True``: no pickle in them can run code (DeepSpeed loads its
+own ``deepspeed/`` files).
 """
 
 from __future__ import annotations
@@ -69,9 +79,15 @@ def save_checkpoint(
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        accelerator.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
+    accelerator.wait_for_everyone()
+    weights = _full_state_dict(accelerator, model)  # collective under ZeRO-3 and FSDP2
+    _save_sharded_state(model, optimizer, tmp)  # collective; no-op for one process and DDP
+    if accelerator.is_main_process:
+        if weights is not False:
+            accelerator.unwrap_model(model).save_pretrained(tmp, safe_serialization=True, state_dict=weights)
         tokenizer.save_pretrained(tmp)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if not _is_sharded(model):
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / STATE).write_text(json.dumps(state, indent=2))
     accelerator.wait_for_everyone()
@@ -88,6 +104,68 @@ def save_checkpoint(
             _prune(run_dir, keep_last, keep=final)
     accelerator.wait_for_everyone()
     return final
+
+
+def _is_sharded(model: Any) -> bool:
+    return hasattr(model, "zero_optimization_stage") or _is_fsdp(model)
+
+
+def _is_fsdp(model: Any) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _is_peft(model: Any) -> bool:
+    return hasattr(model, "peft_config") or hasattr(getattr(model, "module", None), "peft_config")
+
+
+def _full_state_dict(accelerator: Accelerator, model: Any) -> dict[str, torch.Tensor] | None | bool:
+    """The whole model's weights on the main process (None: the model's own state_dict will do;
+    False: not available, ZeRO-3 without gathering)."""
+    if _is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if hasattr(model, "zero_optimization_stage"):
+        if model.zero_optimization_stage() == 3 and not model.zero_gather_16bit_weights_on_model_save():
+            return False
+        return accelerator.get_state_dict(model)
+    return None
+
+
+def _save_sharded_state(model: Any, optimizer: Any, directory: Path) -> None:
+    if hasattr(model, "zero_optimization_stage"):
+        # LoRA: the frozen base is in the model files already (and in model.path).
+        model.save_checkpoint(str(directory), tag="deepspeed", exclude_frozen_parameters=_is_peft(model))
+    elif _is_fsdp(model):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optim_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(directory / "dcp"))
+
+
+def _load_sharded_state(model: Any, optimizer: Any, checkpoint: Path) -> None:
+    if hasattr(model, "zero_optimization_stage"):
+        if not (checkpoint / "deepspeed").is_dir():
+            raise CheckpointError(f"{checkpoint}: no deepspeed/ state; resume with the strategy it was saved under")
+        path, _ = model.load_checkpoint(
+            str(checkpoint), tag="deepspeed", load_module_strict=not _is_peft(model),
+            load_optimizer_states=True, load_lr_scheduler_states=False,
+        )
+        if path is None:
+            raise CheckpointError(f"{checkpoint}: DeepSpeed could not load deepspeed/")
+    else:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        if not (checkpoint / "dcp").is_dir():
+            raise CheckpointError(f"{checkpoint}: no dcp/ state; resume with the strategy it was saved under")
+        model_state, optim_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optim": optim_state}
+        dcp.load(state, checkpoint_id=str(checkpoint / "dcp"))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
 def write_manifest(directory: Path) -> None:
@@ -162,11 +240,17 @@ def _step_of(path: Path) -> int:
 
 
 def load_training_state(
-    checkpoint: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any, rank: int
+    checkpoint: Path, accelerator: Accelerator, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any
 ) -> dict[str, Any]:
     """Load weights, optimizer, scheduler and this rank's RNG from a verified checkpoint."""
-    _load_weights(model, checkpoint)
-    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
+    rank = accelerator.process_index
+    if _is_sharded(model):
+        _load_sharded_state(model, optimizer, checkpoint)
+    else:
+        if not (checkpoint / "optimizer.pt").is_file():
+            raise CheckpointError(f"{checkpoint}: no optimizer.pt (saved under ZeRO or FSDP2); resume with the strategy it was saved under")
+        _load_weights(accelerator.unwrap_model(model), checkpoint)
+        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
     rng_file = checkpoint / f"rng_state_rank{rank}.pt"
     if not rng_file.exists():

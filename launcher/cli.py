@@ -44,16 +44,52 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from launcher.config import load_recipe
+    from launcher.launch import launch
+    from launcher.plan import make_plan
     from launcher.signals import EXIT_STOPPED
     from launcher.train import train
 
     files, overrides = _split(args.items)
     if len(files) != 1:
         raise UserError("ftl train: name exactly one recipe file (overrides look like key.sub=value)")
-    summary = train(load_recipe(files[0], overrides))
+    recipe = load_recipe(files[0], overrides).resolved()
+    plan = make_plan(recipe)
+    if plan.world_size > 1 and "LOCAL_RANK" not in os.environ:
+        console.print(f"launching {plan.world_size} processes ({plan.strategy}): {plan.shell_command()}", highlight=False)
+        return launch(recipe, plan)
+    summary = train(recipe)
     if summary.get("stopped"):
         return EXIT_STOPPED
     console.print(f"[green]done[/]: {summary['steps']} steps in {summary['elapsed_s']:.1f}s, checkpoint {summary['checkpoint']}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.table import Table
+
+    from launcher.config import load_recipe
+    from launcher.plan import make_plan
+
+    files, overrides = _split(args.items)
+    if len(files) != 1:
+        raise UserError("ftl plan: name exactly one recipe file (overrides look like key.sub=value)")
+    recipe = load_recipe(files[0], overrides).resolved()
+    plan = make_plan(recipe, device=args.device)
+    if args.json:
+        print(json.dumps({**plan.summary(), "env": plan.env, "command": plan.shell_command(),
+                          "accelerate": plan.accelerate, "deepspeed": plan.deepspeed}, indent=2))
+        return 0
+    table = Table(show_header=False, box=None)
+    for key, value in plan.summary().items():
+        table.add_row(key, str(value))
+    console.print(table)
+    console.print("\n[bold]command[/] (written to the run dir's launch/ by `ftl train`):")
+    console.print(plan.shell_command(), highlight=False, soft_wrap=True)
+    if plan.deepspeed is not None:
+        console.print("\n[bold]deepspeed.json[/]")
+        console.print_json(data=plan.deepspeed)
     return 0
 
 
@@ -110,9 +146,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="only say ok or print the errors")
     p.set_defaults(fn=cmd_validate)
 
-    p = sub.add_parser("train", help="train a recipe in this process")
+    p = sub.add_parser("train", help="train a recipe (several processes are started with accelerate launch)")
     p.add_argument("items", nargs="+", metavar="RECIPE_OR_OVERRIDE")
     p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("plan", help="print how a recipe runs: strategy, processes, DeepSpeed JSON, launch command")
+    p.add_argument("items", nargs="+", metavar="RECIPE_OR_OVERRIDE")
+    p.add_argument("--json", action="store_true", help="machine-readable, with the Accelerate config")
+    p.add_argument("--device", choices=["cuda", "cpu"], help="plan for this device (default: this machine's)")
+    p.set_defaults(fn=cmd_plan)
 
     p = sub.add_parser("tiny-model", help="write a tiny random model with a locally trained tokenizer")
     p.add_argument("out_dir")

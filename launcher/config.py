@@ -142,12 +142,51 @@ class OutputSection(_Section):
     keep_last: int | None = Field(None, ge=1, description="Keep only the newest K checkpoints (older ones are deleted after a new one is complete).")
 
 
+class ZeroSection(_Section):
+    offload_optimizer: bool = Field(False, description="Keep optimizer states (and the step) on CPU (DeepSpeed's cpu_adam).")
+    offload_params: bool = Field(False, description="ZeRO-3 only: keep parameters on CPU between uses.")
+    gather_16bit_weights_on_model_save: bool = Field(
+        True, description="ZeRO-3: gather full weights on rank 0 at every checkpoint (needed for a loadable model in it)."
+    )
+    overlap_comm: bool = True
+    contiguous_gradients: bool = True
+    reduce_bucket_size: int = Field(500_000_000, ge=1)
+    allgather_bucket_size: int = Field(500_000_000, ge=1)
+    stage3_prefetch_bucket_size: int = Field(50_000_000, ge=1)
+    stage3_param_persistence_threshold: int = Field(100_000, ge=0)
+
+
+class FsdpSection(_Section):
+    reshard_after_forward: bool = Field(True, description="Free gathered parameters after forward (ZeRO-3 like); false keeps them (ZeRO-2 like).")
+    cpu_offload: bool = Field(False, description="Keep sharded parameters, gradients and optimizer states on CPU.")
+    param_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype of gathered parameters for compute; auto follows train.mixed_precision."
+    )
+    reduce_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class DistributedSection(_Section):
+    strategy: Literal["auto", "single", "ddp", "zero1", "zero2", "zero3", "fsdp2"] = Field(
+        "auto", description="auto: single for one process; ddp for LoRA/QLoRA; zero3 for full fine-tuning."
+    )
+    num_processes: int = Field(1, ge=1, description="Processes (GPUs) per machine.")
+    num_machines: int = Field(1, ge=1)
+    machine_rank: int = Field(0, ge=0)
+    main_process_ip: str = "127.0.0.1"
+    main_process_port: int = Field(29500, ge=1, le=65535)
+    rdzv_backend: Literal["static", "c10d"] = "static"
+    timeout_minutes: int = Field(30, ge=1, description="Collective timeout; long enough for rank 0 to prepare data.")
+    zero: ZeroSection = Field(default_factory=ZeroSection)
+    fsdp: FsdpSection = Field(default_factory=FsdpSection)
+
+
 class Recipe(_Section):
     model: ModelSection
     data: DataSection
     method: MethodSection = Field(default_factory=MethodSection)
     quantization: QuantizationSection = Field(default_factory=QuantizationSection)
     train: TrainSection = Field(default_factory=TrainSection)
+    distributed: DistributedSection = Field(default_factory=DistributedSection)
     output: OutputSection
 
     def to_yaml(self) -> str:
@@ -232,6 +271,31 @@ def check_combinations(recipe: Recipe) -> list[tuple[tuple, str]]:
         )
     if quant.bits == 8 and quant.quant_storage != "uint8":
         problems.append((("quantization", "quant_storage"), "applies to 4-bit quantization only"))
+    problems += _check_distributed(recipe)
+    return problems
+
+
+def _check_distributed(recipe: Recipe) -> list[tuple[tuple, str]]:
+    dist, quant = recipe.distributed, recipe.quantization
+    world = dist.num_processes * dist.num_machines
+    problems: list[tuple[tuple, str]] = []
+    if dist.machine_rank >= dist.num_machines:
+        problems.append((("distributed", "machine_rank"), f"must be below num_machines ({dist.num_machines})"))
+    if dist.strategy == "single" and world > 1:
+        problems.append((("distributed", "strategy"), f"single means one process, but num_processes x num_machines = {world}; use ddp, zero1/2/3, fsdp2 or auto"))
+    if dist.strategy in ("ddp", "zero1", "zero2", "zero3", "fsdp2") and world == 1:
+        problems.append((("distributed", "num_processes"), f"strategy {dist.strategy} needs 2 or more processes; set num_processes (per machine) or strategy: single"))
+    zero = dist.zero
+    if zero.offload_params and dist.strategy != "zero3":
+        problems.append((("distributed", "zero", "offload_params"), "parameter offload needs strategy: zero3"))
+    if zero.offload_optimizer and dist.strategy not in ("zero1", "zero2", "zero3"):
+        problems.append((("distributed", "zero", "offload_optimizer"), "needs strategy zero1, zero2 or zero3 (for fsdp2 use distributed.fsdp.cpu_offload)"))
+    if dist.strategy.startswith("zero") and recipe.train.optimizer != "adamw_torch":
+        problems.append((("train", "optimizer"), f"DeepSpeed ({dist.strategy}) runs its own partitioned AdamW; use adamw_torch"))
+    if dist.strategy in ("zero3", "fsdp2") and quant.bits is not None and quant.quant_storage == "uint8":
+        problems.append((("quantization", "quant_storage"), f"{dist.strategy} shards only floating-point tensors; set quant_storage: bfloat16 (the compute dtype)"))
+    if dist.strategy in ("zero3", "fsdp2") and quant.bits == 8:
+        problems.append((("quantization", "bits"), f"8-bit bases cannot be sharded by {dist.strategy}; use 4 bits with quant_storage, or ddp"))
     return problems
 
 

@@ -20,12 +20,18 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]  # DeepSpeed drops empty groups; keep counts equal everywhere
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainSection) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, cfg: TrainSection, cpu_adam: bool = False) -> torch.optim.Optimizer:
+    """``cpu_adam``: DeepSpeed's vectorised CPU AdamW, which ZeRO optimizer offload steps with."""
     groups = param_groups(model, cfg.weight_decay)
     kwargs = {"lr": cfg.learning_rate, "betas": (cfg.adam_beta1, cfg.adam_beta2), "eps": cfg.adam_epsilon}
+    if cpu_adam:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
     if cfg.optimizer == "adamw_torch":
         return torch.optim.AdamW(groups, **kwargs)
     import bitsandbytes as bnb

@@ -15,7 +15,6 @@ import os
 import shutil
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +34,14 @@ from launcher.checkpoint import (
 )
 from launcher.config import Recipe, load_recipe
 from launcher.console import setup_logging
+from launcher import distributed
 from launcher.data import batch_indices, build_dataset, collate, load_source
 from launcher.errors import UserError, exit_on_user_error
 from launcher.loss import causal_lm_loss_sum, count_trainable_tokens
 from launcher.metrics import MetricsWriter, TrainingProgress, read_metrics
 from launcher.model import build_model
 from launcher.optim import build_optimizer
+from launcher.plan import make_plan
 from launcher.signals import EXIT_STOPPED, StopRequest
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,9 @@ def train(recipe: Recipe) -> dict[str, Any]:
     """Train as the recipe says; returns a summary (losses, steps, checkpoint, why it stopped)."""
     recipe = recipe.resolved()
     cfg = recipe.train
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    plan = make_plan(recipe)
+    accelerator = distributed.build_accelerator(recipe, plan)
+    distributed.check_process_group(accelerator, plan)
     run_dir = Path(recipe.output.dir)
     main = accelerator.is_main_process
     checkpoint = _resume_point(recipe, run_dir)
@@ -87,16 +90,17 @@ def train(recipe: Recipe) -> dict[str, Any]:
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * total_steps)
 
-    optimizer = build_optimizer(model, cfg)
-    # Not prepared by Accelerate: it would step the schedule once per process.
+    model = distributed.shard(model, recipe, plan, accelerator.device)
+    optimizer = build_optimizer(model, cfg, cpu_adam=recipe.distributed.zero.offload_optimizer and plan.zero_stage is not None)
+    model, optimizer = distributed.prepare(accelerator, plan, model, optimizer)
+    # On the wrapped optimizer (ZeRO regroups parameters), not prepared: Accelerate would step it once per process.
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
 
     # Position of the next micro-batch: (epoch, index into that epoch's micro-batches).
     step, epoch, position = 0, 0, 0
     resumed: dict[str, Any] = {}
     if checkpoint is not None:
-        resumed = load_training_state(checkpoint, accelerator.unwrap_model(model), optimizer, scheduler, rank)
+        resumed = load_training_state(checkpoint, accelerator, model, optimizer, scheduler)
         step, epoch, position = resumed["step"], resumed["epoch"], resumed["position"]
 
     metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=main)
@@ -107,7 +111,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
         summary.update({k: resumed[k] for k in ("initial_eval_loss", "final_eval_loss") if resumed.get(k) is not None})
     else:
         progress.message(
-            f"training {total_steps} steps: {len(train_set)} rows, {world} process(es), micro-batch "
+            f"training {total_steps} steps: {len(train_set)} rows, {world} process(es) ({plan.strategy}), micro-batch "
             f"{cfg.micro_batch_size} x accumulation {accum} x {world} = {cfg.micro_batch_size * accum * world} rows/step"
         )
         if eval_set is not None:
@@ -199,15 +203,14 @@ def _optimizer_step(
     loss_sum = torch.zeros((), device=accelerator.device)
     model.train()
     for k, mb in enumerate(micro):
-        with nullcontext() if k == len(micro) - 1 else accelerator.no_sync(model):
+        last = k == len(micro) - 1
+        with distributed.gradient_sync(accelerator, model, sync=last):
             with accelerator.autocast():
                 loss = causal_lm_loss_sum(model, mb)
-            # DDP averages gradients over ranks; multiplying by world turns that into a sum.
-            accelerator.backward(loss * world / step_tokens)
+            # Every strategy averages gradients over ranks; multiplying by world turns that into a sum.
+            distributed.backward(accelerator, model, loss * world / step_tokens, last)
         loss_sum += loss.detach().float()
-    grad_norm = _clip_grad_norm(accelerator, model, max_grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    grad_norm = distributed.optimizer_step(accelerator, model, optimizer, max_grad_norm)
     step_loss = (accelerator.reduce(loss_sum, reduction="sum") / step_tokens).item()
     return step_loss, int(step_tokens), grad_norm
 
@@ -251,15 +254,6 @@ def _prepare_run_dir(run_dir: Path, recipe: Recipe, checkpoint: Path | None) -> 
     (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
 
 
-def _clip_grad_norm(accelerator: Accelerator, model: torch.nn.Module, max_norm: float | None) -> float:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if max_norm is not None:
-        norm = accelerator.clip_grad_norm_(params, max_norm)
-    else:
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-    return float(norm) if norm is not None else float("nan")
-
-
 @torch.no_grad()
 def _evaluate(model: torch.nn.Module, dataset: Any, tokenizer: Any, batch_size: int, accelerator: Accelerator) -> float:
     """Token-weighted mean loss over the whole eval set, rows split across ranks."""
@@ -295,7 +289,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     summary = exit_on_user_error(lambda: train(load_recipe(args[0], args[1:])))
     if summary.get("stopped"):
-        sys.exit(EXIT_STOPPED)
+        # Under `ftl train` the launcher reports the stop (75); torchrun's agent would call
+        # a non-zero exit a failure and print a traceback for it.
+        sys.exit(0 if os.environ.get("FTL_LAUNCHED") else EXIT_STOPPED)
     return summary
 
 
