@@ -188,7 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may follow options (`ftl plan R --json a.b=1`); argparse stops collecting at --json.
+    if extra and hasattr(args, "items") and all("=" in e and not e.startswith("-") for e in extra):
+        args.items += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     setup_logging(args.log_level)
     sys.exit(exit_on_user_error(lambda: args.fn(args)))
 

@@ -53,7 +53,7 @@ class Plan:
     def shell_command(self) -> str:
         """The launch as a user would type it (environment first)."""
         env = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.env.items())
-        cmd = ["accelerate", "launch", *self.command[3:]] if self.command[1:3] == ["-m", "accelerate.commands.launch"] else self.command
+        cmd = ["accelerate", "launch", *self.command[3:]] if self.command[1:3] == ["-m", "accelerate.commands.launch"] else ["python", *self.command[1:]]
         return (env + " " if env else "") + shlex.join(cmd)
 
     def summary(self) -> dict[str, Any]:
@@ -92,11 +92,12 @@ def make_plan(recipe: Recipe, device: str | None = None) -> Plan:
         plan.deepspeed = deepspeed_config(recipe, plan.zero_stage, plan.world_size)
     plan.accelerate = accelerate_config(recipe, plan)
     plan.env = launch_env(plan)
-    plan.command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(plan.launch_dir / "accelerate.yaml"),
-        "-m", "launcher.train", str(plan.launch_dir / "recipe.yaml"),
-    ]
+    recipe_file = str(plan.launch_dir / "recipe.yaml")
+    if plan.world_size == 1:
+        plan.command = [sys.executable, "-m", "launcher.train", recipe_file]  # `ftl train` runs it in-process
+    else:
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(plan.launch_dir / "accelerate.yaml")]
+        plan.command = [*launch, "-m", "launcher.train", recipe_file]
     return plan
 
 
