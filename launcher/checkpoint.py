@@ -129,7 +129,14 @@ def _full_state_dict(accelerator: Accelerator, model: Any) -> dict[str, torch.Te
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if hasattr(model, "zero_optimization_stage"):
         if model.zero_optimization_stage() == 3 and not model.zero_gather_16bit_weights_on_model_save():
-            return False
+            if not _is_peft(model):
+                return False
+            # An adapter is small: gather just the trainable parameters.
+            import deepspeed
+
+            trainable = {n: p for n, p in model.module.named_parameters() if p.requires_grad}
+            with deepspeed.zero.GatheredParameters(list(trainable.values())):
+                return {n: p.detach().cpu().clone() for n, p in trainable.items()}
         return accelerator.get_state_dict(model)
     return None
 

@@ -93,6 +93,28 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from launcher.export import ExportError, export, resolve_checkpoint
+
+    _, recipe = resolve_checkpoint(Path(args.source))
+    updates = {k: v for k, v in {"dtype": args.dtype, "max_shard_size": args.max_shard_size,
+                                 "qlora_merge": args.qlora_merge}.items() if v is not None}
+    if args.no_verify:
+        updates["verify"] = False
+    options = recipe.export.model_copy(update=updates)
+    report = export(Path(args.source), Path(args.out) if args.out else None, options, adapter_only=args.adapter_only)
+    if report.get("verified"):
+        console.print(
+            f"verification ({report['sequences']} sequences, {report['positions']} positions): max |logit diff| "
+            f"{report['max_abs_logit_diff']:.3g} (tolerance {report['tolerance']:.3g}), mean {report['mean_abs_logit_diff']:.3g}, "
+            f"greedy agreement {report['greedy_agreement']:.1%}"
+        )
+    if not report["passed"]:
+        raise ExportError(f"{report['out']}: verification failed (see verify.json); the export does not reproduce the trained model")
+    console.print(f"[green]exported[/] {report.get('mode', 'adapter')} model to {report['out']}")
+    return 0
+
+
 def cmd_tiny_model(args: argparse.Namespace) -> int:
     from launcher.tiny import ARCHS, write_tiny_model
 
@@ -155,6 +177,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable, with the Accelerate config")
     p.add_argument("--device", choices=["cuda", "cpu"], help="plan for this device (default: this machine's)")
     p.set_defaults(fn=cmd_plan)
+
+    p = sub.add_parser("export", help="merged, sharded safetensors model (or adapter) from a run or checkpoint, verified")
+    p.add_argument("source", help="run directory (newest complete checkpoint) or checkpoint directory")
+    p.add_argument("--out", help="output directory (default: export.dir, or <run dir>/export)")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--max-shard-size", help="e.g. 5GB, 500MB")
+    p.add_argument("--qlora-merge", choices=["dequantized", "original"])
+    p.add_argument("--adapter-only", action="store_true", help="write the PEFT adapter directory instead")
+    p.add_argument("--no-verify", action="store_true", help="skip reloading and comparing logits (very large models)")
+    p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("tiny-model", help="write a tiny random model with a locally trained tokenizer")
     p.add_argument("out_dir")

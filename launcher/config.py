@@ -180,6 +180,18 @@ class DistributedSection(_Section):
     fsdp: FsdpSection = Field(default_factory=FsdpSection)
 
 
+class ExportSection(_Section):
+    dir: str | None = Field(None, description="Where `ftl export` writes the model; default <output.dir>/export.")
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    max_shard_size: str = Field("5GB", description="Largest safetensors shard, e.g. 5GB, 500MB.")
+    qlora_merge: Literal["dequantized", "original"] = Field(
+        "dequantized",
+        description="QLoRA: merge into the NF4-dequantized base (the model that was trained) or the original-precision base.",
+    )
+    verify: bool = Field(True, description="Reload the export and compare its logits with the trained model.")
+    verify_prompts: int = Field(8, ge=1, description="Sequences (eval rows) compared by verification.")
+
+
 class Recipe(_Section):
     model: ModelSection
     data: DataSection
@@ -187,6 +199,7 @@ class Recipe(_Section):
     quantization: QuantizationSection = Field(default_factory=QuantizationSection)
     train: TrainSection = Field(default_factory=TrainSection)
     distributed: DistributedSection = Field(default_factory=DistributedSection)
+    export: ExportSection = Field(default_factory=ExportSection)
     output: OutputSection
 
     def to_yaml(self) -> str:

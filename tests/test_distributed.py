@@ -22,7 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from launcher.config import validate_recipe
+from launcher.checkpoint import write_manifest
+from launcher.config import ExportSection, validate_recipe
+from launcher.export import export
 from launcher.metrics import read_metrics
 from launcher.signals import EXIT_STOPPED
 from launcher.train import train
@@ -85,7 +87,9 @@ def run_strategy(model: Path, data, run_dir: Path, method: str, strategy: str) -
         return losses(run_dir)
     dist = {"strategy": strategy, "main_process_port": port}
     if strategy == "zero3-offload":
-        dist = {"strategy": "zero3", "main_process_port": port, "zero": {"offload_optimizer": True, "offload_params": True}}
+        # Also without gathering the model at saves: the adapter alone is gathered.
+        dist = {"strategy": "zero3", "main_process_port": port,
+                "zero": {"offload_optimizer": True, "offload_params": True, "gather_16bit_weights_on_model_save": False}}
     recipe = write_yaml(run_dir.with_suffix(".yaml"), recipe_dict(model, data, run_dir, method, 2, **dist))
     result = ftl("train", str(recipe))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
@@ -122,7 +126,10 @@ def test_checkpoints_of_sharded_runs_hold_a_loadable_model(traces):
     """ZeRO and FSDP2 checkpoints hold their sharded state and a consolidated model (or adapter)."""
     method, root, _ = traces
     weights = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
-    for strategy, shard_dir in (("zero3", "deepspeed"), ("fsdp2", "dcp"), ("ddp", None)):
+    strategies = [("zero3", "deepspeed"), ("fsdp2", "dcp"), ("ddp", None)]
+    if "zero3-offload" in RUNS[method]:
+        strategies.append(("zero3-offload", "deepspeed"))
+    for strategy, shard_dir in strategies:
         ckpt = root / strategy / "checkpoints" / f"step-{STEPS}"
         assert (ckpt / weights).is_file()
         assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == STEPS
@@ -186,3 +193,20 @@ def test_guard_stops_a_launch_that_lost_its_processes(tiny_llama, demo_data, tmp
     assert out.returncode != 0
     assert "error: distributed: the recipe plans 2 process(es) (ddp: 1 machine(s) x 2), but this process is rank 0 of 1" in out.stderr
     assert not (run_dir / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("traces", ["lora", "full"], indirect=True)
+def test_export_from_zero3_checkpoints(traces, tmp_path):
+    """LoRA: the adapter gathered at save (no full model gathered); full: DeepSpeed's partitioned
+    fp32 states consolidated by zero_to_fp32 when the checkpoint holds no model files."""
+    method, root, _ = traces
+    run_dir = tmp_path / "run"
+    shutil.copytree(root / ("zero3-offload" if method == "lora" else "zero3"), run_dir)
+    checkpoint = run_dir / "checkpoints" / f"step-{STEPS}"
+    if method == "full":  # as saved with distributed.zero.gather_16bit_weights_on_model_save: false
+        for f in checkpoint.glob("model*.safetensors*"):
+            f.unlink()
+        write_manifest(checkpoint)
+    report = export(run_dir, tmp_path / "out", ExportSection(dtype="float32"))
+    assert report["mode"] == ("lora" if method == "lora" else "full-zero3")
+    assert report["passed"] and report["max_abs_logit_diff"] < 1e-5, report

@@ -1,0 +1,195 @@
+"""Merge a LoRA adapter into its base model one output shard at a time.
+
+The base model is never loaded as a model: its safetensors files are memory-mapped and each output
+shard reads only the tensors it holds, adds the adapter's delta to the targeted weights and is
+written before the next one is read, so peak memory is about one output shard however large the
+model is. peft's formulas, applied per weight (``W`` with shape out x in):
+
+- LoRA: ``W + s * B @ A`` with ``s = alpha / r`` (rsLoRA: ``alpha / sqrt(r)``)
+- DoRA: ``m / ||W + s * B @ A||_row * (W + s * B @ A)``, the norm over each output row
+- QLoRA, ``qlora_merge: dequantized``: ``W`` is first NF4/FP4-quantized and dequantized exactly as
+  bitsandbytes did when training loaded it, so the merged model is the model that was trained;
+  ``original`` merges into the full-precision weights (what some tools do; logits then move).
+
+Shards are planned with huggingface_hub's ``split_torch_state_dict_into_shards`` and written with
+safetensors, so the index is the standard ``model.safetensors.index.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from launcher.errors import UserError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_LORA_KEY = re.compile(r"^base_model\.model\.(.+)\.(lora_A|lora_B|lora_magnitude_vector)(?:\.default)?(?:\.weight)?$")
+
+
+class MergeError(UserError):
+    """The adapter cannot be merged (unsupported layer type, mismatched base)."""
+
+
+@dataclass
+class TensorSource:
+    """Names, shapes and lazy loaders of a model's tensors (from safetensors files or a dict)."""
+
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    loaders: dict[str, Callable[[], torch.Tensor]] = field(default_factory=dict)
+
+    @classmethod
+    def from_dir(cls, directory: Path) -> TensorSource:
+        index = directory / "model.safetensors.index.json"
+        if index.is_file():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        elif (directory / "model.safetensors").is_file():
+            files = ["model.safetensors"]
+        else:
+            raise MergeError(f"{directory}: no model.safetensors or model.safetensors.index.json (export needs safetensors weights)")
+        source = cls()
+        for name in files:
+            path = directory / name
+            with safe_open(str(path), "pt") as f:
+                for key in f.keys():
+                    source.shapes[key] = tuple(f.get_slice(key).get_shape())
+                    source.loaders[key] = lambda path=path, key=key: _read(path, key)
+        return source
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> TensorSource:
+        return cls({k: tuple(v.shape) for k, v in state.items()}, {k: (lambda v=v: v) for k, v in state.items()})
+
+
+def _read(path: Path, key: str) -> torch.Tensor:
+    with safe_open(str(path), "pt") as f:
+        return f.get_tensor(key)
+
+
+@dataclass
+class Adapter:
+    """A PEFT LoRA adapter as merge needs it: per base weight, A, B, scale and DoRA magnitude."""
+
+    scale: dict[str, float]
+    a: dict[str, torch.Tensor]
+    b: dict[str, torch.Tensor]
+    magnitude: dict[str, torch.Tensor]
+    replaced: dict[str, torch.Tensor]  # modules_to_save: whole tensors that replace the base's
+
+    @classmethod
+    def load(cls, directory: Path) -> Adapter:
+        config = json.loads((directory / "adapter_config.json").read_text())
+        if config.get("peft_type") != "LORA":
+            raise MergeError(f"{directory}: only LoRA adapters can be merged (found {config.get('peft_type')})")
+        if config.get("fan_in_fan_out") or config.get("alpha_pattern") or config.get("lora_bias"):
+            raise MergeError(f"{directory}: fan_in_fan_out, alpha_pattern and lora_bias adapters are not supported by the merge")
+        state = load_file(directory / "adapter_model.safetensors")
+        adapter = cls({}, {}, {}, {}, {})
+        for key, tensor in state.items():
+            if "lora_embedding" in key:
+                raise MergeError(f"{directory}: LoRA on embeddings ({key}) is not supported by the merge; train with target_modules on linear layers")
+            match = _LORA_KEY.match(key)
+            if match is None:
+                # modules_to_save: saved under the module's own name.
+                adapter.replaced[key.removeprefix("base_model.model.").replace(".modules_to_save.default", "")] = tensor
+                continue
+            module, kind = match.groups()
+            weight = f"{module}.weight"
+            {"lora_A": adapter.a, "lora_B": adapter.b, "lora_magnitude_vector": adapter.magnitude}[kind][weight] = tensor
+        for weight, a in adapter.a.items():
+            r = a.shape[0]
+            alpha = config["lora_alpha"]
+            adapter.scale[weight] = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        return adapter
+
+    def merge(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` (float32) with this adapter merged into it."""
+        if name in self.replaced:
+            return self.replaced[name].float()
+        if name not in self.a:
+            return weight
+        merged = weight + self.scale[name] * (self.b[name].float() @ self.a[name].float())
+        if name in self.magnitude:
+            norm = torch.linalg.norm(merged, dim=1)
+            merged = (self.magnitude[name].float() / norm).view(-1, 1) * merged
+        return merged
+
+
+@dataclass
+class Quantizer:
+    """The bitsandbytes 4-bit round trip that training applied to the base's linear weights."""
+
+    weights: set[str]  # names of the weights bitsandbytes quantized
+    load_dtype: torch.dtype
+    quant_type: str
+    double_quant: bool
+    quant_storage: torch.dtype
+
+    def __call__(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        if name not in self.weights:
+            return weight
+        import bitsandbytes.functional as F
+
+        packed, state = F.quantize_4bit(
+            weight.to(self.load_dtype).contiguous(), blocksize=64, compress_statistics=self.double_quant,
+            quant_type=self.quant_type, quant_storage=self.quant_storage,
+        )
+        return F.dequantize_4bit(packed, state).float()
+
+
+def plan_shards(source: TensorSource, dtype: torch.dtype, max_shard_size: str | int) -> tuple[dict[str, list[str]], dict | None]:
+    """Output files -> tensor names, and the index (None for one file), planned on meta tensors."""
+    meta = {name: torch.empty(shape, dtype=dtype, device="meta") for name, shape in source.shapes.items()}
+    split = split_torch_state_dict_into_shards(meta, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size)
+    index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename} if split.is_sharded else None
+    return split.filename_to_tensors, index
+
+
+def write_merged(
+    source: TensorSource,
+    out_dir: Path,
+    dtype: torch.dtype,
+    max_shard_size: str | int,
+    adapter: Adapter | None = None,
+    quantizer: Quantizer | None = None,
+) -> list[str]:
+    """Write ``source`` (+ ``adapter``) as safetensors shards of ``dtype``; returns the file names."""
+    if adapter is not None:
+        missing = sorted((set(adapter.a) | set(adapter.replaced)) - set(source.shapes))
+        extra = [m for m in missing if not m.endswith("lm_head.weight")]
+        if extra:
+            raise MergeError(f"the adapter targets weights the base model does not have: {', '.join(extra[:3])}")
+        # A trained lm_head on a model with tied embeddings becomes its own tensor.
+        for name in missing:
+            source.shapes[name] = tuple(adapter.replaced[name].shape)
+            source.loaders[name] = lambda name=name: adapter.replaced[name]
+    shards, index = plan_shards(source, dtype, max_shard_size)
+    for filename, names in shards.items():
+        tensors = {}
+        for name in names:
+            tensor = source.loaders[name]()
+            if tensor.is_floating_point():
+                tensor = tensor.float()
+                if quantizer is not None:
+                    tensor = quantizer(name, tensor)
+                if adapter is not None:
+                    tensor = adapter.merge(name, tensor)
+                tensor = tensor.to(dtype)
+            tensors[name] = tensor.contiguous()
+        save_file(tensors, str(out_dir / filename), metadata={"format": "pt"})
+        log.info("wrote %s (%d tensors)", filename, len(tensors))
+        del tensors
+    if index is not None:
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return sorted(shards)
