@@ -113,6 +113,9 @@ class Adapter:
             adapter.scale[weight] = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         return adapter
 
+    def touches(self, name: str) -> bool:
+        return name in self.a or name in self.replaced
+
     def merge(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         """``weight`` (float32) with this adapter merged into it."""
         if name in self.replaced:
@@ -179,12 +182,14 @@ def write_merged(
         tensors = {}
         for name in names:
             tensor = source.loaders[name]()
-            if tensor.is_floating_point():
+            changed = (adapter is not None and adapter.touches(name)) or (quantizer is not None and name in quantizer.weights)
+            if changed:  # merge in float32, one tensor at a time
                 tensor = tensor.float()
                 if quantizer is not None:
                     tensor = quantizer(name, tensor)
                 if adapter is not None:
                     tensor = adapter.merge(name, tensor)
+            if tensor.is_floating_point():
                 tensor = tensor.to(dtype)
             tensors[name] = tensor.contiguous()
         save_file(tensors, str(out_dir / filename), metadata={"format": "pt"})

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from launcher.checkpoint import write_manifest
 from launcher.config import ExportSection, validate_recipe
@@ -125,7 +126,7 @@ def test_every_strategy_matches_one_process(traces):
 def test_checkpoints_of_sharded_runs_hold_a_loadable_model(traces):
     """ZeRO and FSDP2 checkpoints hold their sharded state and a consolidated model (or adapter)."""
     method, root, _ = traces
-    weights = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
+    weights = "model.safetensors" if method == "full" else "adapter_model.safetensors"
     strategies = [("zero3", "deepspeed"), ("fsdp2", "dcp"), ("ddp", None)]
     if "zero3-offload" in RUNS[method]:
         strategies.append(("zero3-offload", "deepspeed"))
@@ -195,18 +196,34 @@ def test_guard_stops_a_launch_that_lost_its_processes(tiny_llama, demo_data, tmp
     assert not (run_dir / "checkpoints").exists()
 
 
+def exported_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(directory.glob("model*.safetensors")) for k, v in load_file(f).items()}
+
+
 @pytest.mark.parametrize("traces", ["lora", "full"], indirect=True)
-def test_export_from_zero3_checkpoints(traces, tmp_path):
-    """LoRA: the adapter gathered at save (no full model gathered); full: DeepSpeed's partitioned
-    fp32 states consolidated by zero_to_fp32 when the checkpoint holds no model files."""
+def test_exports_of_sharded_runs_equal_the_single_process_export(traces, tmp_path):
+    """Exports from ZeRO-3 and FSDP2 checkpoints hold the weights of the one-process run's export.
+
+    LoRA under ZeRO-3 comes from the run that gathered only the adapter at saves; full fine-tuning
+    under ZeRO-3 from DeepSpeed's partitioned fp32 states (zero_to_fp32), as a checkpoint saved with
+    distributed.zero.gather_16bit_weights_on_model_save: false holds no model files."""
     method, root, _ = traces
-    run_dir = tmp_path / "run"
-    shutil.copytree(root / ("zero3-offload" if method == "lora" else "zero3"), run_dir)
-    checkpoint = run_dir / "checkpoints" / f"step-{STEPS}"
-    if method == "full":  # as saved with distributed.zero.gather_16bit_weights_on_model_save: false
-        for f in checkpoint.glob("model*.safetensors*"):
-            f.unlink()
-        write_manifest(checkpoint)
-    report = export(run_dir, tmp_path / "out", ExportSection(dtype="float32"))
-    assert report["mode"] == ("lora" if method == "lora" else "full-zero3")
-    assert report["passed"] and report["max_abs_logit_diff"] < 1e-5, report
+    options = ExportSection(dtype="float32")
+    reference = exported_tensors(Path(export(root / "single", tmp_path / "single", options)["out"]))
+    for strategy in ("zero3-offload" if method == "lora" else "zero3", "fsdp2"):
+        run_dir = tmp_path / strategy
+        shutil.copytree(root / strategy, run_dir, ignore=shutil.ignore_patterns("export*"))
+        checkpoint = run_dir / "checkpoints" / f"step-{STEPS}"
+        if strategy == "zero3":
+            for f in checkpoint.glob("model*.safetensors*"):
+                f.unlink()
+            write_manifest(checkpoint)
+        report = export(run_dir, tmp_path / f"out-{strategy}", options)
+        assert report["passed"] and report["max_abs_logit_diff"] < 1e-5, report
+        assert report["mode"] == ("full-zero3" if strategy == "zero3" else method)
+        tensors = exported_tensors(tmp_path / f"out-{strategy}")
+        assert set(tensors) == set(reference)
+        for name, value in reference.items():
+            assert torch.allclose(tensors[name], value, rtol=1e-4, atol=1e-6), f"{method}/{strategy}: {name}"
