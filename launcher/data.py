@@ -210,8 +210,22 @@ def build_dataset(sources: list[DataSource], tokenizer: Any, cfg: DataSection) -
 
 
 def collate(rows: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Pad a micro-batch on the right to its longest row."""
+    """Pad a micro-batch on the right to its longest row.
+
+    Packed rows (with ``position_ids``) get no attention mask, which is how transformers knows to
+    keep their examples apart; their padding is one more "example" whose labels are all ignored.
+    ``token_mask`` marks real tokens either way.
+    """
     width = max(len(r["input_ids"]) for r in rows)
+    if "position_ids" in rows[0]:
+        batch = collate([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows], pad_token_id)
+        positions = torch.arange(width).repeat(len(rows), 1)
+        for i, row in enumerate(rows):
+            n = len(row["position_ids"])
+            positions[i, :n] = torch.tensor(row["position_ids"])
+            positions[i, n:] = torch.arange(width - n)
+        return {"input_ids": batch["input_ids"], "labels": batch["labels"], "position_ids": positions,
+                "token_mask": batch["attention_mask"]}
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)

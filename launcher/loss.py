@@ -20,7 +20,9 @@ def count_trainable_tokens(labels: torch.Tensor) -> torch.Tensor:
 
 def causal_lm_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum of next-token cross-entropy over the batch's trainable tokens (fp32 logits)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    # Packed batches carry position_ids and no attention mask (see launcher.packing).
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    logits = model(**inputs, use_cache=False).logits
     logits = logits[:, :-1].float()
     labels = batch["labels"][:, 1:]
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")

@@ -147,7 +147,8 @@ def train(recipe: Recipe) -> dict[str, Any]:
             step += 1
             position += len(micro)
 
-            window_tokens += int(accelerator.reduce(sum(mb["attention_mask"].sum() for mb in micro), "sum"))
+            real = sum(mb["token_mask" if "token_mask" in mb else "attention_mask"].sum() for mb in micro)
+            window_tokens += int(accelerator.reduce(real, "sum"))
             if step % cfg.logging_steps == 0 or step == total_steps:
                 now = time.perf_counter()
                 record = {
