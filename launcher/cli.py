@@ -115,6 +115,34 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    import json
+
+    from launcher.config import load_recipe
+    from launcher.model import load_tokenizer
+    from launcher.preprocess import prepare
+
+    files, overrides = _split(args.items)
+    if len(files) != 1:
+        raise UserError("ftl preprocess: name exactly one recipe file (overrides look like key.sub=value)")
+    recipe = load_recipe(files[0], overrides).resolved()
+    train_set, eval_set, stats = prepare(recipe, load_tokenizer(recipe.model))
+    for source in stats["sources"]:
+        dropped = ", ".join(f"{n} ({why})" for why, n in source["dropped"].items()) or "none"
+        console.print(f"{source['path']}: {source['rows']} rows, {source['truncated']} truncated, dropped {dropped}, {source['used']} used")
+    length = stats["length"]
+    console.print(f"train: {stats['examples']} examples, {stats['tokens']} tokens ({stats['trainable_tokens']} trainable); "
+                  f"length p50 {length['p50']}, p90 {length['p90']}, p99 {length['p99']}, max {length['max']}")
+    if "packing_efficiency" in stats:
+        console.print(f"packed into {stats['packed_rows']} rows of {recipe.data.max_length}: {stats['packing_efficiency']:.1%} of slots hold real tokens")
+    console.print(f"eval: {len(eval_set) if eval_set is not None else 0} examples")
+    run_dir = Path(recipe.output.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "data_stats.json").write_text(json.dumps(stats, indent=2))
+    console.print(f"cached in {stats['cache']}")
+    return 0
+
+
 def cmd_tiny_model(args: argparse.Namespace) -> int:
     from launcher.tiny import ARCHS, write_tiny_model
 
@@ -187,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter-only", action="store_true", help="write the PEFT adapter directory instead")
     p.add_argument("--no-verify", action="store_true", help="skip reloading and comparing logits (very large models)")
     p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("preprocess", help="tokenize, mix, pack and cache the data once; print its statistics")
+    p.add_argument("items", nargs="+", metavar="RECIPE_OR_OVERRIDE")
+    p.set_defaults(fn=cmd_preprocess)
 
     p = sub.add_parser("tiny-model", help="write a tiny random model with a locally trained tokenizer")
     p.add_argument("out_dir")

@@ -45,6 +45,8 @@ class DataSource(_Section):
     format: Literal["alpaca", "chat", "completion"] = "alpaca"
     split: str = "train"
     subset: str | None = Field(None, description="datasets configuration name (for hub datasets).")
+    weight: float = Field(1.0, gt=0, description="Mixing: rows drawn per epoch = weight x the source's rows (repeats above 1).")
+    samples: int | None = Field(None, ge=1, description="Mixing: exactly this many rows per epoch (overrides weight).")
     fields: dict[str, str] = Field(
         default_factory=dict,
         description="Map from the format's field names to the columns of this source, "
@@ -67,6 +69,9 @@ class DataSection(_Section):
     max_length: int = Field(2048, ge=8)
     mask_prompt: bool = Field(True, description="Train only on responses (assistant turns); -100 elsewhere.")
     add_eos: bool = Field(True, description="Append the EOS token to alpaca/completion examples.")
+    packing: bool = Field(False, description="Pack several examples into each max_length row (attention never crosses them).")
+    eval_fraction: float | None = Field(None, gt=0, lt=1, description="Hold out this fraction of the train rows for eval.")
+    cache_dir: str | None = Field(None, description="Where tokenized/packed data is cached; default <output.dir>/data.")
 
     @field_validator("train", "eval", mode="before")
     @classmethod
@@ -220,6 +225,8 @@ class Recipe(_Section):
         for source in data["data"]["train"] + (data["data"]["eval"] or []):
             source["path"] = absolute(source["path"])
         data["output"]["dir"] = str(Path(data["output"]["dir"]).expanduser().resolve())
+        if data["data"]["cache_dir"]:
+            data["data"]["cache_dir"] = str(Path(data["data"]["cache_dir"]).expanduser().resolve())
         return Recipe.model_validate(data)
 
 
@@ -284,6 +291,8 @@ def check_combinations(recipe: Recipe) -> list[tuple[tuple, str]]:
         )
     if quant.bits == 8 and quant.quant_storage != "uint8":
         problems.append((("quantization", "quant_storage"), "applies to 4-bit quantization only"))
+    if recipe.data.eval_fraction and recipe.data.eval:
+        problems.append((("data", "eval_fraction"), "set either data.eval (a separate eval source) or data.eval_fraction, not both"))
     problems += _check_distributed(recipe)
     return problems
 

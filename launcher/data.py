@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 import torch
 
 from launcher.config import DataSection, DataSource
@@ -184,10 +185,13 @@ def tokenize_row(row: dict, source: DataSource, tokenizer: Any, cfg: DataSection
     }
 
 
-def build_dataset(sources: list[DataSource], tokenizer: Any, cfg: DataSection) -> datasets.Dataset:
-    """Load, render and tokenize every source; concatenate them in order."""
+def build_dataset(
+    sources: list[DataSource], tokenizer: Any, cfg: DataSection, seed: int = 0, stats: list[dict] | None = None
+) -> datasets.Dataset:
+    """Load, render and tokenize every source, draw each one's share (``weight``/``samples``,
+    deterministic by ``seed``), and concatenate them in order; ``stats`` gets one dict per source."""
     parts = []
-    for source in sources:
+    for number, source in enumerate(sources):
         raw = load_source(source)
         name = source.path
 
@@ -202,11 +206,26 @@ def build_dataset(sources: list[DataSource], tokenizer: Any, cfg: DataSection) -
             log.warning("%s: %d of %d rows truncated to data.max_length=%d", name, n_truncated, len(raw), cfg.max_length)
         if dropped:
             log.warning("%s: dropped %d rows whose response lies beyond data.max_length", name, dropped)
-        parts.append(kept.remove_columns("truncated"))
+        kept = _draw(kept.remove_columns("truncated"), source, seed + number)
+        if stats is not None:
+            stats.append({"path": name, "rows": len(raw), "truncated": n_truncated, "used": len(kept),
+                          "dropped": {"response beyond max_length": dropped} if dropped else {}})
+        parts.append(kept)
     dataset = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     if len(dataset) == 0:
         raise DataError(f"{', '.join(s.path for s in sources)}: no usable rows")
     return dataset
+
+
+def _draw(dataset: datasets.Dataset, source: DataSource, seed: int) -> datasets.Dataset:
+    """``samples`` rows (or ``weight`` x the rows): whole passes over the source, then a seeded subset."""
+    wanted = source.samples if source.samples is not None else round(source.weight * len(dataset))
+    if wanted == len(dataset):
+        return dataset
+    full, rest = divmod(wanted, len(dataset))
+    order = np.random.default_rng(seed).permutation(len(dataset))
+    indices = list(range(len(dataset))) * full + sorted(order[:rest].tolist())
+    return dataset.select(indices)
 
 
 def collate(rows: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -35,13 +35,14 @@ from launcher.checkpoint import (
 from launcher.config import Recipe, load_recipe
 from launcher.console import setup_logging
 from launcher import distributed
-from launcher.data import batch_indices, build_dataset, collate, load_source
+from launcher.data import batch_indices, collate, load_source
 from launcher.errors import UserError, exit_on_user_error
 from launcher.loss import causal_lm_loss_sum, count_trainable_tokens
 from launcher.metrics import MetricsWriter, TrainingProgress, read_metrics
 from launcher.model import build_model
 from launcher.optim import build_optimizer
 from launcher.plan import make_plan
+from launcher.preprocess import prepare as prepare_data
 from launcher.signals import EXIT_STOPPED, StopRequest
 
 log = logging.getLogger(__name__)
@@ -74,9 +75,11 @@ def train(recipe: Recipe) -> dict[str, Any]:
             load_source(source)
 
     model, tokenizer = build_model(recipe)
+    # Rank 0 tokenizes (or finds the cache); the others wait, then read its cache.
     with accelerator.main_process_first():
-        train_set = build_dataset(recipe.data.train, tokenizer, recipe.data)
-        eval_set = build_dataset(recipe.data.eval, tokenizer, recipe.data) if recipe.data.eval else None
+        train_set, eval_set, data_stats = prepare_data(recipe, tokenizer)
+    if main:
+        (run_dir / "data_stats.json").write_text(json.dumps(data_stats, indent=2))
 
     rank, world = accelerator.process_index, accelerator.num_processes
     accum = cfg.gradient_accumulation_steps
@@ -111,6 +114,8 @@ def train(recipe: Recipe) -> dict[str, Any]:
         summary.update({k: resumed[k] for k in ("initial_eval_loss", "final_eval_loss") if resumed.get(k) is not None})
     else:
         progress.message(
+            (f"packed {data_stats['examples']} examples into {len(train_set)} rows of {recipe.data.max_length} tokens "
+             f"({data_stats['packing_efficiency']:.1%} filled); " if recipe.data.packing else "") +
             f"training {total_steps} steps: {len(train_set)} rows, {world} process(es) ({plan.strategy}), micro-batch "
             f"{cfg.micro_batch_size} x accumulation {accum} x {world} = {cfg.micro_batch_size * accum * world} rows/step"
         )

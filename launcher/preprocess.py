@@ -1,0 +1,104 @@
+"""Prepare the training data once: tokenize, mix, split, pack, cache, and say what happened.
+
+The result is saved with datasets' Arrow format under ``data.cache_dir`` (default
+``<output.dir>/data``) in a directory named by a hash of everything it depends on: the tokenizer
+files, each data file's path, size and modification time, the data settings and the seed. Under
+several processes, rank 0 prepares while the others wait at a barrier (``distributed.timeout_minutes``)
+and then read the cache; ``ftl preprocess RECIPE`` prepares it before a job starts, so no rank
+tokenizes at all (what keeps big multi-node jobs clear of NCCL timeouts).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+
+from launcher.config import DataSource, Recipe
+from launcher.data import build_dataset
+from launcher.loss import IGNORE_INDEX
+from launcher.packing import pack_dataset
+
+log = logging.getLogger(__name__)
+
+STATS = "data_stats.json"
+
+
+def cache_dir(recipe: Recipe, tokenizer: Any) -> Path:
+    root = Path(recipe.data.cache_dir or Path(recipe.output.dir) / "data")
+    return root / cache_key(recipe, tokenizer)
+
+
+def cache_key(recipe: Recipe, tokenizer: Any) -> str:
+    digest = hashlib.sha256()
+    settings = recipe.data.model_dump(mode="json", exclude={"cache_dir"})
+    digest.update(json.dumps({"data": settings, "seed": recipe.train.seed}, sort_keys=True).encode())
+    for name, value in sorted(tokenizer.init_kwargs.items()):
+        digest.update(f"{name}={value}".encode())
+    digest.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
+    digest.update(str(tokenizer.chat_template).encode())
+    for source in recipe.data.train + (recipe.data.eval or []):
+        for path in _files(source):
+            stat = path.stat()
+            digest.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _files(source: DataSource) -> list[Path]:
+    path = Path(source.path)
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file())
+    return [path] if path.exists() else []
+
+
+def prepare(recipe: Recipe, tokenizer: Any) -> tuple[datasets.Dataset, datasets.Dataset | None, dict[str, Any]]:
+    """Train set (packed if asked), eval set and statistics, from the cache when it is there."""
+    directory = cache_dir(recipe, tokenizer)
+    if (directory / STATS).is_file():
+        log.info("using preprocessed data from %s", directory)
+        return _load(directory)
+    stats: dict[str, Any] = {"sources": []}
+    cfg = recipe.data
+    train_set = build_dataset(cfg.train, tokenizer, cfg, seed=recipe.train.seed, stats=stats["sources"])
+    eval_set = build_dataset(cfg.eval, tokenizer, cfg) if cfg.eval else None
+    if cfg.eval_fraction:
+        order = np.random.default_rng(recipe.train.seed).permutation(len(train_set))
+        held_out = max(1, round(cfg.eval_fraction * len(train_set)))
+        eval_set = train_set.select(sorted(order[:held_out].tolist()))
+        train_set = train_set.select(sorted(order[held_out:].tolist()))
+    stats.update(_length_stats(train_set))
+    if cfg.packing:
+        train_set, packing = pack_dataset(train_set, cfg.max_length)
+        stats.update(packing)
+    tmp = directory.with_name(f"{directory.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    train_set.save_to_disk(str(tmp / "train"))
+    if eval_set is not None:
+        eval_set.save_to_disk(str(tmp / "eval"))
+    (tmp / STATS).write_text(json.dumps(stats, indent=2))
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(tmp, directory)
+    return _load(directory)
+
+
+def _load(directory: Path) -> tuple[datasets.Dataset, datasets.Dataset | None, dict[str, Any]]:
+    train_set = datasets.load_from_disk(str(directory / "train"))
+    eval_set = datasets.load_from_disk(str(directory / "eval")) if (directory / "eval").is_dir() else None
+    stats = json.loads((directory / STATS).read_text())
+    stats["cache"] = str(directory)
+    return train_set, eval_set, stats
+
+
+def _length_stats(dataset: datasets.Dataset) -> dict[str, Any]:
+    lengths = np.array([len(ids) for ids in dataset["input_ids"]])
+    trainable = sum(sum(1 for label in labels if label != IGNORE_INDEX) for labels in dataset["labels"])
+    percentiles = {f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 99)}
+    return {"examples": int(len(lengths)), "tokens": int(lengths.sum()), "trainable_tokens": int(trainable),
+            "length": {**percentiles, "max": int(lengths.max()), "mean": float(lengths.mean())}}

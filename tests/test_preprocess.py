@@ -1,0 +1,84 @@
+"""Preprocess once: the cache, mixing, eval split, statistics, and training on packed data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from transformers import AutoTokenizer
+
+from launcher import preprocess
+from launcher.config import validate_recipe
+from launcher.data import batch_indices
+from launcher.metrics import read_metrics
+from launcher.train import train
+from tests.conftest import make_recipe, write_jsonl, write_yaml
+
+
+def recipe_for(tiny_llama, demo_data, run_dir, **data):
+    raw = make_recipe(tiny_llama, demo_data[0], run_dir, train={"max_steps": 6, "micro_batch_size": 2, "learning_rate": 1e-3})
+    raw["data"].update({"max_length": 256, **data})
+    return validate_recipe(raw).resolved()
+
+
+def test_cache_is_reused_and_keyed_by_the_data(tiny_llama, demo_data, tmp_path, monkeypatch):
+    recipe = recipe_for(tiny_llama, demo_data, tmp_path / "run", packing=True)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    first, _, stats = preprocess.prepare(recipe, tokenizer)
+    assert stats["examples"] == 400 and stats["packed_rows"] == len(first) < 400
+    assert 0.9 < stats["packing_efficiency"] <= 1.0
+    monkeypatch.setattr(preprocess, "build_dataset", lambda *a, **k: pytest.fail("tokenized again"))
+    again, _, cached = preprocess.prepare(recipe, tokenizer)
+    assert again["input_ids"] == first["input_ids"] and cached["cache"] == stats["cache"]
+    # Other data settings or another file are another cache entry.
+    assert preprocess.cache_key(recipe_for(tiny_llama, demo_data, tmp_path / "run", packing=False), tokenizer) != preprocess.cache_key(recipe, tokenizer)
+    copy = write_jsonl(tmp_path / "copy.jsonl", [json.loads(line) for line in demo_data[0].read_text().splitlines()[:100]])
+    other = recipe.model_copy(deep=True)
+    other.data.train[0].path = str(copy)
+    assert preprocess.cache_key(other, tokenizer) != preprocess.cache_key(recipe, tokenizer)
+
+
+def test_two_ranks_read_disjoint_shards_of_the_cache(tiny_llama, demo_data, tmp_path):
+    recipe = recipe_for(tiny_llama, demo_data, tmp_path / "run", packing=True)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    preprocess.prepare(recipe, tokenizer)
+    seen = []
+    for rank in (0, 1):  # each rank loads the cache on its own, as after the barrier
+        rows, _, _ = preprocess.prepare(recipe, tokenizer)
+        seen.append({i for batch in batch_indices(len(rows), 1, seed=0, epoch=0, rank=rank, world=2) for i in batch})
+    assert not seen[0] & seen[1]
+    assert seen[0] | seen[1] == set(range(len(rows) - len(rows) % 2))
+
+
+def test_mixing_weights_samples_and_eval_fraction(tiny_llama, demo_data, tmp_path):
+    extra = write_jsonl(tmp_path / "extra.jsonl", [json.loads(line) for line in demo_data[1].read_text().splitlines()])
+    raw = make_recipe(tiny_llama, demo_data[0], tmp_path / "run")
+    raw["data"]["train"] = [{"path": str(demo_data[0]), "samples": 150}, {"path": str(extra), "weight": 2.5}]
+    raw["data"]["eval_fraction"] = 0.1
+    recipe = validate_recipe(raw).resolved()
+    train_set, eval_set, stats = preprocess.prepare(recipe, AutoTokenizer.from_pretrained(tiny_llama))
+    used = [s["used"] for s in stats["sources"]]
+    assert used == [150, 120]  # 48 rows x 2.5
+    assert len(train_set) + len(eval_set) == 270 and len(eval_set) == 27
+    assert stats["examples"] == len(train_set) and stats["length"]["max"] <= recipe.data.max_length
+
+
+def test_training_on_packed_data(tiny_llama, demo_data, tmp_path):
+    recipe = recipe_for(tiny_llama, demo_data, tmp_path / "run", packing=True)
+    summary = train(recipe)
+    stats = json.loads((tmp_path / "run" / "data_stats.json").read_text())
+    assert stats["packing_efficiency"] > 0.9
+    losses = [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert len(losses) == 6 and summary["steps"] == 6 and losses[-1] < losses[0]
+
+
+def test_ftl_preprocess_prints_statistics(tiny_llama, demo_data, tmp_path):
+    raw = make_recipe(tiny_llama, demo_data[0], tmp_path / "run")
+    raw["data"].update({"packing": True, "max_length": 256})
+    path = write_yaml(tmp_path / "r.yaml", raw)
+    out = subprocess.run([sys.executable, "-m", "launcher", "preprocess", str(path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "400 rows, 0 truncated" in out.stdout and "of slots hold real tokens" in out.stdout
+    assert json.loads((tmp_path / "run" / "data_stats.json").read_text())["examples"] == 400
