@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -43,12 +44,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from launcher.signals import EXIT_STOPPED, STOP_SIGNALS
+
+    # A stop signal before training has begun (Slurm's warning, a preemption; imports alone take
+    # seconds) leaves nothing to save: exit as "stopped" so that a job is requeued. Training and
+    # the launcher install their own handlers.
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, lambda *_: sys.exit(EXIT_STOPPED))
     from launcher.config import load_recipe
     from launcher.launch import launch
     from launcher.plan import make_plan
-    from launcher.signals import EXIT_STOPPED
     from launcher.train import train
-
     files, overrides = _split(args.items)
     if len(files) != 1:
         raise UserError("ftl train: name exactly one recipe file (overrides look like key.sub=value)")
@@ -143,6 +149,23 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_slurm(args: argparse.Namespace) -> int:
+    from launcher.config import load_recipe
+    from launcher.slurm import render, submit
+
+    files, overrides = _split(args.items)
+    if len(files) != 1:
+        raise UserError(f"ftl slurm {args.action}: name exactly one recipe file (overrides look like key.sub=value)")
+    recipe = load_recipe(files[0], overrides)
+    if args.action == "render":
+        print(render(recipe, "export" if args.export else "train"), end="")
+        return 0
+    ids = submit(recipe, export=args.export, dependency=args.dependency)
+    console.print(f"submitted training job {ids[0]}" + (f" and export job {ids[1]} (afterok:{ids[0]})" if len(ids) > 1 else ""))
+    print(" ".join(ids))
+    return 0
+
+
 def cmd_tiny_model(args: argparse.Namespace) -> int:
     from launcher.tiny import ARCHS, write_tiny_model
 
@@ -219,6 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("preprocess", help="tokenize, mix, pack and cache the data once; print its statistics")
     p.add_argument("items", nargs="+", metavar="RECIPE_OR_OVERRIDE")
     p.set_defaults(fn=cmd_preprocess)
+
+    p = sub.add_parser("slurm", help="render or submit the recipe as a (multi-node) Slurm job")
+    p.add_argument("action", choices=["render", "submit"])
+    p.add_argument("items", nargs="+", metavar="RECIPE_OR_OVERRIDE")
+    p.add_argument("--export", action="store_true", help="render: the export script; submit: also an export job that runs afterok")
+    p.add_argument("--dependency", help="sbatch --dependency for the training job, e.g. afterok:123")
+    p.set_defaults(fn=cmd_slurm)
 
     p = sub.add_parser("tiny-model", help="write a tiny random model with a locally trained tokenizer")
     p.add_argument("out_dir")

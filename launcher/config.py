@@ -8,6 +8,7 @@ distributed, slurm, export) slot in as new sub-models of :class:`Recipe`.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -197,6 +198,27 @@ class ExportSection(_Section):
     verify_prompts: int = Field(8, ge=1, description="Sequences (eval rows) compared by verification.")
 
 
+class SlurmSection(_Section):
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    nodes: int = Field(1, ge=1, description="Machines; distributed.num_machines follows it.")
+    gpus_per_node: int | None = Field(None, ge=0, description="--gpus-per-node; distributed.num_processes defaults to it.")
+    cpus_per_task: int | None = Field(None, ge=1, description="CPUs for each node's task (one task per node).")
+    mem: str | None = Field(None, description="Memory per node, e.g. 500G.")
+    time: str = Field("24:00:00", description="Time limit, e.g. 2-00:00:00.")
+    job_name: str = "ftl"
+    output_dir: str | None = Field(None, description="Logs; default <output.dir>/slurm.")
+    extra_sbatch: list[str] = Field(default_factory=list, description="More #SBATCH lines, e.g. ['--exclusive'].")
+    setup: list[str] = Field(default_factory=list, description="Shell lines run first on each node, e.g. 'module load cuda/12.4'.")
+    env: dict[str, str] = Field(default_factory=dict, description="Environment for the job (overrides ftl's NCCL defaults).")
+    container_image: str | None = Field(None, description="Run each node's task in this image (pyxis: srun --container-image).")
+    container_mounts: str | None = None
+    signal_grace: int = Field(300, ge=10, description="Seconds before the time limit at which the job checkpoints and requeues.")
+    max_restarts: int = Field(3, ge=0, description="How often the job requeues itself after a timed-out or preempted attempt.")
+    port: int = Field(29500, ge=1, le=65535, description="Rendezvous port on the first node.")
+
+
 class Recipe(_Section):
     model: ModelSection
     data: DataSection
@@ -205,6 +227,7 @@ class Recipe(_Section):
     train: TrainSection = Field(default_factory=TrainSection)
     distributed: DistributedSection = Field(default_factory=DistributedSection)
     export: ExportSection = Field(default_factory=ExportSection)
+    slurm: SlurmSection = Field(default_factory=SlurmSection)
     output: OutputSection
 
     def to_yaml(self) -> str:
@@ -298,9 +321,21 @@ def check_combinations(recipe: Recipe) -> list[tuple[tuple, str]]:
 
 
 def _check_distributed(recipe: Recipe) -> list[tuple[tuple, str]]:
-    dist, quant = recipe.distributed, recipe.quantization
-    world = dist.num_processes * dist.num_machines
+    dist, quant, slurm = recipe.distributed, recipe.quantization, recipe.slurm
     problems: list[tuple[tuple, str]] = []
+    # A Slurm job's nodes are its machines, and GPUs per node its processes per machine.
+    if slurm.nodes > 1 and dist.num_machines == 1:
+        dist.num_machines = slurm.nodes
+    elif slurm.nodes > 1 and dist.num_machines != slurm.nodes:
+        problems.append((("distributed", "num_machines"), f"is {dist.num_machines} but slurm.nodes is {slurm.nodes}; set one of them"))
+    if slurm.gpus_per_node and dist.num_processes == 1:
+        dist.num_processes = slurm.gpus_per_node
+    limit = slurm_seconds(slurm.time)
+    if limit is None:
+        problems.append((("slurm", "time"), f"'{slurm.time}' is not a Slurm time (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS)"))
+    elif slurm.signal_grace >= limit:
+        problems.append((("slurm", "signal_grace"), f"{slurm.signal_grace}s is not less than the time limit ({limit}s); the job would stop at once"))
+    world = dist.num_processes * dist.num_machines
     if dist.machine_rank >= dist.num_machines:
         problems.append((("distributed", "machine_rank"), f"must be below num_machines ({dist.num_machines})"))
     if dist.strategy == "single" and world > 1:
@@ -319,6 +354,19 @@ def _check_distributed(recipe: Recipe) -> list[tuple[tuple, str]]:
     if dist.strategy in ("zero3", "fsdp2") and quant.bits == 8:
         problems.append((("quantization", "bits"), f"8-bit bases cannot be sharded by {dist.strategy}; use 4 bits with quant_storage, or ddp"))
     return problems
+
+
+def slurm_seconds(value: str) -> int | None:
+    """Seconds in a Slurm time limit: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS."""
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", value.strip())
+    if not match:
+        return None
+    days, a, b, c = match.groups()
+    if days is not None:  # D-HH[:MM[:SS]]
+        return int(days) * 86400 + int(a) * 3600 + int(b or 0) * 60 + int(c or 0)
+    if c is not None:  # HH:MM:SS
+        return int(a) * 3600 + int(b) * 60 + int(c)
+    return int(a) * 60 + int(b or 0)  # MM or MM:SS
 
 
 def _apply_override(raw: dict, override: str) -> tuple:

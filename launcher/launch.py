@@ -32,31 +32,47 @@ def launch(recipe: Recipe, plan: Plan) -> int:
     stopped_marker = Path(recipe.output.dir) / STOPPED
     stopped_marker.unlink(missing_ok=True)
     env = {**os.environ, **plan.env, LAUNCHED_ENV: "1"}
-    # A session of its own: a Ctrl-C in the terminal reaches only us, and we decide what to forward.
-    proc = subprocess.Popen(plan.command, env=env, start_new_session=True)
-    signals: list[int] = []
+    # The ranks start with stop signals ignored (the disposition survives exec) until their training
+    # loop installs its handlers; a stop is re-sent until they exit, so an early one is not lost.
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        # A session of its own: a Ctrl-C in the terminal reaches only us, and we decide what to forward.
+        proc = subprocess.Popen(plan.command, env=env, start_new_session=True)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    received: list[int] = []
 
     def forward(signum: int, frame: FrameType | None) -> None:
-        signals.append(signum)
-        ranks = _children(proc.pid)
-        if not ranks or signals.count(signal.SIGINT) > 1:
-            os.killpg(proc.pid, signal.SIGTERM if signum != signal.SIGINT else signal.SIGINT)
+        received.append(signum)
+        if signum == signal.SIGINT and received.count(signal.SIGINT) > 1:
+            os.killpg(proc.pid, signal.SIGINT)  # a second Ctrl-C aborts
             return
-        for pid in ranks:
-            try:
-                os.kill(pid, signum)
-            except ProcessLookupError:
-                pass
+        _signal_ranks(proc.pid, signum)
 
     previous = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS}
     try:
-        status = proc.wait()
+        while True:
+            try:
+                status = proc.wait(timeout=2)
+                break
+            except subprocess.TimeoutExpired:
+                if received and received[-1] != signal.SIGINT:
+                    _signal_ranks(proc.pid, received[-1])  # ranks that were still starting
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if stopped_marker.exists():
         return EXIT_STOPPED
     return status if status >= 0 else 128 - status
+
+
+def _signal_ranks(pid: int, signum: int) -> None:
+    for rank in _children(pid):
+        try:
+            os.kill(rank, signum)
+        except ProcessLookupError:
+            pass
 
 
 def _children(pid: int) -> list[int]:

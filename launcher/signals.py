@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 import signal
 from types import FrameType
+from typing import TYPE_CHECKING
 
-import torch
-from accelerate import Accelerator
+if TYPE_CHECKING:  # importing this module must stay cheap: `ftl train` installs handlers first thing
+    from accelerate import Accelerator
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,8 @@ class StopRequest:
         """The reason to stop if any rank was signalled (ranks stop at the same step)."""
         if accelerator.num_processes == 1:
             return self.reason
+        import torch
+
         flag = torch.tensor([1 if self.reason else 0], device=accelerator.device)
         if accelerator.reduce(flag, reduction="sum").item() == 0:
             return None

@@ -1,0 +1,110 @@
+"""Slurm: an sbatch script generated from the recipe, submitted with ``sbatch``.
+
+The script (``slurm/train.sbatch.j2``) runs one task per node; each runs ``ftl train`` with the
+node's ``machine_rank`` and the first node as rendezvous, so each node starts its own processes
+exactly as on a single machine. ``--signal=B:USR1@grace`` warns the batch shell before the time
+limit; it forwards the signal to the training step, which checkpoints and exits with 75, and the
+script requeues the job (up to ``max_restarts``), which resumes from ``latest``. Every value from
+the recipe that reaches the shell is quoted with ``shlex.quote``, and control characters are
+refused, so no recipe value can run as a command.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import jinja2
+
+from launcher.config import Recipe
+from launcher.errors import UserError
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "slurm"
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class SlurmError(UserError):
+    """The job cannot be rendered or submitted."""
+
+
+def job_recipe(recipe: Recipe) -> Recipe:
+    """The recipe each node runs: one machine per Slurm node, GPUs per node as processes."""
+    recipe = recipe.resolved()
+    slurm, dist = recipe.slurm, recipe.distributed
+    dist.num_machines = slurm.nodes
+    if slurm.gpus_per_node:
+        dist.num_processes = slurm.gpus_per_node
+    if dist.num_machines * dist.num_processes > 1 and dist.strategy == "single":
+        dist.strategy = "auto"
+    return recipe
+
+
+def render(recipe: Recipe, mode: str = "train") -> str:
+    """The sbatch script for ``recipe`` (``mode``: train, or export after training)."""
+    recipe = job_recipe(recipe)
+    slurm = recipe.slurm
+    _check_safe(slurm.model_dump())
+    run_dir = Path(recipe.output.dir)
+    container = ""
+    if slurm.container_image:
+        container = f"--container-image={shlex.quote(slurm.container_image)} "
+        if slurm.container_mounts:
+            container += f"--container-mounts={shlex.quote(slurm.container_mounts)} "
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined, autoescape=False)
+    env.filters["q"] = lambda value: shlex.quote(str(value))
+    template = env.get_template("train.sbatch.j2")
+    values = slurm.model_dump()
+    if mode == "export":
+        values.update(nodes=1, job_name=f"{slurm.job_name}-export", gpus_per_node=min(slurm.gpus_per_node or 0, 1) or None)
+    return template.render(
+        **values,
+        mode=mode,
+        python=sys.executable,
+        recipe_file=str(run_dir / "slurm" / "recipe.yaml"),
+        run_dir=str(run_dir),
+        log_dir=slurm.output_dir or str(run_dir / "slurm"),
+        container=container,
+    )
+
+
+def _check_safe(values: object, path: str = "slurm") -> None:
+    if isinstance(values, dict):
+        for key, value in values.items():
+            _check_safe(value, f"{path}.{key}")
+    elif isinstance(values, list):
+        for i, value in enumerate(values):
+            _check_safe(value, f"{path}[{i}]")
+    elif isinstance(values, str) and _UNSAFE.search(values):
+        raise SlurmError(f"{path}: control characters (newlines, tabs) are not allowed in Slurm settings")
+
+
+def submit(recipe: Recipe, export: bool = False, dependency: str | None = None) -> list[str]:
+    """Write the script(s) into ``<run dir>/slurm/`` and sbatch them; returns the job ids."""
+    job = job_recipe(recipe)
+    directory = Path(job.output.dir) / "slurm"
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "recipe.yaml").write_text(job.to_yaml())
+    (Path(job.slurm.output_dir) if job.slurm.output_dir else directory).mkdir(parents=True, exist_ok=True)
+    scripts = [("train", dependency)]
+    ids: list[str] = []
+    for mode, after in scripts + ([("export", None)] if export else []):
+        path = directory / f"{mode}.sbatch"
+        path.write_text(render(recipe, mode))
+        if mode == "export":
+            after = f"afterok:{ids[0]}"
+        ids.append(_sbatch(path, after))
+    return ids
+
+
+def _sbatch(script: Path, dependency: str | None) -> str:
+    command = ["sbatch", "--parsable"] + ([f"--dependency={dependency}"] if dependency else []) + [str(script)]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise SlurmError("sbatch not found: run `ftl slurm submit` on a Slurm login node (or `ftl slurm render` to see the script)") from None
+    if result.returncode != 0:
+        raise SlurmError(f"sbatch {script.name} failed: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode}")
+    return result.stdout.strip().split(";")[0]

@@ -1,0 +1,191 @@
+"""Slurm: the generated script, and jobs on a real cluster (slurmctld + two slurmd on this machine).
+
+The cluster tests bring the cluster up once (``tests/slurm/cluster.sh up``: installs Debian's
+Slurm and munge if missing; needs root) and take it down afterwards, leaving no daemons behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from launcher.config import RecipeError, validate_recipe
+from launcher.metrics import read_metrics
+from launcher.slurm import SlurmError, render
+from tests.conftest import make_recipe, write_yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CLUSTER = ROOT / "tests" / "slurm" / "cluster.sh"
+SLURM_CONF = os.environ.get("FTL_SLURM_DIR", "/tmp/ftl-slurm") + "/slurm.conf"
+
+
+SHORT, LONG = 200, 2400  # optimizer steps: ~10 s of training, and ~100 s (outlasts a time-limit warning)
+
+
+def slurm_recipe(tiny_llama, demo_data, run_dir: Path, steps: int = SHORT, **slurm) -> dict:
+    train_cfg = {"max_steps": steps, "micro_batch_size": 4, "learning_rate": 1e-3, "logging_steps": 20,
+                 "save_steps": 40, "seed": 0, "lr_scheduler": "linear"}
+    return make_recipe(tiny_llama, demo_data[0], run_dir, train=train_cfg,
+                       distributed={"strategy": "ddp", "num_processes": 1}, output={"keep_last": 2},
+                       slurm={"nodes": 2, "time": "00:10:00", "signal_grace": 60, **slurm})
+
+
+# ----------------------------------------------------------------------------- the script
+
+
+def test_recipe_values_reach_the_shell_quoted(tiny_llama, demo_data, tmp_path):
+    recipe = validate_recipe(slurm_recipe(tiny_llama, demo_data, tmp_path / "run", job_name="x; rm -rf ~",
+                                          partition="gpu$(touch /tmp/pwned)", env={"HF_HOME": "a b; echo hi"}))
+    script = render(recipe)
+    assert "#SBATCH --job-name='x; rm -rf ~'" in script
+    assert "#SBATCH --partition='gpu$(touch /tmp/pwned)'" in script
+    assert "export HF_HOME='a b; echo hi'" in script
+    assert "#SBATCH --signal=B:USR1@60" in script and "#SBATCH --nodes=2" in script
+    # bash parses it, and the quoted values are never executed.
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+
+
+def test_newlines_in_slurm_values_are_refused(tiny_llama, demo_data, tmp_path):
+    recipe = validate_recipe(slurm_recipe(tiny_llama, demo_data, tmp_path / "run", job_name="x\nrm -rf ~"))
+    with pytest.raises(SlurmError, match="slurm.job_name: control characters"):
+        render(recipe)
+
+
+def test_slurm_settings_are_checked(tiny_llama, demo_data, tmp_path):
+    with pytest.raises(RecipeError, match="slurm.signal_grace"):
+        validate_recipe(slurm_recipe(tiny_llama, demo_data, tmp_path / "run", time="00:05:00", signal_grace=300))
+    with pytest.raises(RecipeError, match="slurm.time"):
+        validate_recipe(slurm_recipe(tiny_llama, demo_data, tmp_path / "run", time="soon"))
+    recipe = validate_recipe(slurm_recipe(tiny_llama, demo_data, tmp_path / "run", gpus_per_node=8))
+    assert (recipe.distributed.num_machines, recipe.distributed.num_processes) == (2, 8)
+    script = render(recipe)
+    assert "#SBATCH --gpus-per-node=8" in script and 'distributed.machine_rank="$SLURM_NODEID"' in script
+
+
+# ----------------------------------------------------------------------------- a real cluster
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    if os.geteuid() != 0:
+        pytest.fail("the Slurm tests start a cluster and need root (run them with -m 'not slurm' otherwise)")
+    up = subprocess.run(["bash", str(CLUSTER), "up"], capture_output=True, text=True)
+    assert up.returncode == 0, up.stdout + up.stderr
+    os.environ["SLURM_CONF"] = SLURM_CONF
+    yield
+    down = subprocess.run(["bash", str(CLUSTER), "down"], capture_output=True, text=True)
+    os.environ.pop("SLURM_CONF", None)
+    assert down.returncode == 0, down.stdout + down.stderr
+    for daemon in ("slurmctld", "slurmd", "slurmstepd", "munged"):
+        assert subprocess.run(["pgrep", "-x", daemon], capture_output=True).returncode == 1, f"{daemon} still running"
+    assert "n1 n2" not in Path("/etc/hosts").read_text()
+
+
+def ftl(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launcher", *args], capture_output=True, text=True, timeout=600)
+
+
+def job_state(job: str) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    return dict(re.findall(r"(\w+)=(\S+)", out))
+
+
+def wait_for(job: str, states: set[str], timeout: float) -> dict[str, str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = job_state(job)
+        if state.get("JobState") in states:
+            return state
+        time.sleep(1)
+    raise AssertionError(f"job {job} did not reach {states}: {job_state(job)}")
+
+
+def final_loss(run_dir: Path) -> tuple[int, float]:
+    record = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r][-1]
+    return record["step"], record["loss"]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama, demo_data, tmp_path_factory):
+    """Final (step, loss) of the same recipe run locally by `ftl train`: 2 processes, uninterrupted."""
+    cache: dict[int, tuple[int, float]] = {}
+
+    def get(steps: int) -> tuple[int, float]:
+        if steps not in cache:
+            run_dir = tmp_path_factory.mktemp("local") / "run"
+            raw = slurm_recipe(tiny_llama, demo_data, run_dir, steps)
+            raw["distributed"] = {"strategy": "ddp", "num_processes": 2, "main_process_port": 29731}
+            raw.pop("slurm")
+            out = ftl("train", str(write_yaml(run_dir.parent / "r.yaml", raw)))
+            assert out.returncode == 0, out.stderr[-3000:]
+            cache[steps] = final_loss(run_dir)
+        return cache[steps]
+
+    return get
+
+
+@pytest.mark.slurm
+@pytest.mark.multiprocess
+def test_two_node_job_trains_and_export_runs_after(cluster, reference, tiny_llama, demo_data, tmp_path):
+    run_dir = tmp_path / "run"
+    recipe = write_yaml(tmp_path / "r.yaml", slurm_recipe(tiny_llama, demo_data, run_dir, port=29741))
+    out = ftl("slurm", "submit", str(recipe), "--export")
+    assert out.returncode == 0, out.stderr
+    train_job, export_job = out.stdout.split()[-2:]
+    assert job_state(export_job)["JobState"] == "PENDING"  # waits for training
+    assert wait_for(train_job, {"COMPLETED", "FAILED", "CANCELLED"}, 400)["JobState"] == "COMPLETED"
+    state = wait_for(export_job, {"COMPLETED", "FAILED", "CANCELLED"}, 300)
+    assert state["JobState"] == "COMPLETED"
+    logs = "".join(p.read_text() for p in (run_dir / "slurm").glob(f"*-{train_job}-*.out"))
+    assert "SLURMD_NODENAME=n1 SLURM_NODEID=0" in logs and "SLURMD_NODENAME=n2 SLURM_NODEID=1" in logs
+    assert "2 process(es) (ddp)" in logs  # one process group over both nodes
+    assert final_loss(run_dir) == pytest.approx(reference(SHORT), rel=1e-5)
+    assert json.loads((run_dir / "export" / "verify.json").read_text())["passed"]
+    # The export job started only after training had finished.
+    assert int(state["StartTime"].replace("-", "").replace(":", "").replace("T", "")) >= int(
+        job_state(train_job)["EndTime"].replace("-", "").replace(":", "").replace("T", ""))
+
+
+@pytest.mark.slurm
+@pytest.mark.multiprocess
+def test_time_limit_checkpoints_requeues_and_resumes(cluster, reference, tiny_llama, demo_data, tmp_path):
+    """USR1 lands mid-training (time limit 2 min, grace 60 s): checkpoint, requeue, resume, same result."""
+    run_dir = tmp_path / "run"
+    recipe = write_yaml(tmp_path / "r.yaml", slurm_recipe(tiny_llama, demo_data, run_dir, LONG, time="00:02:00", port=29751, max_restarts=6))
+    out = ftl("slurm", "submit", str(recipe))
+    assert out.returncode == 0, out.stderr
+    job = out.stdout.split()[-1]
+    state = wait_for(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 900)
+    log = (run_dir / "slurm" / f"ftl-{job}.out").read_text()
+    assert state["JobState"] == "COMPLETED", log[-3000:]
+    assert int(state["Restarts"]) >= 1 and "attempt 1 on" in log and "USR1 received" in log and "requeueing" in log
+    node_logs = "".join(p.read_text() for p in (run_dir / "slurm").glob(f"*-{job}-*.out"))
+    assert "resuming from" in node_logs
+    assert final_loss(run_dir) == pytest.approx(reference(LONG), rel=1e-5)
+
+
+@pytest.mark.slurm
+@pytest.mark.multiprocess
+def test_requeue_from_outside_resumes(cluster, reference, tiny_llama, demo_data, tmp_path):
+    """`scontrol requeue` by an admin (SIGTERM to the job): the run resumes and ends the same."""
+    run_dir = tmp_path / "run"
+    recipe = write_yaml(tmp_path / "r.yaml", slurm_recipe(tiny_llama, demo_data, run_dir, port=29761))
+    job = ftl("slurm", "submit", str(recipe)).stdout.split()[-1]
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and any(r.get("step", 0) >= 40 for r in read_metrics(metrics))):
+        assert time.monotonic() < deadline, job_state(job)
+        time.sleep(0.5)
+    assert subprocess.run(["scontrol", "requeue", job]).returncode == 0
+    state = wait_for(job, {"COMPLETED", "FAILED", "CANCELLED"}, 600)
+    assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1"
+    assert final_loss(run_dir) == pytest.approx(reference(SHORT), rel=1e-5)
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step-{SHORT}"
