@@ -70,6 +70,7 @@ def save_checkpoint(
     run_dir: Path,
     state: dict[str, Any],
     keep_last: int | None = None,
+    data_state: dict[str, Any] | None = None,
 ) -> Path:
     """Save everything needed to continue; every rank must call this (it synchronises)."""
     step = state["step"]
@@ -92,6 +93,8 @@ def save_checkpoint(
         (tmp / STATE).write_text(json.dumps(state, indent=2))
     accelerator.wait_for_everyone()
     torch.save(_rng_state(), tmp / f"rng_state_rank{accelerator.process_index}.pt")
+    if data_state is not None:  # streaming: this rank's position in its part of the stream
+        (tmp / f"data_state_rank{accelerator.process_index}.json").write_text(json.dumps(data_state))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_manifest(tmp)
@@ -264,6 +267,9 @@ def load_training_state(
         raise CheckpointError(f"{checkpoint}: no RNG state for rank {rank}; resume with the same number of processes")
     state = json.loads((checkpoint / STATE).read_text())
     state["_rng"] = torch.load(rng_file, weights_only=True)
+    data_file = checkpoint / f"data_state_rank{rank}.json"
+    if data_file.exists():
+        state["_data"] = json.loads(data_file.read_text())
     return state
 
 

@@ -73,6 +73,7 @@ class DataSection(_Section):
     packing: bool = Field(False, description="Pack several examples into each max_length row (attention never crosses them).")
     eval_fraction: float | None = Field(None, gt=0, lt=1, description="Hold out this fraction of the train rows for eval.")
     cache_dir: str | None = Field(None, description="Where tokenized/packed data is cached; default <output.dir>/data.")
+    streaming: bool = Field(False, description="Read and tokenize the train source lazily (data larger than memory).")
 
     @field_validator("train", "eval", mode="before")
     @classmethod
@@ -314,6 +315,14 @@ def check_combinations(recipe: Recipe) -> list[tuple[tuple, str]]:
         )
     if quant.bits == 8 and quant.quant_storage != "uint8":
         problems.append((("quantization", "quant_storage"), "applies to 4-bit quantization only"))
+    data = recipe.data
+    if data.streaming:
+        if recipe.train.max_steps is None:
+            problems.append((("train", "max_steps"), "data.streaming needs train.max_steps (a stream has no length to count epochs by)"))
+        for key, bad in (("packing", data.packing), ("eval_fraction", data.eval_fraction), ("train", len(data.train) > 1),
+                         ("train", any(s.weight != 1.0 or s.samples for s in data.train))):
+            if bad:
+                problems.append((("data", key), "not available with data.streaming: one train source, no packing, mixing or eval_fraction; preprocess instead"))
     if recipe.data.eval_fraction and recipe.data.eval:
         problems.append((("data", "eval_fraction"), "set either data.eval (a separate eval source) or data.eval_fraction, not both"))
     problems += _check_distributed(recipe)

@@ -42,31 +42,32 @@ class DataError(UserError):
 # ----------------------------------------------------------------------------- loading
 
 
-def load_source(source: DataSource) -> datasets.Dataset:
-    """Load one source as a ``datasets.Dataset`` (local file, directory of files or a dataset name)."""
+def load_source(source: DataSource, streaming: bool = False) -> datasets.Dataset | datasets.IterableDataset:
+    """Load one source as a ``datasets.Dataset`` (local file, directory of files or a dataset name);
+    ``streaming``: as an ``IterableDataset`` read lazily."""
     path = Path(source.path).expanduser()
     if path.is_file():
         kind = FILE_TYPES.get(path.suffix.lower())
         if kind is None:
             raise DataError(f"{path}: unsupported data file type; use .json, .jsonl, .parquet or .csv")
-        return _load(kind, data_files=str(path), where=str(path))
+        return _load(kind, data_files=str(path), where=str(path), streaming=streaming)
     if path.is_dir():
         files = sorted(str(p) for p in path.iterdir() if p.suffix.lower() in FILE_TYPES)
         kinds = {FILE_TYPES[Path(f).suffix.lower()] for f in files}
         if len(kinds) != 1:
             raise DataError(f"{path}: expected data files of one type (.jsonl, .json, .parquet or .csv), found {files}")
-        return _load(kinds.pop(), data_files=files, where=str(path))
+        return _load(kinds.pop(), data_files=files, where=str(path), streaming=streaming)
     if path.suffix.lower() in FILE_TYPES or source.path.startswith((".", "/", "~")):
         raise DataError(f"{source.path}: data file not found (relative paths are resolved from {Path.cwd()})")
     try:
-        return datasets.load_dataset(source.path, source.subset, split=source.split)
+        return datasets.load_dataset(source.path, source.subset, split=source.split, streaming=streaming)
     except Exception as err:  # datasets raises many kinds; the user needs only the gist
         raise DataError(f"{source.path}: could not load dataset '{source.path}' (split {source.split}): {err}") from None
 
 
-def _load(kind: str, data_files: Any, where: str) -> datasets.Dataset:
+def _load(kind: str, data_files: Any, where: str, streaming: bool = False) -> datasets.Dataset | datasets.IterableDataset:
     try:
-        return datasets.load_dataset(kind, data_files=data_files, split="train")
+        return datasets.load_dataset(kind, data_files=data_files, split="train", streaming=streaming)
     except Exception as err:
         raise DataError(f"{where}: could not parse as {kind}: {str(err).splitlines()[0]}") from None
 

@@ -35,7 +35,7 @@ from launcher.checkpoint import (
 from launcher.config import Recipe, load_recipe
 from launcher.console import setup_logging
 from launcher import distributed
-from launcher.data import batch_indices, collate, load_source
+from launcher.data import batch_indices, build_dataset, collate, load_source
 from launcher.errors import UserError, exit_on_user_error
 from launcher.loss import causal_lm_loss_sum, count_trainable_tokens
 from launcher.metrics import MetricsWriter, TrainingProgress, read_metrics
@@ -44,6 +44,7 @@ from launcher.optim import build_optimizer
 from launcher.plan import make_plan
 from launcher.preprocess import prepare as prepare_data
 from launcher.signals import EXIT_STOPPED, StopRequest
+from launcher.streaming import RowStream
 
 log = logging.getLogger(__name__)
 
@@ -72,25 +73,28 @@ def train(recipe: Recipe) -> dict[str, Any]:
     # Fail on missing data before spending minutes loading a model.
     for source in recipe.data.train + (recipe.data.eval or []):
         if main:
-            load_source(source)
+            load_source(source, streaming=recipe.data.streaming)
 
     model, tokenizer = build_model(recipe)
-    # Rank 0 tokenizes (or finds the cache); the others wait, then read its cache.
-    with accelerator.main_process_first():
-        train_set, eval_set, data_stats = prepare_data(recipe, tokenizer)
-    if main:
-        (run_dir / "data_stats.json").write_text(json.dumps(data_stats, indent=2))
-
     rank, world = accelerator.process_index, accelerator.num_processes
     accum = cfg.gradient_accumulation_steps
-    batches_per_epoch = len(batch_indices(len(train_set), cfg.micro_batch_size, cfg.seed, 0, rank, world))
-    if batches_per_epoch == 0:
-        raise TrainError(
-            f"data.train: {len(train_set)} rows make no micro-batch for each of {world} processes; "
-            "lower train.micro_batch_size or add data"
-        )
-    steps_per_epoch = math.ceil(batches_per_epoch / accum)
-    total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
+    if recipe.data.streaming:  # rows come from a RowStream (below); only eval data is loaded now
+        train_set, data_stats = None, {"streaming": True}
+        eval_set = build_dataset(recipe.data.eval, tokenizer, recipe.data) if recipe.data.eval else None
+        total_steps = cfg.max_steps
+    else:
+        # Rank 0 tokenizes (or finds the cache); the others wait, then read its cache.
+        with accelerator.main_process_first():
+            train_set, eval_set, data_stats = prepare_data(recipe, tokenizer)
+        batches_per_epoch = len(batch_indices(len(train_set), cfg.micro_batch_size, cfg.seed, 0, rank, world))
+        if batches_per_epoch == 0:
+            raise TrainError(
+                f"data.train: {len(train_set)} rows make no micro-batch for each of {world} processes; "
+                "lower train.micro_batch_size or add data"
+            )
+        total_steps = cfg.max_steps or math.ceil(cfg.epochs * math.ceil(batches_per_epoch / accum))
+    if main:
+        (run_dir / "data_stats.json").write_text(json.dumps(data_stats, indent=2))
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * total_steps)
 
     model = distributed.shard(model, recipe, plan, accelerator.device)
@@ -105,6 +109,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
     if checkpoint is not None:
         resumed = load_training_state(checkpoint, accelerator, model, optimizer, scheduler)
         step, epoch, position = resumed["step"], resumed["epoch"], resumed["position"]
+    stream = RowStream(recipe, tokenizer, rank, world, **resumed.get("_data", {})) if recipe.data.streaming else None
 
     metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=main)
     progress = TrainingProgress(total_steps, enabled=main)
@@ -116,7 +121,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
         progress.message(
             (f"packed {data_stats['examples']} examples into {len(train_set)} rows of {recipe.data.max_length} tokens "
              f"({data_stats['packing_efficiency']:.1%} filled); " if recipe.data.packing else "") +
-            f"training {total_steps} steps: {len(train_set)} rows, {world} process(es) ({plan.strategy}), micro-batch "
+            f"training {total_steps} steps: {len(train_set) if train_set else 'streamed'} rows, {world} process(es) ({plan.strategy}), micro-batch "
             f"{cfg.micro_batch_size} x accumulation {accum} x {world} = {cfg.micro_batch_size * accum * world} rows/step"
         )
         if eval_set is not None:
@@ -130,7 +135,8 @@ def train(recipe: Recipe) -> dict[str, Any]:
             "method": recipe.method.type, "bits": recipe.quantization.bits,
             "initial_eval_loss": summary.get("initial_eval_loss"), "final_eval_loss": summary.get("final_eval_loss"),
         }
-        path = save_checkpoint(accelerator, model, tokenizer, optimizer, scheduler, run_dir, state, recipe.output.keep_last)
+        path = save_checkpoint(accelerator, model, tokenizer, optimizer, scheduler, run_dir, state, recipe.output.keep_last,
+                               data_state=stream.state() if stream else None)
         summary["checkpoint"] = str(path)
         return path
 
@@ -141,11 +147,15 @@ def train(recipe: Recipe) -> dict[str, Any]:
     window_tokens, window_start = 0, time.perf_counter()
     with StopRequest() as stop:
         while step < total_steps:
-            batches = batch_indices(len(train_set), cfg.micro_batch_size, cfg.seed, epoch, rank, world)
-            if position >= len(batches):
-                epoch, position = epoch + 1, 0
-                continue
-            micro = [collate([train_set[i] for i in idx], tokenizer.pad_token_id) for idx in batches[position : position + accum]]
+            if stream is not None:
+                micro = [collate(stream.next_rows(cfg.micro_batch_size), tokenizer.pad_token_id) for _ in range(accum)]
+                epoch, batches = stream.epoch, None
+            else:
+                batches = batch_indices(len(train_set), cfg.micro_batch_size, cfg.seed, epoch, rank, world)
+                if position >= len(batches):
+                    epoch, position = epoch + 1, 0
+                    continue
+                micro = [collate([train_set[i] for i in idx], tokenizer.pad_token_id) for idx in batches[position : position + accum]]
             micro = [{k: v.to(accelerator.device) for k, v in mb.items()} for mb in micro]
             step_loss, step_tokens, grad_norm = _optimizer_step(accelerator, model, optimizer, micro, cfg.max_grad_norm)
             scheduler.step()
@@ -158,7 +168,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
                 now = time.perf_counter()
                 record = {
                     "step": step,
-                    "epoch": round(epoch + position / len(batches), 4),
+                    "epoch": round(epoch + position / len(batches), 4) if batches else epoch,
                     "loss": step_loss,
                     "lr": scheduler.get_last_lr()[0],
                     "grad_norm": grad_norm,
