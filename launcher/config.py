@@ -139,6 +139,7 @@ class TrainSection(_Section):
         "never: start fresh; or the path of a checkpoint directory.",
     )
     optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "adamw_torch"
+    peak_tflops: float | None = Field(None, gt=0, description="Peak TFLOP/s of one device, for MFU (default: known GPUs).")
 
 
 class OutputSection(_Section):

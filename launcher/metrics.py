@@ -61,6 +61,9 @@ class TrainingProgress:
         if not self.enabled:
             return
         stats = f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_s']:.0f} tok/s"
+        if "mfu" in record:
+            stats += f"  MFU {record['mfu']:.1%}"
+        stats += f"  mem {record['peak_memory_gib']:.1f}GiB"
         if self.progress is not None:
             self.progress.update(self.task, completed=step, stats=stats)
         else:

@@ -37,6 +37,7 @@ from launcher.console import setup_logging
 from launcher import distributed
 from launcher.data import batch_indices, build_dataset, collate, load_source
 from launcher.errors import UserError, exit_on_user_error
+from launcher.flops import flops_counter, peak_flops, peak_memory_gib
 from launcher.loss import causal_lm_loss_sum, count_trainable_tokens
 from launcher.metrics import MetricsWriter, TrainingProgress, read_metrics
 from launcher.model import build_model
@@ -144,7 +145,8 @@ def train(recipe: Recipe) -> dict[str, Any]:
         summary["checkpoint"] = str(checkpoint)
         restore_rng(resumed["_rng"])  # last, so nothing above draws from the restored streams
     start = time.perf_counter()
-    window_tokens, window_start = 0, time.perf_counter()
+    window_tokens, window_rows, window_start = 0, 0, time.perf_counter()
+    peak, flops_per_token = peak_flops(cfg.peak_tflops), flops_counter(accelerator.unwrap_model(model))
     with StopRequest() as stop:
         while step < total_steps:
             if stream is not None:
@@ -164,6 +166,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
 
             real = sum(mb["token_mask" if "token_mask" in mb else "attention_mask"].sum() for mb in micro)
             window_tokens += int(accelerator.reduce(real, "sum"))
+            window_rows += len(micro) * micro[0]["input_ids"].shape[0] * world
             if step % cfg.logging_steps == 0 or step == total_steps:
                 now = time.perf_counter()
                 record = {
@@ -175,10 +178,17 @@ def train(recipe: Recipe) -> dict[str, Any]:
                     "trainable_tokens": step_tokens,
                     "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
                     "elapsed_s": now - start,
+                    "eta_s": (now - start) / max(step - (resumed.get("step") or 0), 1) * (total_steps - step),
+                    "peak_memory_gib": accelerator.reduce(torch.tensor(peak_memory_gib(), device=accelerator.device), "max").item(),
                 }
+                # Model FLOPs per device (see launcher.flops); MFU where the device's peak is known.
+                tflops = flops_per_token(window_tokens / max(window_rows, 1)) * record["tokens_per_s"] / world / 1e12
+                record["tflops_per_device"] = tflops
+                if peak:
+                    record["mfu"] = tflops * 1e12 / peak
                 metrics.write(record)
                 progress.update(step, record)
-                window_tokens, window_start = 0, now
+                window_tokens, window_rows, window_start = 0, 0, now
             summary["final_train_loss"] = step_loss
 
             if eval_set is not None and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == total_steps):
