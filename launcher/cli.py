@@ -54,7 +54,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     from launcher.config import load_recipe
     from launcher.launch import launch
     from launcher.plan import make_plan
-    from launcher.train import train
     files, overrides = _split(args.items)
     if len(files) != 1:
         raise UserError("ftl train: name exactly one recipe file (overrides look like key.sub=value)")
@@ -63,6 +62,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if plan.world_size > 1 and "LOCAL_RANK" not in os.environ:
         console.print(f"launching {plan.world_size} processes ({plan.strategy}): {plan.shell_command()}", highlight=False)
         return launch(recipe, plan)
+    from launcher.train import train  # only here: the launcher process stays light
+
     summary = train(recipe)
     if summary.get("stopped"):
         return EXIT_STOPPED

@@ -17,7 +17,7 @@ from types import FrameType
 
 from launcher.config import Recipe
 from launcher.plan import Plan, write_launch_files
-from launcher.signals import EXIT_STOPPED, STOP_SIGNALS
+from launcher.signals import EXIT_STOPPED, STOP_SIGNALS, STOPPED
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +26,6 @@ LAUNCHED_ENV = "FTL_LAUNCHED"  # set for ranks started here: a stop then exits 0
 
 def launch(recipe: Recipe, plan: Plan) -> int:
     """Run ``plan.command`` to completion; returns its exit status (75: stopped with a checkpoint)."""
-    from launcher.train import STOPPED
-
     write_launch_files(plan, recipe)
     stopped_marker = Path(recipe.output.dir) / STOPPED
     stopped_marker.unlink(missing_ok=True)

@@ -179,7 +179,9 @@ def accelerate_config(recipe: Recipe, plan: Plan) -> dict[str, Any]:
 
 def launch_env(plan: Plan) -> dict[str, str]:
     """Environment for the launched processes, set before torch starts its thread pools."""
-    threads = max(1, (os.cpu_count() or 1) // plan.num_processes)
+    # The CPUs this machine gives us: Slurm's allocation, else this process's affinity.
+    cpus = int(os.environ.get("SLURM_CPUS_PER_TASK") or len(os.sched_getaffinity(0)) or 1)
+    threads = max(1, cpus // plan.num_processes)
     env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
     if plan.device == "cpu" and not plan.zero_stage:
         # `accelerate launch --cpu` starts one process whatever --num_processes says; this does not.

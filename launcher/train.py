@@ -44,12 +44,11 @@ from launcher.model import build_model
 from launcher.optim import build_optimizer
 from launcher.plan import make_plan
 from launcher.preprocess import prepare as prepare_data
-from launcher.signals import EXIT_STOPPED, StopRequest
+from launcher.signals import EXIT_STOPPED, STOPPED, StopRequest
 from launcher.streaming import RowStream
 
 log = logging.getLogger(__name__)
 
-STOPPED = "STOPPED"  # marker in the run dir: why and where the last attempt stopped
 
 
 class TrainError(UserError):

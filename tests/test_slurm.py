@@ -27,7 +27,9 @@ CLUSTER = ROOT / "tests" / "slurm" / "cluster.sh"
 SLURM_CONF = os.environ.get("FTL_SLURM_DIR", "/tmp/ftl-slurm") + "/slurm.conf"
 
 
-SHORT, LONG = 200, 2400  # optimizer steps: ~10 s of training, and ~100 s (outlasts a time-limit warning)
+# Optimizer steps: ~6 s of training, and ~90 s, which outlasts the first time-limit warning (each
+# attempt spends 20-40 s starting its processes on the 2-core test machine).
+SHORT, LONG = 200, 3000
 
 
 def slurm_recipe(tiny_llama, demo_data, run_dir: Path, steps: int = SHORT, **slurm) -> dict:
@@ -35,7 +37,7 @@ def slurm_recipe(tiny_llama, demo_data, run_dir: Path, steps: int = SHORT, **slu
                  "save_steps": 40, "seed": 0, "lr_scheduler": "linear"}
     return make_recipe(tiny_llama, demo_data[0], run_dir, train=train_cfg,
                        distributed={"strategy": "ddp", "num_processes": 1}, output={"keep_last": 2},
-                       slurm={"nodes": 2, "time": "00:10:00", "signal_grace": 60, **slurm})
+                       slurm={"nodes": 2, "cpus_per_task": 1, "time": "00:10:00", "signal_grace": 60, **slurm})
 
 
 # ----------------------------------------------------------------------------- the script
@@ -157,13 +159,15 @@ def test_two_node_job_trains_and_export_runs_after(cluster, reference, tiny_llam
 @pytest.mark.slurm
 @pytest.mark.multiprocess
 def test_time_limit_checkpoints_requeues_and_resumes(cluster, reference, tiny_llama, demo_data, tmp_path):
-    """USR1 lands mid-training (time limit 2 min, grace 60 s): checkpoint, requeue, resume, same result."""
+    """USR1 lands mid-training (time limit 3 min, grace 90 s: 60-90 s into each attempt), the ranks
+    checkpoint, the job requeues itself and resumes, and it ends with the uninterrupted run's loss."""
     run_dir = tmp_path / "run"
-    recipe = write_yaml(tmp_path / "r.yaml", slurm_recipe(tiny_llama, demo_data, run_dir, LONG, time="00:02:00", port=29751, max_restarts=6))
+    recipe = write_yaml(tmp_path / "r.yaml", slurm_recipe(tiny_llama, demo_data, run_dir, LONG, time="00:03:00",
+                                                          signal_grace=90, port=29751, max_restarts=6))
     out = ftl("slurm", "submit", str(recipe))
     assert out.returncode == 0, out.stderr
     job = out.stdout.split()[-1]
-    state = wait_for(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 900)
+    state = wait_for(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 1500)
     log = (run_dir / "slurm" / f"ftl-{job}.out").read_text()
     assert state["JobState"] == "COMPLETED", log[-3000:]
     assert int(state["Restarts"]) >= 1 and "attempt 1 on" in log and "USR1 received" in log and "requeueing" in log
