@@ -103,7 +103,6 @@ def main() -> None:
 
 def check_same(workdir: Path) -> None:
     """Both merges wrote the same weights (bf16, up to one rounding step)."""
-    import torch
     from safetensors import safe_open
 
     def weight_map(directory: Path) -> dict:

@@ -102,7 +102,7 @@ def save_checkpoint(
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(final.parent)
-        _write_atomic(checkpoints_dir(run_dir) / LATEST, final.name)
+        write_atomic(checkpoints_dir(run_dir) / LATEST, final.name)
         if keep_last:
             _prune(run_dir, keep_last, keep=final)
     accelerator.wait_for_everyone()
@@ -185,7 +185,7 @@ def write_manifest(directory: Path) -> None:
         with open(path, "rb") as f:
             os.fsync(f.fileno())
         files[str(path.relative_to(directory))] = {"size": path.stat().st_size, "sha256": _sha256(path)}
-    _write_atomic(directory / MANIFEST, json.dumps({"files": files}, indent=1))
+    write_atomic(directory / MANIFEST, json.dumps({"files": files}, indent=1))
 
 
 def _prune(run_dir: Path, keep_last: int, keep: Path) -> None:
@@ -332,8 +332,10 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+def write_atomic(path: Path, text: str) -> None:
+    """Write, fsync, rename: readers see the old file or the new one. The temporary name is per
+    process, since several machines may write the same file into a shared run directory."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()

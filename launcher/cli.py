@@ -22,6 +22,16 @@ def _split(items: list[str]) -> tuple[list[str], list[str]]:
     return files, overrides
 
 
+def _one_recipe(args: argparse.Namespace, command: str):
+    """The single recipe a command names, with its overrides applied, paths resolved."""
+    from launcher.config import load_recipe
+
+    files, overrides = _split(args.items)
+    if len(files) != 1:
+        raise UserError(f"ftl {command}: name exactly one recipe file (overrides look like key.sub=value)")
+    return load_recipe(files[0], overrides).resolved()
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from launcher.config import RecipeError, load_recipe
 
@@ -51,13 +61,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     # the launcher install their own handlers.
     for sig in STOP_SIGNALS:
         signal.signal(sig, lambda *_: sys.exit(EXIT_STOPPED))
-    from launcher.config import load_recipe
     from launcher.launch import launch
     from launcher.plan import make_plan
-    files, overrides = _split(args.items)
-    if len(files) != 1:
-        raise UserError("ftl train: name exactly one recipe file (overrides look like key.sub=value)")
-    recipe = load_recipe(files[0], overrides).resolved()
+
+    recipe = _one_recipe(args, "train")
     plan = make_plan(recipe)
     if plan.world_size > 1 and "LOCAL_RANK" not in os.environ:
         console.print(f"launching {plan.world_size} processes ({plan.strategy}): {plan.shell_command()}", highlight=False)
@@ -76,14 +83,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     from rich.table import Table
 
-    from launcher.config import load_recipe
     from launcher.plan import make_plan
 
-    files, overrides = _split(args.items)
-    if len(files) != 1:
-        raise UserError("ftl plan: name exactly one recipe file (overrides look like key.sub=value)")
-    recipe = load_recipe(files[0], overrides).resolved()
-    plan = make_plan(recipe, device=args.device)
+    plan = make_plan(_one_recipe(args, "plan"), device=args.device)
     if args.json:
         print(json.dumps({**plan.summary(), "env": plan.env, "command": plan.shell_command(),
                           "accelerate": plan.accelerate, "deepspeed": plan.deepspeed}, indent=2))
@@ -101,15 +103,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from launcher.export import ExportError, export, resolve_checkpoint
+    from launcher.export import ExportError, export
 
-    _, recipe = resolve_checkpoint(Path(args.source))
     updates = {k: v for k, v in {"dtype": args.dtype, "max_shard_size": args.max_shard_size,
                                  "qlora_merge": args.qlora_merge}.items() if v is not None}
     if args.no_verify:
         updates["verify"] = False
-    options = recipe.export.model_copy(update=updates)
-    report = export(Path(args.source), Path(args.out) if args.out else None, options, adapter_only=args.adapter_only)
+    report = export(Path(args.source), Path(args.out) if args.out else None, adapter_only=args.adapter_only, updates=updates)
     if report.get("verified"):
         console.print(
             f"verification ({report['sequences']} sequences, {report['positions']} positions): max |logit diff| "
@@ -125,14 +125,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_preprocess(args: argparse.Namespace) -> int:
     import json
 
-    from launcher.config import load_recipe
     from launcher.model import load_tokenizer
     from launcher.preprocess import prepare
 
-    files, overrides = _split(args.items)
-    if len(files) != 1:
-        raise UserError("ftl preprocess: name exactly one recipe file (overrides look like key.sub=value)")
-    recipe = load_recipe(files[0], overrides).resolved()
+    recipe = _one_recipe(args, "preprocess")
     train_set, eval_set, stats = prepare(recipe, load_tokenizer(recipe.model))
     for source in stats["sources"]:
         dropped = ", ".join(f"{n} ({why})" for why, n in source["dropped"].items()) or "none"
@@ -151,13 +147,9 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def cmd_slurm(args: argparse.Namespace) -> int:
-    from launcher.config import load_recipe
     from launcher.slurm import render, submit
 
-    files, overrides = _split(args.items)
-    if len(files) != 1:
-        raise UserError(f"ftl slurm {args.action}: name exactly one recipe file (overrides look like key.sub=value)")
-    recipe = load_recipe(files[0], overrides)
+    recipe = _one_recipe(args, f"slurm {args.action}")
     if args.action == "render":
         print(render(recipe, "export" if args.export else "train"), end="")
         return 0

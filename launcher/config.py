@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from launcher.errors import UserError
 
@@ -340,6 +340,8 @@ def _check_distributed(recipe: Recipe) -> list[tuple[tuple, str]]:
         problems.append((("distributed", "num_machines"), f"is {dist.num_machines} but slurm.nodes is {slurm.nodes}; set one of them"))
     if slurm.gpus_per_node and dist.num_processes == 1:
         dist.num_processes = slurm.gpus_per_node
+    elif slurm.gpus_per_node and dist.num_processes != slurm.gpus_per_node:
+        problems.append((("distributed", "num_processes"), f"is {dist.num_processes} but slurm.gpus_per_node is {slurm.gpus_per_node}; set one of them"))
     limit = slurm_seconds(slurm.time)
     if limit is None:
         problems.append((("slurm", "time"), f"'{slurm.time}' is not a Slurm time (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS)"))

@@ -59,10 +59,18 @@ def resolve_checkpoint(path: Path) -> tuple[Path, Recipe]:
     return checkpoint, load_recipe(run_dir / "recipe.yaml")
 
 
-def export(path: Path, out: Path | None = None, options: ExportSection | None = None, adapter_only: bool = False) -> dict[str, Any]:
-    """Export the checkpoint at ``path`` into ``out``; returns the verification report."""
+def export(
+    path: Path,
+    out: Path | None = None,
+    options: ExportSection | None = None,
+    adapter_only: bool = False,
+    updates: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Export the checkpoint at ``path`` into ``out``; returns the verification report.
+
+    ``options`` default to the run recipe's ``export`` section; ``updates`` change some of them."""
     checkpoint, recipe = resolve_checkpoint(path)
-    options = options or recipe.export
+    options = (options or recipe.export).model_copy(update=updates or {})
     out = Path(out or options.dir or Path(recipe.output.dir) / "export").resolve()
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"{out} is not empty; choose another --out or remove it")

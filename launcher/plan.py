@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import yaml
 
+from launcher.checkpoint import write_atomic
 from launcher.config import Recipe
 
 DEEPSPEED_STAGES = {"zero1": 1, "zero2": 2, "zero3": 3}
@@ -201,7 +202,4 @@ def write_launch_files(plan: Plan, recipe: Recipe) -> None:
     if plan.deepspeed is not None:
         files["deepspeed.json"] = json.dumps(plan.deepspeed, indent=2)
     for name, text in files.items():
-        # Several machines may write the same files into a shared run dir at once.
-        tmp = plan.launch_dir / f".{name}.{os.getpid()}"
-        tmp.write_text(text)
-        os.replace(tmp, plan.launch_dir / name)
+        write_atomic(plan.launch_dir / name, text)

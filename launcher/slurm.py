@@ -30,21 +30,9 @@ class SlurmError(UserError):
     """The job cannot be rendered or submitted."""
 
 
-def job_recipe(recipe: Recipe) -> Recipe:
-    """The recipe each node runs: one machine per Slurm node, GPUs per node as processes."""
-    recipe = recipe.resolved()
-    slurm, dist = recipe.slurm, recipe.distributed
-    dist.num_machines = slurm.nodes
-    if slurm.gpus_per_node:
-        dist.num_processes = slurm.gpus_per_node
-    if dist.num_machines * dist.num_processes > 1 and dist.strategy == "single":
-        dist.strategy = "auto"
-    return recipe
-
-
 def render(recipe: Recipe, mode: str = "train") -> str:
     """The sbatch script for ``recipe`` (``mode``: train, or export after training)."""
-    recipe = job_recipe(recipe)
+    recipe = recipe.resolved()
     slurm = recipe.slurm
     _check_safe(slurm.model_dump())
     run_dir = Path(recipe.output.dir)
@@ -83,7 +71,7 @@ def _check_safe(values: object, path: str = "slurm") -> None:
 
 def submit(recipe: Recipe, export: bool = False, dependency: str | None = None) -> list[str]:
     """Write the script(s) into ``<run dir>/slurm/`` and sbatch them; returns the job ids."""
-    job = job_recipe(recipe)
+    job = recipe.resolved()
     directory = Path(job.output.dir) / "slurm"
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "recipe.yaml").write_text(job.to_yaml())

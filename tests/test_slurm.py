@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -66,6 +65,10 @@ def test_slurm_settings_are_checked(tiny_llama, demo_data, tmp_path):
         validate_recipe(slurm_recipe(tiny_llama, demo_data, tmp_path / "run", time="00:05:00", signal_grace=300))
     with pytest.raises(RecipeError, match="slurm.time"):
         validate_recipe(slurm_recipe(tiny_llama, demo_data, tmp_path / "run", time="soon"))
+    mismatch = slurm_recipe(tiny_llama, demo_data, tmp_path / "run", gpus_per_node=8)
+    mismatch["distributed"]["num_processes"] = 4
+    with pytest.raises(RecipeError, match="distributed.num_processes: is 4 but slurm.gpus_per_node is 8"):
+        validate_recipe(mismatch)
     recipe = validate_recipe(slurm_recipe(tiny_llama, demo_data, tmp_path / "run", gpus_per_node=8))
     assert (recipe.distributed.num_machines, recipe.distributed.num_processes) == (2, 8)
     script = render(recipe)
