@@ -146,3 +146,10 @@ def test_bad_sources_give_one_line_errors(runs, tmp_path):
         export(runs("full"), tmp_path / "x", adapter_only=True)
     assert checkpoint.is_dir()
 
+
+
+def test_export_section_defaults(runs, tmp_path):
+    """export.dir is where an export goes without --out; export.verify_prompts how many rows are compared."""
+    options = ExportSection(dtype="float32", dir=str(tmp_path / "from-recipe"), verify_prompts=3)
+    report = export(runs("lora"), None, options)
+    assert report["out"] == str(tmp_path / "from-recipe") and report["sequences"] == 3

@@ -121,3 +121,18 @@ def test_ftl_plan_json(tmp_path):
     assert plan["world_size"] == 4 and plan["deepspeed"]["train_batch_size"] == 16
     assert plan["command"].startswith("OMP_NUM_THREADS=") and "accelerate launch --config_file" in plan["command"]
     assert not (tmp_path / "launch").exists()  # planning writes nothing
+
+
+def test_zero_and_rendezvous_options_reach_the_configs(tmp_path):
+    plan = plan_for(tmp_path, method={"type": "full"}, distributed={
+        "strategy": "zero2", "num_processes": 2, "rdzv_backend": "c10d",
+        "zero": {"overlap_comm": False, "contiguous_gradients": False, "reduce_bucket_size": 1000, "allgather_bucket_size": 2000}})
+    zero = plan.deepspeed["zero_optimization"]
+    assert (zero["stage"], zero["overlap_comm"], zero["contiguous_gradients"]) == (2, False, False)
+    assert (zero["reduce_bucket_size"], zero["allgather_bucket_size"]) == (1000, 2000)
+    assert plan.accelerate["rdzv_backend"] == "c10d"
+    z3 = plan_for(tmp_path, method={"type": "full"}, distributed={
+        "strategy": "zero3", "num_processes": 2, "zero": {"stage3_prefetch_bucket_size": 7, "stage3_param_persistence_threshold": 9}})
+    zero3 = z3.deepspeed["zero_optimization"]
+    assert (zero3["stage3_prefetch_bucket_size"], zero3["stage3_param_persistence_threshold"]) == (7, 9)
+    assert "allgather_bucket_size" not in zero3

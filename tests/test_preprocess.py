@@ -82,3 +82,9 @@ def test_ftl_preprocess_prints_statistics(tiny_llama, demo_data, tmp_path):
     assert out.returncode == 0, out.stderr
     assert "400 rows, 0 truncated" in out.stdout and "of slots hold real tokens" in out.stdout
     assert json.loads((tmp_path / "run" / "data_stats.json").read_text())["examples"] == 400
+
+
+def test_cache_dir(tiny_llama, demo_data, tmp_path):
+    recipe = recipe_for(tiny_llama, demo_data, tmp_path / "run", cache_dir=str(tmp_path / "shared-cache"))
+    _, _, stats = preprocess.prepare(recipe, AutoTokenizer.from_pretrained(tiny_llama))
+    assert stats["cache"].startswith(str(tmp_path / "shared-cache")) and not (tmp_path / "run" / "data").exists()
