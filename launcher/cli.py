@@ -65,6 +65,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from launcher.plan import make_plan
 
     recipe = _one_recipe(args, "train")
+    if recipe.distributed.gpu_memory and "LOCAL_RANK" not in os.environ:
+        recipe = _fit_memory(recipe)
     plan = make_plan(recipe)
     if plan.world_size > 1 and "LOCAL_RANK" not in os.environ:
         console.print(f"launching {plan.world_size} processes ({plan.strategy}): {plan.shell_command()}", highlight=False)
@@ -78,22 +80,49 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fit_memory(recipe):
+    """Strategy auto with a known GPU size: choose what fits (as `ftl plan` shows); warn if nothing does."""
+    from launcher.memory import fit_recipe
+
+    recipe, memory, gpu_gib = fit_recipe(recipe)
+    console.print(f"memory plan: {recipe.distributed.strategy}, micro-batch {recipe.train.micro_batch_size}, "
+                  f"estimate {memory.with_margin:.1f} of {gpu_gib:g} GiB per GPU", highlight=False)
+    if not memory.fits(gpu_gib):
+        console.print(f"[yellow]warning[/]: the estimate ({memory.with_margin:.1f} GiB with margin) exceeds distributed.gpu_memory "
+                      f"({gpu_gib:g} GiB); see `ftl plan` for the parts")
+    return recipe
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     import json
 
     from rich.table import Table
 
+    from launcher.memory import fit_recipe
     from launcher.plan import make_plan
 
-    plan = make_plan(_one_recipe(args, "plan"), device=args.device)
+    recipe, memory, gpu_gib = fit_recipe(_one_recipe(args, "plan"), args.gpu_mem)
+    plan = make_plan(recipe, device=args.device)
+    train = recipe.train
+    batch = {"micro_batch_size": train.micro_batch_size, "gradient_accumulation_steps": train.gradient_accumulation_steps}
+    fits = memory.fits(gpu_gib) if gpu_gib else None
     if args.json:
-        print(json.dumps({**plan.summary(), "env": plan.env, "command": plan.shell_command(),
-                          "accelerate": plan.accelerate, "deepspeed": plan.deepspeed}, indent=2))
+        print(json.dumps({**plan.summary(), **batch, "env": plan.env, "command": plan.shell_command(),
+                          "accelerate": plan.accelerate, "deepspeed": plan.deepspeed, "offload": recipe.distributed.zero.model_dump(include={"offload_optimizer", "offload_params"}),
+                          "memory_gib": memory.table(), "gpu_memory_gib": gpu_gib, "fits": fits}, indent=2))
         return 0
     table = Table(show_header=False, box=None)
-    for key, value in plan.summary().items():
+    for key, value in {**plan.summary(), **batch}.items():
         table.add_row(key, str(value))
     console.print(table)
+    console.print("\n[bold]memory per GPU[/] (estimate, GiB; formulas in launcher/memory.py)")
+    mem = Table(show_header=False, box=None)
+    for key, value in memory.table().items():
+        mem.add_row(key, f"{value:.2f}")
+    console.print(mem)
+    if fits is not None:
+        verdict = "[green]fits[/]" if fits else "[red]does not fit[/]"
+        console.print(f"{verdict} in {gpu_gib:g} GiB per GPU (estimate + 10% + 1 GiB)")
     console.print("\n[bold]command[/] (written to the run dir's launch/ by `ftl train`):")
     console.print(plan.shell_command(), highlight=False, soft_wrap=True)
     if plan.deepspeed is not None:
@@ -220,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("items", nargs="+", metavar="RECIPE_OR_OVERRIDE")
     p.add_argument("--json", action="store_true", help="machine-readable, with the Accelerate config")
     p.add_argument("--device", choices=["cuda", "cpu"], help="plan for this device (default: this machine's)")
+    p.add_argument("--gpu-mem", help="memory of one GPU, e.g. 80GB (default: distributed.gpu_memory); strategy auto then picks what fits")
     p.set_defaults(fn=cmd_plan)
 
     p = sub.add_parser("export", help="merged, sharded safetensors model (or adapter) from a run or checkpoint, verified")

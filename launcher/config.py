@@ -184,6 +184,10 @@ class DistributedSection(_Section):
     main_process_port: int = Field(29500, ge=1, le=65535)
     rdzv_backend: Literal["static", "c10d"] = "static"
     timeout_minutes: int = Field(30, ge=1, description="Collective timeout; long enough for rank 0 to prepare data.")
+    gpu_memory: str | None = Field(
+        None, description="Memory of one GPU, e.g. 80GB: `ftl plan` checks the estimate against it, and strategy auto "
+        "picks the cheapest strategy and largest micro-batch that fit."
+    )
     zero: ZeroSection = Field(default_factory=ZeroSection)
     fsdp: FsdpSection = Field(default_factory=FsdpSection)
 
@@ -347,6 +351,8 @@ def _check_distributed(recipe: Recipe) -> list[tuple[tuple, str]]:
         problems.append((("slurm", "time"), f"'{slurm.time}' is not a Slurm time (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS)"))
     elif slurm.signal_grace >= limit:
         problems.append((("slurm", "signal_grace"), f"{slurm.signal_grace}s is not less than the time limit ({limit}s); the job would stop at once"))
+    if dist.gpu_memory is not None and not parse_gib(dist.gpu_memory):
+        problems.append((("distributed", "gpu_memory"), f"'{dist.gpu_memory}' is not a size; write e.g. 80GB, 24G or 40960MB"))
     world = dist.num_processes * dist.num_machines
     if dist.machine_rank >= dist.num_machines:
         problems.append((("distributed", "machine_rank"), f"must be below num_machines ({dist.num_machines})"))
@@ -366,6 +372,15 @@ def _check_distributed(recipe: Recipe) -> list[tuple[tuple, str]]:
     if dist.strategy in ("zero3", "fsdp2") and quant.bits == 8:
         problems.append((("quantization", "bits"), f"8-bit bases cannot be sharded by {dist.strategy}; use 4 bits with quant_storage, or ddp"))
     return problems
+
+
+def parse_gib(text: str) -> float | None:
+    """'80GB', '80G', '80GiB', '24000MB' -> GiB (None if not a size). Units are binary, as in Slurm (an '80GB' card is 80 GiB)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT])?i?B?\s*", str(text), re.IGNORECASE)
+    if not match:
+        return None
+    scale = {"K": 2**-20, "M": 2**-10, "G": 1, "T": 2**10}[(match.group(2) or "G").upper()]
+    return float(match.group(1)) * scale
 
 
 def slurm_seconds(value: str) -> int | None:
