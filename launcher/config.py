@@ -8,6 +8,7 @@ distributed, slurm, export) slot in as new sub-models of :class:`Recipe`.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -148,6 +149,12 @@ class OutputSection(_Section):
         False, description="With train.resume: never, allow starting over in a run directory that has checkpoints."
     )
     keep_last: int | None = Field(None, ge=1, description="Keep only the newest K checkpoints (older ones are deleted after a new one is complete).")
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="Where metrics go besides metrics.jsonl: TensorBoard (<dir>/tensorboard) and/or Weights & Biases.",
+    )
+    wandb_project: str = Field("ftl", description="W&B project (with report_to: [wandb]; WANDB_MODE=offline works without network).")
+    run_name: str | None = Field(None, description="Run name for W&B; default the run directory's name.")
 
 
 class ZeroSection(_Section):
@@ -330,6 +337,8 @@ def check_combinations(recipe: Recipe) -> list[tuple[tuple, str]]:
                 problems.append((("data", key), "not available with data.streaming: one train source, no packing, mixing or eval_fraction; preprocess instead"))
     if recipe.data.eval_fraction and recipe.data.eval:
         problems.append((("data", "eval_fraction"), "set either data.eval (a separate eval source) or data.eval_fraction, not both"))
+    if "wandb" in recipe.output.report_to and importlib.util.find_spec("wandb") is None:
+        problems.append((("output", "report_to"), "wandb is not installed; pip install wandb, or remove it from report_to"))
     problems += _check_distributed(recipe)
     return problems
 

@@ -2,6 +2,8 @@
 
 On a terminal the user sees a rich progress bar (loss, lr, tokens/s, ETA); elsewhere (CI logs,
 Slurm output files) one plain line per logging step, which is what those logs can show.
+Records also go to TensorBoard and, when asked for, Weights & Biases; at the end of a run the
+main process draws ``loss.png`` and prints a one-screen summary.
 """
 
 from __future__ import annotations
@@ -9,25 +11,112 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
+from rich.table import Table
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from launcher.console import console
 
 
 class MetricsWriter:
-    """Appends JSON records to ``metrics.jsonl`` (main process only), flushed per line."""
+    """Appends JSON records to ``metrics.jsonl`` and mirrors them to TensorBoard / W&B (main process only).
 
-    def __init__(self, path: Path, enabled: bool = True):
-        self.path = path
+    On resume, ``resume_step`` drops TensorBoard events after the checkpoint (``purge_step``): those
+    steps run again, as ``metrics.jsonl`` is cut back to the checkpoint too.
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool = True, report_to: Sequence[str] = (), resume_step: int = 0,
+                 config: dict[str, Any] | None = None, wandb_project: str = "ftl", run_name: str | None = None):
+        self.path = Path(run_dir) / "metrics.jsonl"
         self.enabled = enabled
+        self.tensorboard = self.wandb = None
+        if not enabled:
+            return
+        if "tensorboard" in report_to:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step or None)
+        if "wandb" in report_to:
+            import wandb
+
+            # The run directory's name is the run's identity: a resumed run continues the same W&B run.
+            name = run_name or Path(run_dir).name
+            self.wandb = wandb.init(project=wandb_project, name=name, id=_wandb_id(run_dir), resume="allow",
+                                    dir=str(run_dir), config=config)
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        step = record["step"]
+        scalars = {("eval/loss" if k == "eval_loss" else f"train/{k}"): v for k, v in record.items()
+                   if k != "step" and isinstance(v, (int, float))}
+        if self.tensorboard is not None:
+            for key, value in scalars.items():
+                self.tensorboard.add_scalar(key, value, step)
+            self.tensorboard.flush()
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _wandb_id(run_dir: Path) -> str:
+    import hashlib
+
+    return hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
+
+
+def plot_losses(records: list[dict[str, Any]], out: Path) -> None:
+    """``loss.png``: train and eval loss against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    if train:
+        ax.plot(*zip(*train), label="train")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (per trainable token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def summary_table(records: list[dict[str, Any]], summary: dict[str, Any]) -> Table:
+    """The one-screen end-of-run summary, from the run's whole metrics history."""
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    rows: list[tuple[str, str]] = [("steps", f"{summary['steps']} of {summary['total_steps']}"),
+                                   ("time", f"{summary['elapsed_s']:.1f}s this session")]
+    if train:
+        rows.append(("train loss", f"{train[0]['loss']:.4f} -> {train[-1]['loss']:.4f}"))
+        rows.append(("tokens/s", f"{sum(r['tokens_per_s'] for r in train) / len(train):,.0f} (mean of logged steps, all devices)"))
+        mfu = [r["mfu"] for r in train if "mfu" in r]
+        rows.append(("model TFLOP/s per device", f"{sum(r['tflops_per_device'] for r in train) / len(train):.2f}"
+                     + (f", MFU {sum(mfu) / len(mfu):.1%}" if mfu else "")))
+        rows.append(("peak memory", f"{max(r['peak_memory_gib'] for r in train):.2f} GiB per device"))
+    if evals:
+        rows.append(("eval loss", f"{evals[0]['eval_loss']:.4f} -> {evals[-1]['eval_loss']:.4f}"))
+    if summary.get("checkpoint"):
+        rows.append(("checkpoint", str(summary["checkpoint"])))
+    table = Table(title="run summary", show_header=False, box=None, title_justify="left")
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -33,13 +33,13 @@ from launcher.checkpoint import (
     verify,
 )
 from launcher.config import Recipe, load_recipe
-from launcher.console import setup_logging
+from launcher.console import console, setup_logging
 from launcher import distributed
 from launcher.data import batch_indices, build_dataset, collate, load_source
 from launcher.errors import UserError, exit_on_user_error
 from launcher.flops import flops_counter, peak_flops, peak_memory_gib
 from launcher.loss import causal_lm_loss_sum, count_trainable_tokens
-from launcher.metrics import MetricsWriter, TrainingProgress, read_metrics
+from launcher.metrics import MetricsWriter, TrainingProgress, plot_losses, read_metrics, summary_table
 from launcher.model import build_model
 from launcher.optim import build_optimizer
 from launcher.plan import make_plan
@@ -111,7 +111,9 @@ def train(recipe: Recipe) -> dict[str, Any]:
         step, epoch, position = resumed["step"], resumed["epoch"], resumed["position"]
     stream = RowStream(recipe, tokenizer, rank, world, **resumed.get("_data", {})) if recipe.data.streaming else None
 
-    metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=main)
+    out = recipe.output
+    metrics = MetricsWriter(run_dir, enabled=main, report_to=out.report_to, resume_step=step, config=recipe.model_dump(mode="json"),
+                            wandb_project=out.wandb_project, run_name=out.run_name)
     progress = TrainingProgress(total_steps, enabled=main)
     summary: dict[str, Any] = {"total_steps": total_steps, "resumed_from": str(checkpoint) if checkpoint else None}
     if checkpoint is not None:
@@ -206,10 +208,15 @@ def train(recipe: Recipe) -> dict[str, Any]:
                 break
 
     progress.close()
+    metrics.close()
     summary["steps"] = step
     summary["elapsed_s"] = time.perf_counter() - start
     if step >= total_steps and checkpoint is not None and "final_train_loss" not in summary:
         progress.message(f"{run_dir} is already complete ({step} steps)")
+    elif main:
+        records = read_metrics(metrics.path)
+        plot_losses(records, run_dir / "loss.png")
+        console.print(summary_table(records, summary))
     accelerator.end_training()
     if world == 1:
         # Accelerate keeps its state in a process-wide singleton; a second run in this process

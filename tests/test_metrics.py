@@ -1,0 +1,75 @@
+"""Where metrics go: metrics.jsonl, TensorBoard (purged on resume), W&B offline, loss.png, summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from launcher.config import validate_recipe
+from launcher.metrics import MetricsWriter, read_metrics
+from tests.conftest import make_recipe
+
+
+def scalars(run_dir: Path, tag: str) -> dict[int, float]:
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return {e.step: e.value for e in events.Scalars(tag)}
+
+
+def test_tensorboard_mirrors_metrics_and_resume_replaces_rerun_steps(tmp_path):
+    writer = MetricsWriter(tmp_path, report_to=["tensorboard"])
+    for step in range(1, 6):
+        writer.write({"step": step, "loss": 10.0 - step, "lr": 0.1})
+    writer.close()
+    # Resumed from a checkpoint at step 3: steps 4 and 5 run again with other values.
+    writer = MetricsWriter(tmp_path, report_to=["tensorboard"], resume_step=4)
+    for step in (4, 5, 6):
+        writer.write({"step": step, "loss": 100.0 + step, "lr": 0.1})
+    writer.write({"step": 6, "eval_loss": 0.5})
+    writer.close()
+    assert scalars(tmp_path, "train/loss") == {1: 9.0, 2: 8.0, 3: 7.0, 4: 104.0, 5: 105.0, 6: 106.0}
+    assert scalars(tmp_path, "eval/loss") == {6: 0.5}
+
+
+def test_wandb_offline_run_logs_the_records(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    writer = MetricsWriter(tmp_path, report_to=["wandb"], config={"train": {"learning_rate": 0.001}})
+    writer.write({"step": 1, "loss": 1.234567, "lr": 0.1})
+    writer.close()
+    (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    data = run_file.read_bytes()
+    assert b"train/loss" in data and b"1.234567" in data and b"learning_rate" in data
+
+
+def test_training_writes_tensorboard_loss_png_and_summary(tmp_path, tiny_llama, demo_data, capsys):
+    import matplotlib.image
+
+    from launcher.train import train
+
+    train_path, eval_path = demo_data
+    recipe = validate_recipe(make_recipe(tiny_llama, train_path, tmp_path / "run", eval_path,
+                                         train={"max_steps": 6, "micro_batch_size": 4, "eval_steps": 3}))
+    train(recipe)
+    run = tmp_path / "run"
+    records = read_metrics(run / "metrics.jsonl")
+    losses = {r["step"]: r["loss"] for r in records if "loss" in r}
+    assert scalars(run, "train/loss") == pytest.approx(losses) and len(losses) == 6
+    assert set(scalars(run, "eval/loss")) == {0, 3, 6}
+    image = matplotlib.image.imread(run / "loss.png")
+    assert image.shape[0] > 200 and image.shape[1] > 400
+    out = capsys.readouterr().out
+    assert "run summary" in out and f"{losses[1]:.4f} -> {losses[6]:.4f}" in out and "peak memory" in out
+
+
+def test_wandb_without_the_package_is_a_recipe_error(tmp_path, monkeypatch):
+    import importlib.util
+
+    from launcher.config import RecipeError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(RecipeError, match="output.report_to: wandb is not installed"):
+        validate_recipe(make_recipe(tmp_path, tmp_path / "t.jsonl", tmp_path / "run", output={"dir": str(tmp_path), "report_to": ["wandb"]}))
