@@ -44,7 +44,7 @@ def recipe(work: Path, steps: int, packing: bool) -> dict:
         "data": {"train": {"path": str(work / "data.jsonl")}, "max_length": MAX_LEN, "packing": packing},
         "method": {"type": "lora", "lora": {"r": 16, "alpha": 32, "dropout": 0.0}},
         "train": {"max_steps": steps, "micro_batch_size": MICRO, "gradient_accumulation_steps": ACCUM,
-                  "learning_rate": 2e-4, "logging_steps": 1, "seed": 0},
+                  "learning_rate": 2e-4, "logging_steps": 1, "seed": 0, "resume": "never"},
         "output": {"dir": str(work / f"run-{'packed' if packing else 'padded'}"), "overwrite": True,
                    "report_to": [], "keep_last": 1},
     }

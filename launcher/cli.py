@@ -106,10 +106,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
     train = recipe.train
     batch = {"micro_batch_size": train.micro_batch_size, "gradient_accumulation_steps": train.gradient_accumulation_steps}
     fits = memory.fits(gpu_gib) if gpu_gib else None
+    measured = None
+    if args.measure:
+        from launcher.measure import measure
+
+        measured = measure(recipe)
     if args.json:
         print(json.dumps({**plan.summary(), **batch, "env": plan.env, "command": plan.shell_command(),
                           "accelerate": plan.accelerate, "deepspeed": plan.deepspeed, "offload": recipe.distributed.zero.model_dump(include={"offload_optimizer", "offload_params"}),
-                          "memory_gib": memory.table(), "gpu_memory_gib": gpu_gib, "fits": fits}, indent=2))
+                          "memory_gib": memory.table(), "gpu_memory_gib": gpu_gib, "fits": fits, "measured": measured}, indent=2))
         return 0
     table = Table(show_header=False, box=None)
     for key, value in {**plan.summary(), **batch}.items():
@@ -123,6 +128,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if fits is not None:
         verdict = "[green]fits[/]" if fits else "[red]does not fit[/]"
         console.print(f"{verdict} in {gpu_gib:g} GiB per GPU (estimate + 10% + 1 GiB)")
+    if measured is not None:
+        ratio = measured["measured_gib"] / measured["estimate_gib"]
+        console.print(f"measured peak {measured['measured_gib']:.3f} GiB vs estimate {measured['estimate_gib']:.3f} GiB "
+                      f"({ratio:.2f}x; {measured['mode']})", highlight=False)
     console.print("\n[bold]command[/] (written to the run dir's launch/ by `ftl train`):")
     console.print(plan.shell_command(), highlight=False, soft_wrap=True)
     if plan.deepspeed is not None:
@@ -249,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("items", nargs="+", metavar="RECIPE_OR_OVERRIDE")
     p.add_argument("--json", action="store_true", help="machine-readable, with the Accelerate config")
     p.add_argument("--device", choices=["cuda", "cpu"], help="plan for this device (default: this machine's)")
+    p.add_argument("--measure", action="store_true", help="train 3 steps here (or 1- and 2-layer proxies) and compare peak memory with the estimate")
     p.add_argument("--gpu-mem", help="memory of one GPU, e.g. 80GB (default: distributed.gpu_memory); strategy auto then picks what fits")
     p.set_defaults(fn=cmd_plan)
 

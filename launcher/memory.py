@@ -26,7 +26,6 @@ N = data-parallel ranks, T = tokens per micro-batch = micro_batch_size x data.ma
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -241,13 +240,12 @@ def micro_batch_options(recipe: Recipe) -> list[int]:
     return [m for m in range(batch, 0, -1) if batch % m == 0]
 
 
-def strategy_options(recipe: Recipe) -> list[tuple[str, dict[str, bool]]]:
-    """Strategies valid for this recipe, cheapest (least communication or offload) first."""
+def strategy_options(recipe: Recipe) -> list[Recipe]:
+    """``recipe`` with each strategy valid for it, cheapest (least communication or offload) first."""
     world = recipe.distributed.num_processes * recipe.distributed.num_machines
-    if world == 1:
-        return [("single", {})]
-    options = [("ddp", {}), ("zero1", {}), ("zero2", {}), ("zero3", {}), ("zero3", {"offload_optimizer": True}),
-               ("zero3", {"offload_optimizer": True, "offload_params": True})]
+    options = [("single", {})] if world == 1 else [
+        ("ddp", {}), ("zero1", {}), ("zero2", {}), ("zero3", {}), ("zero3", {"offload_optimizer": True}),
+        ("zero3", {"offload_optimizer": True, "offload_params": True})]
     valid = []
     for strategy, offload in options:
         trial = recipe.model_copy(deep=True)
@@ -255,7 +253,7 @@ def strategy_options(recipe: Recipe) -> list[tuple[str, dict[str, bool]]]:
         for key, value in offload.items():
             setattr(trial.distributed.zero, key, value)
         if not _check_distributed(trial):
-            valid.append((strategy, offload))
+            valid.append(trial)
     return valid
 
 
@@ -263,24 +261,14 @@ def autofit(recipe: Recipe, gpu_gib: float, shape: Shape) -> tuple[Recipe, Estim
     """For ``strategy: auto``: the cheapest strategy that fits at micro-batch 1, then the largest
     micro-batch that still fits (global batch kept). Returns (recipe with the choice, its
     estimate, whether it fits); when nothing fits, the last (most sharded) option at micro-batch 1."""
-    chosen = None
-    for strategy, offload in strategy_options(recipe):
-        trial = recipe.model_copy(deep=True)
-        trial.distributed.strategy = strategy
-        for key, value in offload.items():
-            setattr(trial.distributed.zero, key, value)
-        chosen = trial
-        if estimate(trial, shape, micro_batch_size=1).fits(gpu_gib):
-            break
-    assert chosen is not None
+    options = strategy_options(recipe)
+    chosen = next((o for o in options if estimate(o, shape, micro_batch_size=1).fits(gpu_gib)), options[-1])
     batch = recipe.train.micro_batch_size * recipe.train.gradient_accumulation_steps
-    for mb in micro_batch_options(recipe):
-        result = estimate(chosen, shape, micro_batch_size=mb)
-        if result.fits(gpu_gib) or mb == 1:
-            chosen.train.micro_batch_size = mb
-            chosen.train.gradient_accumulation_steps = batch // mb
-            return chosen, result, result.fits(gpu_gib)
-    raise AssertionError("micro_batch_options always ends with 1")
+    sizes = micro_batch_options(recipe)
+    mb = next((m for m in sizes if estimate(chosen, shape, micro_batch_size=m).fits(gpu_gib)), 1)
+    chosen.train.micro_batch_size, chosen.train.gradient_accumulation_steps = mb, batch // mb
+    result = estimate(chosen, shape)
+    return chosen, result, result.fits(gpu_gib)
 
 
 def fit_recipe(recipe: Recipe, gpu_memory: str | None = None) -> tuple[Recipe, Estimate, float | None]:

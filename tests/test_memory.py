@@ -144,3 +144,20 @@ def test_train_with_gpu_memory_runs_the_chosen_micro_batch(tmp_path, tiny_llama,
     written = load_recipe(tmp_path / "run" / "recipe.yaml")
     assert written.train.micro_batch_size == 4 and written.train.gradient_accumulation_steps == 1
     assert torch.cuda.is_available() or written.distributed.strategy == "single"
+
+
+@pytest.mark.slow
+def test_measure_through_proxies_extrapolates_the_direct_measurement(tmp_path, demo_data, monkeypatch):
+    """A 4-layer model measured directly and through 1- and 2-layer proxies agree (CPU RSS: 35%)."""
+    from launcher import measure as measuring
+    from launcher.tiny import write_tiny_model
+
+    model = write_tiny_model(tmp_path / "model", "llama", hidden_size=256, layers=4)
+    recipe = validate_recipe(make_recipe(model, demo_data[0], tmp_path / "run", data={"train": {"path": str(demo_data[0])}, "max_length": 256},
+                                         train={"micro_batch_size": 8}))
+    direct = measuring.measure(recipe)
+    assert direct["mode"] == "full model" and direct["measured_gib"] > 0
+    monkeypatch.setattr(measuring, "_available_gib", lambda: 0.0)  # as if the model were too large here
+    proxied = measuring.measure(recipe)
+    assert proxied["mode"].startswith("proxies") and proxied["proxy_measured_gib"][1] > proxied["proxy_measured_gib"][0]
+    assert proxied["measured_gib"] == pytest.approx(direct["measured_gib"], rel=0.35)
