@@ -101,7 +101,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from launcher.memory import fit_recipe
     from launcher.plan import make_plan
 
-    recipe, memory, gpu_gib = fit_recipe(_one_recipe(args, "plan"), args.gpu_mem)
+    recipe = _one_recipe(args, "plan")
+    memory, gpu_gib, unavailable = None, None, None
+    try:
+        recipe, memory, gpu_gib = fit_recipe(recipe, args.gpu_mem)
+    except UserError as err:
+        if args.gpu_mem or recipe.distributed.gpu_memory or args.measure:
+            raise
+        unavailable = str(err)  # the plan itself does not need the model's shape
     plan = make_plan(recipe, device=args.device)
     train = recipe.train
     batch = {"micro_batch_size": train.micro_batch_size, "gradient_accumulation_steps": train.gradient_accumulation_steps}
@@ -114,17 +121,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({**plan.summary(), **batch, "env": plan.env, "command": plan.shell_command(),
                           "accelerate": plan.accelerate, "deepspeed": plan.deepspeed, "offload": recipe.distributed.zero.model_dump(include={"offload_optimizer", "offload_params"}),
-                          "memory_gib": memory.table(), "gpu_memory_gib": gpu_gib, "fits": fits, "measured": measured}, indent=2))
+                          "memory_gib": memory.table() if memory else None, "memory_unavailable": unavailable,
+                          "gpu_memory_gib": gpu_gib, "fits": fits, "measured": measured}, indent=2))
         return 0
     table = Table(show_header=False, box=None)
     for key, value in {**plan.summary(), **batch}.items():
         table.add_row(key, str(value))
     console.print(table)
-    console.print("\n[bold]memory per GPU[/] (estimate, GiB; formulas in launcher/memory.py)")
-    mem = Table(show_header=False, box=None)
-    for key, value in memory.table().items():
-        mem.add_row(key, f"{value:.2f}")
-    console.print(mem)
+    if memory is None:
+        console.print(f"\n[yellow]memory estimate unavailable[/]: {unavailable}", highlight=False)
+    else:
+        console.print("\n[bold]memory per GPU[/] (estimate, GiB; formulas in launcher/memory.py)")
+        mem = Table(show_header=False, box=None)
+        for key, value in memory.table().items():
+            mem.add_row(key, f"{value:.2f}")
+        console.print(mem)
     if fits is not None:
         verdict = "[green]fits[/]" if fits else "[red]does not fit[/]"
         console.print(f"{verdict} in {gpu_gib:g} GiB per GPU (estimate + 10% + 1 GiB)")

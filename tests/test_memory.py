@@ -161,3 +161,11 @@ def test_measure_through_proxies_extrapolates_the_direct_measurement(tmp_path, d
     proxied = measuring.measure(recipe)
     assert proxied["mode"].startswith("proxies") and proxied["proxy_measured_gib"][1] > proxied["proxy_measured_gib"][0]
     assert proxied["measured_gib"] == pytest.approx(direct["measured_gib"], rel=0.35)
+
+
+def test_plan_without_a_readable_model_config_still_prints_the_plan(tmp_path):
+    run = [sys.executable, "-m", "launcher.cli", "plan", str(ROOT / "recipes/llama3.1-8b-qlora.yaml"), "model.path=some-org/unknown-model"]
+    out = subprocess.run(run, capture_output=True, text=True)
+    assert out.returncode == 0 and "memory estimate unavailable" in out.stdout and "model.path" in out.stdout
+    refused = subprocess.run(run + ["--gpu-mem", "80GB"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "model.path: cannot read the config.json of 'some-org/unknown-model'" in refused.stderr
