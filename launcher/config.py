@@ -242,6 +242,10 @@ class Recipe(_Section):
     export: ExportSection = Field(default_factory=ExportSection)
     slurm: SlurmSection = Field(default_factory=SlurmSection)
     output: OutputSection
+    kernels: Literal["auto", "none"] | list[Literal["rmsnorm", "swiglu", "fused_ce"]] = Field(
+        "none", description="ftl's kernels (kernels/): auto = all the model supports (Triton on CUDA, PyTorch elsewhere), "
+        "none, or a list of rmsnorm, swiglu, fused_ce."
+    )
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -339,6 +343,9 @@ def check_combinations(recipe: Recipe) -> list[tuple[tuple, str]]:
         problems.append((("data", "eval_fraction"), "set either data.eval (a separate eval source) or data.eval_fraction, not both"))
     if "wandb" in recipe.output.report_to and importlib.util.find_spec("wandb") is None:
         problems.append((("output", "report_to"), "wandb is not installed; pip install wandb, or remove it from report_to"))
+    if isinstance(recipe.kernels, list) and "fused_ce" in recipe.kernels and recipe.distributed.strategy in ("zero3", "fsdp2"):
+        problems.append((("kernels",), f"fused_ce reads lm_head's weight outside its forward, which {recipe.distributed.strategy} "
+                         "keeps sharded there; leave fused_ce out (kernels: auto does)"))
     problems += _check_distributed(recipe)
     return problems
 

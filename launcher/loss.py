@@ -7,6 +7,8 @@ one big batch. A per-micro-batch mean would weight short and long batches unequa
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -18,10 +20,13 @@ def count_trainable_tokens(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != IGNORE_INDEX).sum()
 
 
-def causal_lm_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of next-token cross-entropy over the batch's trainable tokens (fp32 logits)."""
+def causal_lm_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], fused: Callable | None = None) -> torch.Tensor:
+    """Sum of next-token cross-entropy over the batch's trainable tokens (fp32 logits), or through
+    ``fused`` (``kernels.patch.FusedLoss``: the same sum without materialising the logits)."""
     # Packed batches carry position_ids and no attention mask (see launcher.packing).
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    if fused is not None:
+        return fused(model, inputs, batch["labels"])
     logits = model(**inputs, use_cache=False).logits
     logits = logits[:, :-1].float()
     labels = batch["labels"][:, 1:]

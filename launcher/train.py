@@ -16,7 +16,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
@@ -97,6 +97,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
         (run_dir / "data_stats.json").write_text(json.dumps(data_stats, indent=2))
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * total_steps)
 
+    fused = _apply_kernels(recipe, model, plan, accelerator.device)
     model = distributed.shard(model, recipe, plan, accelerator.device)
     optimizer = build_optimizer(model, cfg, cpu_adam=recipe.distributed.zero.offload_optimizer and plan.zero_stage is not None)
     model, optimizer = distributed.prepare(accelerator, plan, model, optimizer)
@@ -160,7 +161,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
                     continue
                 micro = [collate([train_set[i] for i in idx], tokenizer.pad_token_id) for idx in batches[position : position + accum]]
             micro = [{k: v.to(accelerator.device) for k, v in mb.items()} for mb in micro]
-            step_loss, step_tokens, grad_norm = _optimizer_step(accelerator, model, optimizer, micro, cfg.max_grad_norm)
+            step_loss, step_tokens, grad_norm = _optimizer_step(accelerator, model, optimizer, micro, cfg.max_grad_norm, fused)
             scheduler.step()
             step += 1
             position += len(micro)
@@ -226,7 +227,8 @@ def train(recipe: Recipe) -> dict[str, Any]:
 
 
 def _optimizer_step(
-    accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, micro: list[dict], max_grad_norm: float | None
+    accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, micro: list[dict], max_grad_norm: float | None,
+    fused: Callable | None = None,
 ) -> tuple[float, int, float]:
     """One optimizer step over ``micro``; returns (loss per trainable token, trainable tokens, grad norm)."""
     world = accelerator.num_processes
@@ -238,7 +240,7 @@ def _optimizer_step(
         last = k == len(micro) - 1
         with distributed.gradient_sync(accelerator, model, sync=last):
             with accelerator.autocast():
-                loss = causal_lm_loss_sum(model, mb)
+                loss = causal_lm_loss_sum(model, mb, fused)
             # Every strategy averages gradients over ranks; multiplying by world turns that into a sum.
             distributed.backward(accelerator, model, loss * world / step_tokens, last)
         loss_sum += loss.detach().float()
@@ -259,6 +261,25 @@ def _resume_point(recipe: Recipe, run_dir: Path) -> Path | None:
         raise TrainError(f"train.resume: {path} is not a checkpoint directory (or use auto / never)")
     verify(path)
     return path
+
+
+def _apply_kernels(recipe: Recipe, model: torch.nn.Module, plan: Any, device: torch.device) -> Callable | None:
+    """Swap in the recipe's kernels (see kernels/patch.py); returns the fused loss when it is used."""
+    if recipe.kernels == "none":
+        return None
+    from kernels.patch import FusedLoss, KernelError, apply, backend_for, supported
+
+    names = supported(model) if recipe.kernels == "auto" else list(recipe.kernels)
+    if recipe.kernels == "auto" and "fused_ce" in names and plan.strategy in ("zero3", "fsdp2"):
+        log.info("kernels auto: fused_ce not used under %s (lm_head is sharded outside its forward)", plan.strategy)
+        names.remove("fused_ce")
+    backend = backend_for(device)
+    try:
+        applied = apply(model, names, backend)
+    except KernelError as err:
+        raise TrainError(str(err)) from None
+    log.info("kernels: %s (%s)", ", ".join(applied) or "none apply", backend)
+    return FusedLoss(model) if "fused_ce" in applied else None
 
 
 def _prepare_run_dir(run_dir: Path, recipe: Recipe, checkpoint: Path | None) -> None:
