@@ -2,7 +2,7 @@
 
 The naive loss holds tokens x vocab logits several times over (the logits, their fp32 copy, the
 softmax and its gradient: ~16 bytes per entry, 4 GiB for 8k tokens x 128k vocabulary). This
-computes them ``chunk`` tokens at a time and turns each chunk straight into its gradients with
+computes them a chunk of tokens at a time (``chunk_size``) and turns each chunk straight into its gradients with
 respect to the hidden states and the weight, during the forward, so only one chunk of logits
 ever exists. The backward just scales the stored gradients. Works on any device (matmuls do the
 work); it is also the fallback wherever Triton cannot run.
@@ -12,6 +12,8 @@ tokens). Label smoothing ``eps`` mixes in the uniform distribution: (1-eps) NLL 
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -50,21 +52,33 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             if grad_hidden is not None:
                 grad_hidden[start:start + chunk] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
             if grad_weight is not None:
-                grad_weight += grad.t() @ h.float()
-        ctx.save_for_backward(*(g for g in (grad_hidden, grad_weight) if g is not None))
-        ctx.has = (grad_hidden is not None, grad_weight is not None)
+                grad_weight.addmm_(grad.t(), h.float())  # in place: no V x d temporary
+        # Kept on ctx, not saved tensors: backward hands them over as the only reference, so autograd
+        # takes them as .grad instead of copying (a copy would double the head's gradient memory).
+        ctx.grads = [grad_hidden, grad_weight]
         ctx.weight_dtype = weight.dtype
         return total
 
     @staticmethod
     def backward(ctx, grad_out):
-        saved = list(ctx.saved_tensors)
-        grad_hidden = saved.pop(0) * grad_out if ctx.has[0] else None
-        grad_weight = (saved.pop(0) * grad_out).to(ctx.weight_dtype) if ctx.has[1] else None
+        grad_hidden, grad_weight = ctx.grads
+        ctx.grads = None
+        if grad_hidden is not None:
+            grad_hidden.mul_(grad_out)
+        if grad_weight is not None:
+            grad_weight = grad_weight.mul_(grad_out).to(ctx.weight_dtype)
         return grad_hidden, grad_weight, None, None, None, None
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int = 1024,
+def chunk_size(tokens: int, hidden: int, vocab: int) -> int:
+    """Tokens per chunk so that a chunk of logits is about as large as the hidden states (as
+    Liger-Kernel sizes them): a power of two between 16 and 1,024."""
+    target = max(1, math.ceil(tokens * hidden / vocab))
+    return max(16, min(1024, 2 ** math.ceil(math.log2(target))))
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int | None = None,
                          ignore_index: int = IGNORE_INDEX, label_smoothing: float = 0.0) -> torch.Tensor:
     """Sum of token cross-entropies of ``hidden (N, d) @ weight (V, d).T`` against ``labels (N,)``."""
+    chunk = chunk or chunk_size(hidden.shape[0], hidden.shape[1], weight.shape[0])
     return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, chunk, ignore_index, label_smoothing)

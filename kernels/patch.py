@@ -147,7 +147,7 @@ class FusedLoss:
     through its wrappers (DDP, DeepSpeed, peft), asked for a single logit.
     """
 
-    def __init__(self, model: torch.nn.Module, chunk: int = 1024):
+    def __init__(self, model: torch.nn.Module, chunk: int | None = None):  # None: kernels.fused_ce.chunk_size
         self.base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.decoder = decoder(model)
         self.chunk = chunk

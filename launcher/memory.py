@@ -19,7 +19,9 @@ N = data-parallel ranks, T = tokens per micro-batch = micro_batch_size x data.ma
   attention output) + 4 x intermediate (gate, up, SiLU, product), plus LoRA dropout's copies of
   the adapted inputs. With gradient checkpointing only each layer's input stays, and one layer is
   recomputed at a time. Eager attention adds the heads x seq x seq score matrices (SDPA does not).
-  The loss adds the logits: T x vocab x (compute bytes + 4 for the fp32 copy + 4 for its gradient).
+  The loss adds the logits: T x vocab x (compute bytes + 4 for the fp32 copy + 4 for its gradient);
+  with the fused cross-entropy (``kernels``) only one chunk of them (``chunk_size``: about
+  T x hidden / vocab tokens), plus the hidden states' gradient (T x hidden) that it stores.
 - margin: 10% of the total plus 1 GiB (CUDA context, allocator fragmentation) before a run is
   said to fit.
 """
@@ -211,11 +213,11 @@ def estimate(recipe: Recipe, shape: Shape, strategy: str | None = None, micro_ba
         cpu += weights - 2 * layer_bytes + gradients + optimizer
         weights, gradients, optimizer = 2 * layer_bytes, 0.0, 0.0
 
-    activations = _activation_bytes(recipe, shape, mb, compute_bytes)
+    activations = _activation_bytes(recipe, shape, mb, compute_bytes, strategy)
     return Estimate(weights / GIB, gradients / GIB, optimizer / GIB, activations / GIB, cpu / GIB, strategy, mb)
 
 
-def _activation_bytes(recipe: Recipe, shape: Shape, micro_batch_size: int, compute_bytes: int) -> float:
+def _activation_bytes(recipe: Recipe, shape: Shape, micro_batch_size: int, compute_bytes: int, strategy: str) -> float:
     seq = recipe.data.max_length
     tokens = micro_batch_size * seq
     d, q, kv, i = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim, shape.intermediate
@@ -230,8 +232,18 @@ def _activation_bytes(recipe: Recipe, shape: Shape, micro_batch_size: int, compu
         blocks = shape.layers * d * tokens * compute_bytes + layer
     else:
         blocks = shape.layers * layer
-    logits = tokens * shape.vocab * (compute_bytes + 4 + 4)
+    if _fused_ce(recipe, strategy):  # kernels/fused_ce.py: one chunk of logits, and the stored input gradient
+        from kernels.fused_ce import chunk_size
+
+        logits = chunk_size(tokens, d, shape.vocab) * shape.vocab * (compute_bytes + 4 + 4) + tokens * d * compute_bytes
+    else:
+        logits = tokens * shape.vocab * (compute_bytes + 4 + 4)
     return blocks + logits
+
+
+def _fused_ce(recipe: Recipe, strategy: str) -> bool:
+    kernels = recipe.kernels
+    return (kernels == "auto" and strategy not in ("zero3", "fsdp2")) or (isinstance(kernels, list) and "fused_ce" in kernels)
 
 
 def micro_batch_options(recipe: Recipe) -> list[int]:

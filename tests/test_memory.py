@@ -169,3 +169,16 @@ def test_plan_without_a_readable_model_config_still_prints_the_plan(tmp_path):
     assert out.returncode == 0 and "memory estimate unavailable" in out.stdout and "model.path" in out.stdout
     refused = subprocess.run(run + ["--gpu-mem", "80GB"], capture_output=True, text=True)
     assert refused.returncode == 2 and "model.path: cannot read the config.json of 'some-org/unknown-model'" in refused.stderr
+
+
+def test_fused_cross_entropy_keeps_one_chunk_of_logits(tmp_path):
+    recipe = recipe_for(tmp_path, method={"type": "full"}, model={"path": "x", "dtype": "bfloat16"},
+                        data={"train": {"path": "x"}, "max_length": 2048}, train={"micro_batch_size": 2})
+    naive = estimate(recipe, SHAPE).activations * GIB
+    recipe.kernels = ["fused_ce"]
+    fused = estimate(recipe, SHAPE).activations * GIB
+    tokens = 2 * 2048
+    chunk = 1024  # T x hidden / vocab = 2,621 tokens, capped at 1,024
+    assert naive - fused == pytest.approx((tokens - chunk) * 100 * (2 + 4 + 4) - tokens * 64 * 2)
+    recipe.kernels = "auto"
+    assert estimate(recipe, SHAPE, strategy="zero3").activations * GIB == pytest.approx(naive)  # auto leaves it out there
