@@ -7,7 +7,8 @@ locally) and 1,500 alpaca rows whose lengths are long-tailed like instruction da
 median ~70 tokens, capped at 512). Both sides use the same tokenized rows (prompt masked), LoRA
 r=16 on all linear layers, fp32, AdamW, micro-batch 4 x accumulation 4 rows per step, cosine LR.
 HF pads each micro-batch to its longest row (``DataCollatorForSeq2Seq``), as its examples do;
-ftl runs the recipe twice: as configured by default (padding) and with ``data.packing: true``.
+ftl runs the recipe three times: as configured by default (padding), with ``data.packing: true``,
+and with packing plus ``kernels: auto`` (on CPU: the fused cross-entropy; the Triton kernels need CUDA).
 
 Every run is its own process (peak RSS is per process), started in turn (hf, ftl, ftl-packed,
 hf, ...) from this one invocation. Throughput is real (non-pad) tokens per second between the
@@ -38,14 +39,15 @@ def make_data(path: Path, rows: int = 1500) -> None:
             f.write(json.dumps({"instruction": prompt, "output": " ".join(rng.choice(WORDS) for _ in range(n))}) + "\n")
 
 
-def recipe(work: Path, steps: int, packing: bool) -> dict:
+def recipe(work: Path, steps: int, packing: bool, kernels: str = "none") -> dict:
     return {
+        "kernels": kernels,
         "model": {"path": str(work / "model"), "dtype": "float32"},
         "data": {"train": {"path": str(work / "data.jsonl")}, "max_length": MAX_LEN, "packing": packing},
         "method": {"type": "lora", "lora": {"r": 16, "alpha": 32, "dropout": 0.0}},
         "train": {"max_steps": steps, "micro_batch_size": MICRO, "gradient_accumulation_steps": ACCUM,
                   "learning_rate": 2e-4, "logging_steps": 1, "seed": 0, "resume": "never"},
-        "output": {"dir": str(work / f"run-{'packed' if packing else 'padded'}"), "overwrite": True,
+        "output": {"dir": str(work / f"run-{'packed' if packing else 'padded'}-{kernels}"), "overwrite": True,
                    "report_to": [], "keep_last": 1},
     }
 
@@ -57,12 +59,12 @@ def peak_rss_mib() -> float:
     return float("nan")
 
 
-def worker_ftl(work: Path, steps: int, packing: bool) -> dict:
+def worker_ftl(work: Path, steps: int, packing: bool, kernels: str = "none") -> dict:
     from launcher.config import validate_recipe
     from launcher.metrics import read_metrics
     from launcher.train import train
 
-    cfg = validate_recipe(recipe(work, steps, packing)).resolved()
+    cfg = validate_recipe(recipe(work, steps, packing, kernels)).resolved()
     train(cfg)
     records = [r for r in read_metrics(Path(cfg.output.dir) / "metrics.jsonl") if "loss" in r]
     # Tokens of steps 2..N over the time between the ends of step 1 and step N.
@@ -114,14 +116,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--workdir", default="/tmp/ftl-vs-hf")
-    parser.add_argument("--worker", choices=["hf", "ftl", "ftl-packed"])
+    parser.add_argument("--worker", choices=["hf", "ftl", "ftl-packed", "ftl-packed-kernels"])
     args = parser.parse_args()
     work = Path(args.workdir)
     if args.worker:
         if args.worker == "hf":
             result = worker_hf(work, args.steps)
         else:
-            result = worker_ftl(work, args.steps, packing=args.worker == "ftl-packed")
+            result = worker_ftl(work, args.steps, packing=args.worker != "ftl",
+                                kernels="auto" if args.worker.endswith("kernels") else "none")
         print("RESULT " + json.dumps({**result, "peak_rss_mib": peak_rss_mib()}))
         return
 
@@ -132,7 +135,7 @@ def main() -> None:
     if not (work / "model" / "config.json").exists():
         corpus = [line for line in (work / "data.jsonl").read_text().splitlines()]
         write_tiny_model(work / "model", "llama", hidden_size=512, layers=8, vocab_size=8192, corpus=corpus)
-    results: dict[str, list[dict]] = {"hf": [], "ftl": [], "ftl-packed": []}
+    results: dict[str, list[dict]] = {"hf": [], "ftl": [], "ftl-packed": [], "ftl-packed-kernels": []}
     for _ in range(args.rounds):
         for name in results:
             out = subprocess.run([sys.executable, __file__, "--worker", name, "--steps", str(args.steps), "--workdir", str(work)],
