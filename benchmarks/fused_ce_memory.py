@@ -8,8 +8,8 @@ and a head W (V x H) that is frozen (LoRA/QLoRA) or trained (full fine-tuning; i
 is then part of the step's memory in every method). Every (method, shape) runs in its own process; the figure is the
 memory the step adds on top of its inputs (CPU: growth of peak RSS; GPU: max_memory_allocated
 minus what was allocated before the step). Methods: ``naive`` (logits, then F.cross_entropy on
-their fp32 copy, as the training loop without kernels), ``fused`` (kernels/fused_ce.py, chunks
-of 1,024 tokens), ``compiled`` (torch.compile of naive; GPU only) and ``liger`` (Liger-Kernel's
+their fp32 copy, as the training loop without kernels), ``fused`` (kernels/fused_ce.py: its Triton
+chunk kernel on GPU, the PyTorch path on CPU), ``compiled`` (torch.compile of naive; GPU only) and ``liger`` (Liger-Kernel's
 fused linear cross-entropy, when installed).
 """
 
@@ -50,7 +50,8 @@ def worker(method: str, tokens: int, hidden: int, vocab: int, device: str, head:
     if method == "naive":
         fn = naive
     elif method == "fused":
-        fn = linear_cross_entropy
+        backend = "triton" if device == "cuda" else "torch"
+        fn = lambda h, w, y: linear_cross_entropy(h, w, y, backend=backend)  # noqa: E731
     elif method == "compiled":
         fn = torch.compile(naive)
     else:

@@ -147,10 +147,10 @@ class FusedLoss:
     through its wrappers (DDP, DeepSpeed, peft), asked for a single logit.
     """
 
-    def __init__(self, model: torch.nn.Module, chunk: int | None = None):  # None: kernels.fused_ce.chunk_size
+    def __init__(self, model: torch.nn.Module, chunk: int | None = None, backend: str = "torch"):  # chunk None: chunk_size
         self.base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.decoder = decoder(model)
-        self.chunk = chunk
+        self.chunk, self.backend = chunk, backend
         self._hidden: torch.Tensor | None = None
         self._armed = False  # only our own forward is captured (not eval, not generation)
         self.decoder.register_forward_hook(self._capture)
@@ -168,4 +168,4 @@ class FusedLoss:
         hidden, self._hidden = self._hidden, None
         head = output_head(self.base)
         shifted = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-        return linear_cross_entropy(shifted, head.weight, labels[:, 1:].reshape(-1), chunk=self.chunk)
+        return linear_cross_entropy(shifted, head.weight, labels[:, 1:].reshape(-1), chunk=self.chunk, backend=self.backend)

@@ -279,7 +279,7 @@ def _apply_kernels(recipe: Recipe, model: torch.nn.Module, plan: Any, device: to
     except KernelError as err:
         raise TrainError(str(err)) from None
     log.info("kernels: %s (%s)", ", ".join(applied) or "none apply", backend)
-    return FusedLoss(model) if "fused_ce" in applied else None
+    return FusedLoss(model, backend=backend) if "fused_ce" in applied else None
 
 
 def _prepare_run_dir(run_dir: Path, recipe: Recipe, checkpoint: Path | None) -> None:

@@ -50,7 +50,7 @@ def test_patched_model_has_the_same_loss_and_gradients(models, arch, backend):
     assert apply(model, list(KERNELS), backend) == list(KERNELS)
     assert any(isinstance(m, RMSNorm) for m in model.modules()) and any(isinstance(m, SwiGLUMLP) for m in model.modules())
     assert set(model.state_dict()) == names  # checkpoints and exports are unchanged
-    got_loss, got = loss_and_grads(model, data, FusedLoss(model, chunk=7))
+    got_loss, got = loss_and_grads(model, data, FusedLoss(model, chunk=7, backend=backend))
     # Tolerance: fp32 with a different summation order (chunks, fused kernels): 1e-5 relative.
     assert torch.allclose(got_loss, want_loss, rtol=1e-5)
     assert got.keys() == want.keys()

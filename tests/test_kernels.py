@@ -61,22 +61,24 @@ def test_swiglu_matches_reference(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
-def test_fused_linear_cross_entropy_matches_reference(dtype, smoothing):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fused_linear_cross_entropy_matches_reference(dtype, smoothing, backend):
     torch.manual_seed(0)
     hidden, weight = torch.randn(45, 40).to(dtype), (torch.randn(301, 40) * 0.2).to(dtype)  # vocab 301, chunk 16
     labels = torch.randint(0, 301, (45,))
     labels[16:32] = -100  # one whole chunk ignored
     labels[40:] = -100
-    fused = grads(lambda h, w: linear_cross_entropy(h, w, labels, chunk=16, label_smoothing=smoothing), hidden, weight)
+    fused = grads(lambda h, w: linear_cross_entropy(h, w, labels, chunk=16, label_smoothing=smoothing, backend=backend), hidden, weight)
     ref = grads(lambda h, w: linear_cross_entropy_reference(h.float(), w.float(), labels, label_smoothing=smoothing), hidden, weight)
     loose = torch.float32 if dtype == torch.float32 else torch.bfloat16  # the reference computes in fp32
     for got, want in zip(fused, ref):
         assert close(got, want, loose)
 
 
-def test_fused_cross_entropy_with_every_label_ignored_is_zero_with_zero_gradients():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fused_cross_entropy_with_every_label_ignored_is_zero_with_zero_gradients(backend):
     hidden, weight = torch.randn(10, 8, requires_grad=True), torch.randn(50, 8, requires_grad=True)
-    loss = linear_cross_entropy(hidden, weight, torch.full((10,), -100), chunk=4)
+    loss = linear_cross_entropy(hidden, weight, torch.full((10,), -100), chunk=4, backend=backend)
     loss.backward()
     assert loss.item() == 0 and hidden.grad.abs().sum() == 0 and weight.grad.abs().sum() == 0
 
@@ -101,7 +103,7 @@ def test_each_comparison_can_fail(case):
         got, want = swiglu(g, u, backend="triton"), F.gelu(g) * u
     else:
         h, w, y = torch.randn(20, 16), torch.randn(64, 16), torch.randint(0, 64, (20,))
-        got, want = linear_cross_entropy(h, w, y, chunk=8), linear_cross_entropy_reference(h, w, y, label_smoothing=1e-3)
+        got, want = linear_cross_entropy(h, w, y, chunk=8, backend="triton"), linear_cross_entropy_reference(h, w, y, label_smoothing=1e-3)
     assert not close(got, want, torch.float32)
 
 
