@@ -343,11 +343,31 @@ def check_combinations(recipe: Recipe) -> list[tuple[tuple, str]]:
         problems.append((("data", "eval_fraction"), "set either data.eval (a separate eval source) or data.eval_fraction, not both"))
     if "wandb" in recipe.output.report_to and importlib.util.find_spec("wandb") is None:
         problems.append((("output", "report_to"), "wandb is not installed; pip install wandb, or remove it from report_to"))
-    if isinstance(recipe.kernels, list) and "fused_ce" in recipe.kernels and recipe.distributed.strategy in ("zero3", "fsdp2"):
-        problems.append((("kernels",), f"fused_ce reads lm_head's weight outside its forward, which {recipe.distributed.strategy} "
-                         "keeps sharded there; leave fused_ce out (kernels: auto does)"))
     problems += _check_distributed(recipe)
+    problems += check_kernels(recipe)  # after _check_distributed: it settles the world size auto depends on
     return problems
+
+
+# They shard lm_head's weight outside its forward, where the fused cross-entropy reads it.
+SHARDED_HEAD_STRATEGIES = ("zero3", "fsdp2")
+
+
+def uses_fused_ce(kernels: str | list[str], strategy: str) -> bool:
+    """Whether the fused cross-entropy runs: listed, or ``auto`` where lm_head is not sharded."""
+    if kernels == "auto":
+        return strategy not in SHARDED_HEAD_STRATEGIES
+    return isinstance(kernels, list) and "fused_ce" in kernels
+
+
+def check_kernels(recipe: Recipe) -> list[tuple[tuple, str]]:
+    """A listed fused_ce under the strategy the recipe resolves to (``auto`` included)."""
+    from launcher.plan import resolve_strategy  # plan imports this module
+
+    strategy = resolve_strategy(recipe)
+    if isinstance(recipe.kernels, list) and "fused_ce" in recipe.kernels and strategy in SHARDED_HEAD_STRATEGIES:
+        return [(("kernels",), f"fused_ce reads lm_head's weight outside its forward, which {strategy} keeps sharded "
+                 "there; leave fused_ce out (kernels: auto does)")]
+    return []
 
 
 def _check_distributed(recipe: Recipe) -> list[tuple[tuple, str]]:

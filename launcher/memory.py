@@ -31,7 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from launcher.config import Recipe, _check_distributed, parse_gib
+from launcher.config import Recipe, _check_distributed, check_kernels, parse_gib, uses_fused_ce
 from launcher.errors import UserError
 
 GIB = 2**30
@@ -232,18 +232,13 @@ def _activation_bytes(recipe: Recipe, shape: Shape, micro_batch_size: int, compu
         blocks = shape.layers * d * tokens * compute_bytes + layer
     else:
         blocks = shape.layers * layer
-    if _fused_ce(recipe, strategy):  # kernels/fused_ce.py: one chunk of logits, and the stored input gradient
+    if uses_fused_ce(recipe.kernels, strategy):  # kernels/fused_ce.py: one chunk of logits, and the stored input gradient
         from kernels.fused_ce import chunk_size
 
         logits = chunk_size(tokens, d, shape.vocab) * shape.vocab * (compute_bytes + 4 + 4) + tokens * d * compute_bytes
     else:
         logits = tokens * shape.vocab * (compute_bytes + 4 + 4)
     return blocks + logits
-
-
-def _fused_ce(recipe: Recipe, strategy: str) -> bool:
-    kernels = recipe.kernels
-    return (kernels == "auto" and strategy not in ("zero3", "fsdp2")) or (isinstance(kernels, list) and "fused_ce" in kernels)
 
 
 def micro_batch_options(recipe: Recipe) -> list[int]:
@@ -264,7 +259,7 @@ def strategy_options(recipe: Recipe) -> list[Recipe]:
         trial.distributed.strategy = strategy
         for key, value in offload.items():
             setattr(trial.distributed.zero, key, value)
-        if not _check_distributed(trial):
+        if not _check_distributed(trial) and not check_kernels(trial):
             valid.append(trial)
     return valid
 

@@ -32,7 +32,7 @@ from launcher.checkpoint import (
     save_checkpoint,
     verify,
 )
-from launcher.config import Recipe, load_recipe
+from launcher.config import Recipe, load_recipe, uses_fused_ce
 from launcher.console import console, setup_logging
 from launcher import distributed
 from launcher.data import batch_indices, build_dataset, collate, load_source
@@ -270,7 +270,7 @@ def _apply_kernels(recipe: Recipe, model: torch.nn.Module, plan: Any, device: to
     from kernels.patch import FusedLoss, KernelError, apply, backend_for, supported
 
     names = supported(model) if recipe.kernels == "auto" else list(recipe.kernels)
-    if recipe.kernels == "auto" and "fused_ce" in names and plan.strategy in ("zero3", "fsdp2"):
+    if "fused_ce" in names and not uses_fused_ce(recipe.kernels, plan.strategy):
         log.info("kernels auto: fused_ce not used under %s (lm_head is sharded outside its forward)", plan.strategy)
         names.remove("fused_ce")
     backend = backend_for(device)

@@ -89,13 +89,15 @@ def test_training_with_kernels_auto_has_the_trace_of_kernels_none(tmp_path, tiny
         assert abs(a - b) <= 1e-5 * abs(a)  # trainable lm_head: fused CE's weight gradient is used too
 
 
-@pytest.mark.parametrize("kernels, message", [
-    (["fused_ce"], "kernels: fused_ce reads lm_head's weight outside its forward"),
-    (["flash"], "kernels"),
+@pytest.mark.parametrize("strategy, kernels, message", [
+    ("zero3", ["fused_ce"], "kernels: fused_ce reads lm_head's weight outside its forward, which zero3"),
+    ("auto", ["fused_ce"], "kernels: fused_ce reads lm_head's weight outside its forward, which zero3"),  # auto: full FT -> zero3
+    ("fsdp2", ["fused_ce"], "which fsdp2 keeps sharded"),
+    ("zero3", ["flash"], "kernels"),
 ])
-def test_recipe_refuses_kernels_that_cannot_work(tmp_path, kernels, message):
+def test_recipe_refuses_kernels_that_cannot_work(tmp_path, strategy, kernels, message):
     recipe = make_recipe(tmp_path, tmp_path / "t.jsonl", tmp_path / "run", method={"type": "full"},
-                         distributed={"strategy": "zero3", "num_processes": 2})
+                         distributed={"strategy": strategy, "num_processes": 2})
     recipe["kernels"] = kernels
     with pytest.raises(RecipeError, match=message):
         validate_recipe(recipe)

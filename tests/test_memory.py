@@ -182,3 +182,12 @@ def test_fused_cross_entropy_keeps_one_chunk_of_logits(tmp_path):
     assert naive - fused == pytest.approx((tokens - chunk) * 100 * (2 + 4 + 4) - tokens * 64 * 2)
     recipe.kernels = "auto"
     assert estimate(recipe, SHAPE, strategy="zero3").activations * GIB == pytest.approx(naive)  # auto leaves it out there
+
+
+def test_auto_never_picks_a_strategy_that_shards_the_head_a_listed_fused_ce_reads():
+    recipe = load_recipe(ROOT / "recipes/llama3.1-8b-full-zero3.yaml", ["distributed.strategy=auto"]).resolved()
+    shape = model_shape(recipe.model.path)
+    assert autofit(recipe, 24, shape)[0].distributed.strategy == "zero3"
+    recipe.kernels = ["fused_ce"]
+    chosen, _, _ = autofit(recipe, 24, shape)
+    assert chosen.distributed.strategy not in ("zero3", "fsdp2")
