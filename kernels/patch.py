@@ -41,82 +41,75 @@ def backend_for(device: torch.device | str) -> str:
     return "triton" if torch.device(device).type == "cuda" else "torch"
 
 
-def _replace(model: torch.nn.Module, match: Callable[[torch.nn.Module], bool], build: Callable[[torch.nn.Module], torch.nn.Module]) -> int:
+def _replace(model: torch.nn.Module, match: Callable[[torch.nn.Module], bool], build: Callable[[torch.nn.Module], torch.nn.Module]) -> None:
     targets = [(name, module) for name, module in model.named_modules() if name and match(module)]
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, build(module))
-    return len(targets)
 
 
-def _patch_rmsnorm(model: torch.nn.Module, backend: str) -> int:
+def _patch_rmsnorm(model: torch.nn.Module, backend: str) -> None:
     def build(norm: torch.nn.Module) -> torch.nn.Module:
         eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
         if eps is None or not isinstance(getattr(norm, "weight", None), torch.nn.Parameter):
             raise KernelError(f"kernels: rmsnorm: {type(norm).__name__} has no weight/eps attributes; use kernels: none")
         return RMSNorm(norm.weight, float(eps), RMSNORMS[type(norm).__name__], backend)
 
-    return _replace(model, lambda m: type(m).__name__ in RMSNORMS, build)
+    _replace(model, lambda m: type(m).__name__ in RMSNORMS, build)
 
 
-def _patch_swiglu(model: torch.nn.Module, backend: str) -> int:
-    act = getattr(model.config, "hidden_act", None)
-    if act not in ("silu", "swish") and any(type(m).__name__ in MLPS for m in model.modules()):
-        raise KernelError(f"kernels: swiglu: the model's MLP activation is {act!r}, not SiLU; leave swiglu out")
-
+def _patch_swiglu(model: torch.nn.Module, backend: str) -> None:
     def build(mlp: torch.nn.Module) -> torch.nn.Module:
         parts = [getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
         if any(p is None for p in parts):
             raise KernelError(f"kernels: swiglu: {type(mlp).__name__} has no gate_proj/up_proj/down_proj; leave swiglu out")
         return SwiGLUMLP(*parts, backend=backend)
 
-    return _replace(model, lambda m: type(m).__name__ in MLPS, build)
+    _replace(model, lambda m: type(m).__name__ in MLPS, build)
+
+
+def check(model: torch.nn.Module, kernel: str) -> None:
+    """Raise ``KernelError`` saying why ``kernel`` cannot apply to ``model``."""
+    names = {type(m).__name__ for m in model.modules()}
+    if kernel == "rmsnorm":
+        if not names & set(RMSNORMS):
+            raise KernelError(f"kernels: rmsnorm: no known RMSNorm in {type(model).__name__} (known: {', '.join(RMSNORMS)})")
+    elif kernel == "swiglu":
+        if not names & set(MLPS):
+            raise KernelError(f"kernels: swiglu: no known gated MLP in {type(model).__name__} (known: {', '.join(MLPS)})")
+        act = getattr(model.config, "hidden_act", None)
+        if act not in ("silu", "swish"):
+            raise KernelError(f"kernels: swiglu: the model's MLP activation is {act!r}, not SiLU; leave swiglu out")
+    elif kernel == "fused_ce":
+        output_head(model), decoder(model)  # the loss is computed from them
+    else:
+        raise KernelError(f"kernels: unknown kernel {kernel!r}; choose from {', '.join(KERNELS)}")
 
 
 def apply(model: torch.nn.Module, kernels: list[str], backend: str) -> list[str]:
-    """Patch ``model`` (a transformers model, before LoRA wrapping) in place; returns what applied.
+    """Patch ``model`` (a transformers model, before or after LoRA wrapping) in place; returns what applied.
 
     ``fused_ce`` is not a module swap: it is returned so the training loop builds a ``FusedLoss``.
     """
-    applied = []
     for kernel in kernels:
+        check(model, kernel)
         if kernel == "rmsnorm":
-            if _patch_rmsnorm(model, backend) == 0:
-                raise KernelError(f"kernels: rmsnorm: no known RMSNorm in {type(model).__name__} (known: {', '.join(RMSNORMS)})")
+            _patch_rmsnorm(model, backend)
         elif kernel == "swiglu":
-            if _patch_swiglu(model, backend) == 0:
-                raise KernelError(f"kernels: swiglu: no known gated MLP in {type(model).__name__} (known: {', '.join(MLPS)})")
-        elif kernel == "fused_ce":
-            output_head(model), decoder(model)  # raise if the loss cannot be computed from them
-        else:
-            raise KernelError(f"kernels: unknown kernel {kernel!r}; choose from {', '.join(KERNELS)}")
-        applied.append(kernel)
-    return applied
+            _patch_swiglu(model, backend)
+    return list(kernels)
 
 
 def supported(model: torch.nn.Module) -> list[str]:
     """The kernels ``auto`` applies to this model; each one left out is logged with the reason."""
-    names = {type(m).__name__ for m in model.modules()}
     chosen = []
-    for kernel, ok, why in (
-        ("rmsnorm", bool(names & set(RMSNORMS)), "no known RMSNorm module"),
-        ("swiglu", bool(names & set(MLPS)) and getattr(model.config, "hidden_act", None) in ("silu", "swish"), "no SiLU-gated MLP"),
-        ("fused_ce", _head_ok(model), "the output embedding is not a plain bias-free Linear"),
-    ):
-        if ok:
+    for kernel in KERNELS:
+        try:
+            check(model, kernel)
             chosen.append(kernel)
-        else:
-            log.info("kernels auto: %s not used for %s: %s", kernel, type(model).__name__, why)
+        except KernelError as err:
+            log.info("kernels auto: %s not used for %s: %s", kernel, type(model).__name__, err)
     return chosen
-
-
-def _head_ok(model: torch.nn.Module) -> bool:
-    try:
-        output_head(model)
-        decoder(model)
-        return True
-    except KernelError:
-        return False
 
 
 def decoder(model: torch.nn.Module) -> torch.nn.Module:
@@ -148,7 +141,7 @@ class FusedLoss:
     """
 
     def __init__(self, model: torch.nn.Module, chunk: int | None = None, backend: str = "torch"):  # chunk None: chunk_size
-        self.base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.head = output_head(model)  # the same module through DDP/DeepSpeed wrapping (not FSDP2/ZeRO-3)
         self.decoder = decoder(model)
         self.chunk, self.backend = chunk, backend
         self._hidden: torch.Tensor | None = None
@@ -166,6 +159,5 @@ class FusedLoss:
         finally:
             self._armed = False
         hidden, self._hidden = self._hidden, None
-        head = output_head(self.base)
         shifted = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-        return linear_cross_entropy(shifted, head.weight, labels[:, 1:].reshape(-1), chunk=self.chunk, backend=self.backend)
+        return linear_cross_entropy(shifted, self.head.weight, labels[:, 1:].reshape(-1), chunk=self.chunk, backend=self.backend)
