@@ -52,13 +52,6 @@ def recipe(work: Path, steps: int, packing: bool, kernels: str = "none") -> dict
     }
 
 
-def peak_rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def worker_ftl(work: Path, steps: int, packing: bool, kernels: str = "none") -> dict:
     from launcher.config import validate_recipe
     from launcher.metrics import read_metrics
@@ -72,10 +65,38 @@ def worker_ftl(work: Path, steps: int, packing: bool, kernels: str = "none") -> 
     return {"tokens_per_s": tokens / (records[-1]["elapsed_s"] - records[0]["elapsed_s"]), "final_loss": records[-1]["loss"]}
 
 
+def timed_hf_trainer(model, tokenizer, rows, args) -> dict:
+    """Train with HF ``Trainer``, each micro-batch padded to its longest row; returns real (non-pad)
+    tokens/s and real tokens per row between the ends of step 1 and the last step, and the result."""
+    import torch
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback
+
+    pad = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)
+    seen = {"tokens": 0, "rows": 0}
+
+    def collate(features):
+        batch = pad(features)
+        seen["tokens"] += int(batch["attention_mask"].sum())
+        seen["rows"] += batch["input_ids"].shape[0]
+        return batch
+
+    marks: list[tuple[float, int, int]] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            marks.append((time.perf_counter(), seen["tokens"], seen["rows"]))
+
+    result = Trainer(model=model, args=args, train_dataset=rows, data_collator=collate, callbacks=[Clock()]).train()
+    (t1, n1, r1), (tn, nn, rn) = marks[0], marks[-1]
+    return {"tokens_per_s": (nn - n1) / (tn - t1), "tokens_per_row": (nn - n1) / max(rn - r1, 1), "result": result}
+
+
 def worker_hf(work: Path, steps: int) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+    from transformers import AutoModelForCausalLM, TrainingArguments
 
     from launcher.config import validate_recipe
     from launcher.data import build_dataset
@@ -86,29 +107,13 @@ def worker_hf(work: Path, steps: int) -> dict:
     rows = build_dataset(cfg.data.train, tokenizer, cfg.data, seed=0).select_columns(["input_ids", "labels"])
     model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"))
-    pad = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)
-    seen = {"tokens": 0}
-
-    def collate(features):
-        batch = pad(features)
-        seen["tokens"] += int(batch["attention_mask"].sum())
-        return batch
-
-    marks: list[tuple[float, int]] = []
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            marks.append((time.perf_counter(), seen["tokens"]))
-
     args = TrainingArguments(
         output_dir=str(work / "run-hf"), per_device_train_batch_size=MICRO, gradient_accumulation_steps=ACCUM,
         max_steps=steps, learning_rate=2e-4, lr_scheduler_type="cosine", logging_steps=1, save_strategy="no",
         report_to=[], use_cpu=True, dataloader_num_workers=0, remove_unused_columns=False, seed=0, disable_tqdm=True,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collate, callbacks=[Clock()])
-    result = trainer.train()
-    (t1, n1), (tn, nn) = marks[0], marks[-1]
-    return {"tokens_per_s": (nn - n1) / (tn - t1), "final_loss": result.training_loss}
+    timed = timed_hf_trainer(model, tokenizer, rows, args)
+    return {"tokens_per_s": timed["tokens_per_s"], "final_loss": timed["result"].training_loss}
 
 
 def main() -> None:
@@ -125,7 +130,9 @@ def main() -> None:
         else:
             result = worker_ftl(work, args.steps, packing=args.worker != "ftl",
                                 kernels="auto" if args.worker.endswith("kernels") else "none")
-        print("RESULT " + json.dumps({**result, "peak_rss_mib": peak_rss_mib()}))
+        from launcher.flops import proc_status_gib
+
+        print("RESULT " + json.dumps({**result, "peak_rss_mib": proc_status_gib("VmHWM") * 1024}))
         return
 
     from launcher.tiny import write_tiny_model

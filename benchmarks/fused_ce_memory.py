@@ -26,17 +26,12 @@ CPU_SHAPES = [(2048, 2048, 32000), (2048, 2048, 128256)]
 GPU_SHAPES = [(t, h, v) for t in (2048, 4096, 8192) for h in (2048, 4096) for v in (32000, 128256)]
 
 
-def rss_gib() -> tuple[float, float]:
-    """(current, peak) resident set size of this process."""
-    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
-    return int(fields["VmRSS"].split()[0]) / 2**20, int(fields["VmHWM"].split()[0]) / 2**20
-
-
 def worker(method: str, tokens: int, hidden: int, vocab: int, device: str, head: str) -> dict:
     import torch
     import torch.nn.functional as F
 
     from kernels.fused_ce import linear_cross_entropy
+    from launcher.flops import proc_status_gib
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(0)
@@ -83,10 +78,10 @@ def worker(method: str, tokens: int, hidden: int, vocab: int, device: str, head:
             times.append(time.perf_counter() - start)
         return {"peak_gib": peak, "ms": sorted(times)[2] * 1e3}
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS to the current RSS
-    base, _ = rss_gib()
+    base = proc_status_gib("VmRSS")
     start = time.perf_counter()
     step()
-    return {"peak_gib": rss_gib()[1] - base, "ms": (time.perf_counter() - start) * 1e3}
+    return {"peak_gib": proc_status_gib("VmHWM") - base, "ms": (time.perf_counter() - start) * 1e3}
 
 
 def main() -> None:

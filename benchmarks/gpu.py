@@ -19,10 +19,9 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from cpu_vs_hf import make_data
+from cpu_vs_hf import make_data, timed_hf_trainer
 
 SHAPE = dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4)
 SMOKE = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
@@ -60,14 +59,9 @@ def recipe(work: Path, method: str, steps: int, smoke: bool) -> dict:
     }
 
 
-def peak_gib() -> float:
-    from launcher.flops import peak_memory_gib
-
-    return peak_memory_gib()
-
-
 def worker_ftl(work: Path, method: str, steps: int, smoke: bool) -> dict:
     from launcher.config import validate_recipe
+    from launcher.flops import peak_memory_gib
     from launcher.memory import estimate, model_shape
     from launcher.metrics import read_metrics
     from launcher.train import train
@@ -76,17 +70,17 @@ def worker_ftl(work: Path, method: str, steps: int, smoke: bool) -> dict:
     train(cfg)
     records = [r for r in read_metrics(Path(cfg.output.dir) / "metrics.jsonl") if "loss" in r][1:]
     return {"tokens_per_s": sum(r["tokens_per_s"] for r in records) / len(records),
-            "mfu": sum(r.get("mfu", 0.0) for r in records) / len(records), "peak_gib": peak_gib(),
+            "mfu": sum(r.get("mfu", 0.0) for r in records) / len(records), "peak_gib": peak_memory_gib(),
             "estimate_gib": estimate(cfg, model_shape(cfg.model.path)).total}
 
 
 def worker_hf(work: Path, method: str, steps: int, smoke: bool) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainingArguments
 
     from launcher.config import validate_recipe
     from launcher.data import build_dataset
-    from launcher.flops import flops_counter, peak_flops
+    from launcher.flops import flops_counter, peak_flops, peak_memory_gib
     from launcher.model import load_tokenizer
 
     cfg = validate_recipe({**recipe(work, method, steps, smoke), "data": {"train": {"path": str(work / "data.jsonl")},
@@ -104,36 +98,18 @@ def worker_hf(work: Path, method: str, steps: int, smoke: bool) -> dict:
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"))
-    pad = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)
-    seen = {"tokens": 0, "rows": 0}
-
-    def collate(features):
-        batch = pad(features)
-        seen["tokens"] += int(batch["attention_mask"].sum())
-        seen["rows"] += batch["input_ids"].shape[0]
-        return batch
-
-    marks: list[tuple[float, int, int]] = []
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            marks.append((time.perf_counter(), seen["tokens"], seen["rows"]))
-
     args = TrainingArguments(
         output_dir=str(work / f"run-hf-{method}"), per_device_train_batch_size=MICRO, gradient_accumulation_steps=ACCUM,
         max_steps=steps, learning_rate=cfg.train.learning_rate, lr_scheduler_type="cosine", logging_steps=1, save_strategy="no",
         report_to=[], bf16=not smoke, gradient_checkpointing=True, use_cpu=smoke, remove_unused_columns=False, seed=0,
         optim="paged_adamw_8bit" if method == "qlora" else "adamw_torch", disable_tqdm=True,
     )
-    Trainer(model=model, args=args, train_dataset=rows, data_collator=collate, callbacks=[Clock()]).train()
-    (t1, n1, r1), (tn, nn, rn) = marks[0], marks[-1]
-    tokens_per_s = (nn - n1) / (tn - t1)
+    timed = timed_hf_trainer(model, tokenizer, rows, args)
+    tokens_per_s = timed["tokens_per_s"]
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    flops = flops_counter(base)((nn - n1) / max(rn - r1, 1))
+    flops = flops_counter(base)(timed["tokens_per_row"])
     peak = peak_flops()
-    return {"tokens_per_s": tokens_per_s, "mfu": flops * tokens_per_s / peak if peak else 0.0, "peak_gib": peak_gib()}
+    return {"tokens_per_s": tokens_per_s, "mfu": flops * tokens_per_s / peak if peak else 0.0, "peak_gib": peak_memory_gib()}
 
 
 def main() -> None:

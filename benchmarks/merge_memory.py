@@ -53,9 +53,10 @@ def run(mode: str, workdir: Path) -> dict:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from launcher.flops import proc_status_gib
     from launcher.merge import Adapter, TensorSource, write_merged
 
-    baseline = rss_mib("VmRSS")  # the interpreter with torch, transformers and peft imported
+    baseline = proc_status_gib("VmRSS") * 1024  # the interpreter with torch, transformers and peft imported
     start = time.perf_counter()
     if mode == "stream":
         write_merged(TensorSource.from_dir(workdir / "base"), out, torch.bfloat16, SHARD, Adapter.load(workdir / "adapter"))
@@ -63,16 +64,8 @@ def run(mode: str, workdir: Path) -> dict:
         model = AutoModelForCausalLM.from_pretrained(workdir / "base", dtype=torch.bfloat16)
         merged = PeftModel.from_pretrained(model, workdir / "adapter").merge_and_unload()
         merged.save_pretrained(out, max_shard_size=SHARD)
-    peak = rss_mib("VmHWM")
+    peak = proc_status_gib("VmHWM") * 1024
     return {"mode": mode, "peak_rss_mib": peak, "growth_mib": peak - baseline, "seconds": time.perf_counter() - start}
-
-
-def rss_mib(field: str) -> float:
-    """VmRSS (now) or VmHWM (high-water mark; unlike ru_maxrss it does not carry over a fork)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def main() -> None:

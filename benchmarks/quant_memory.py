@@ -74,13 +74,14 @@ def measure(model_dir: str, mode: str) -> dict:
     import torch  # noqa: F401  (imported before the baseline so it is not counted)
 
     from launcher.config import ModelSection, QuantizationSection
+    from launcher.flops import proc_status_gib
     from launcher.model import load_base_model
 
-    rss_before = _rss()
+    rss_before = proc_status_gib("VmRSS") * 2**30
     quant = QuantizationSection(compute_dtype="bfloat16", **MODES[mode])
     model = load_base_model(ModelSection(path=model_dir, dtype="bfloat16"), quant=quant)
     gc.collect()
-    rss_after = _rss()
+    rss_after = proc_status_gib("VmRSS") * 2**30
     rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     weight_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
@@ -103,14 +104,6 @@ def measure(model_dir: str, mode: str) -> dict:
         "rss_growth": rss_after - rss_before,
         "peak_rss": rss_peak,
     }
-
-
-def _rss() -> int:
-    """Current resident set size in bytes (Linux)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ MFU = achieved model FLOP/s / (devices x peak FLOP/s of one device at the traini
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -77,12 +78,17 @@ def peak_memory_gib() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
     try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 2**20
+        return proc_status_gib("VmHWM")
     except OSError:
-        pass
-    import resource
+        import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def proc_status_gib(field: str) -> float:
+    """``VmRSS`` (now) or ``VmHWM`` (peak) of this process, in GiB, from /proc (Linux). Unlike
+    ru_maxrss, VmHWM does not carry over a fork; writing 5 to /proc/self/clear_refs resets it."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 2**20
+    raise OSError(f"no {field} in /proc/self/status")

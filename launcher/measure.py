@@ -102,20 +102,13 @@ def _run(spec: Path) -> None:
     """The measuring process: train STEPS steps and print the peak memory training added."""
     import torch
 
-    from launcher.flops import peak_memory_gib
+    from launcher.flops import peak_memory_gib, proc_status_gib
     from launcher.train import train
 
     recipe = validate_recipe(json.loads(spec.read_text()))
-    baseline = 0.0 if torch.cuda.is_available() else _rss_gib()
+    baseline = 0.0 if torch.cuda.is_available() else proc_status_gib("VmRSS")
     train(recipe)
     print(f"PEAK_GIB {peak_memory_gib() - baseline}")
-
-
-def _rss_gib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 2**20
-    return 0.0
 
 
 if __name__ == "__main__":

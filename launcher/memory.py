@@ -116,8 +116,6 @@ class Estimate:
     optimizer: float
     activations: float
     cpu: float
-    strategy: str
-    micro_batch_size: int
 
     @property
     def total(self) -> float:
@@ -214,7 +212,7 @@ def estimate(recipe: Recipe, shape: Shape, strategy: str | None = None, micro_ba
         weights, gradients, optimizer = 2 * layer_bytes, 0.0, 0.0
 
     activations = _activation_bytes(recipe, shape, mb, compute_bytes, strategy)
-    return Estimate(weights / GIB, gradients / GIB, optimizer / GIB, activations / GIB, cpu / GIB, strategy, mb)
+    return Estimate(weights / GIB, gradients / GIB, optimizer / GIB, activations / GIB, cpu / GIB)
 
 
 def _activation_bytes(recipe: Recipe, shape: Shape, micro_batch_size: int, compute_bytes: int, strategy: str) -> float:
