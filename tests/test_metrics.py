@@ -44,6 +44,20 @@ def test_wandb_offline_run_logs_the_records(tmp_path, monkeypatch):
     assert b"train/loss" in data and b"1.234567" in data and b"learning_rate" in data
 
 
+def test_recipe_report_to_wandb_names_the_project_and_run(tmp_path, tiny_llama, demo_data, monkeypatch):
+    from launcher.train import train
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    recipe = make_recipe(tiny_llama, demo_data[0], tmp_path / "run", train={"max_steps": 2, "micro_batch_size": 4})
+    recipe["output"].update(report_to=["wandb"], wandb_project="ftl-test-project", run_name="my-run-name")
+    train(validate_recipe(recipe))
+    (run_file,) = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
+    data = run_file.read_bytes()
+    assert b"ftl-test-project" in data and b"my-run-name" in data and b"train/loss" in data
+    assert not (tmp_path / "run" / "tensorboard").exists()  # only what report_to lists
+
+
 def test_training_writes_tensorboard_loss_png_and_summary(tmp_path, tiny_llama, demo_data, capsys):
     import matplotlib.image
 
