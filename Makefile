@@ -6,7 +6,7 @@ PYTEST_ARGS ?=
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml scripts/install.sh
+$(VENV)/.installed: pyproject.toml scripts/install.sh scripts/constraints.txt scripts/build_ops.py
 	bash scripts/install.sh $(VENV)
 	touch $@
 
@@ -14,7 +14,7 @@ demo: install
 	$(VENV)/bin/ftl demo
 
 test: install
-	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+	$(VENV)/bin/python -P -m pytest -q $(PYTEST_ARGS)
 
 test-fast: install
-	$(VENV)/bin/python -m pytest -q -m "not slow and not multiprocess" $(PYTEST_ARGS)
+	$(VENV)/bin/python -P -m pytest -q -m "not slow and not multiprocess" $(PYTEST_ARGS)

@@ -53,9 +53,9 @@ def recipe(work: Path, steps: int, packing: bool, kernels: str = "none") -> dict
 
 
 def worker_ftl(work: Path, steps: int, packing: bool, kernels: str = "none") -> dict:
-    from launcher.config import validate_recipe
-    from launcher.metrics import read_metrics
-    from launcher.train import train
+    from ftl.config import validate_recipe
+    from ftl.metrics import read_metrics
+    from ftl.train import train
 
     cfg = validate_recipe(recipe(work, steps, packing, kernels)).resolved()
     train(cfg)
@@ -98,9 +98,9 @@ def worker_hf(work: Path, steps: int) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, TrainingArguments
 
-    from launcher.config import validate_recipe
-    from launcher.data import build_dataset
-    from launcher.model import load_tokenizer
+    from ftl.config import validate_recipe
+    from ftl.data import build_dataset
+    from ftl.model import load_tokenizer
 
     cfg = validate_recipe(recipe(work, steps, False)).resolved()
     tokenizer = load_tokenizer(cfg.model)
@@ -130,12 +130,12 @@ def main() -> None:
         else:
             result = worker_ftl(work, args.steps, packing=args.worker != "ftl",
                                 kernels="auto" if args.worker.endswith("kernels") else "none")
-        from launcher.flops import proc_status_gib
+        from ftl.flops import proc_status_gib
 
         print("RESULT " + json.dumps({**result, "peak_rss_mib": proc_status_gib("VmHWM") * 1024}))
         return
 
-    from launcher.tiny import write_tiny_model
+    from ftl.tiny import write_tiny_model
 
     work.mkdir(parents=True, exist_ok=True)
     make_data(work / "data.jsonl")

@@ -9,7 +9,7 @@ Model: Llama config with hidden 2048, 16 layers, MLP 5632, 32 heads (4 KV heads)
 Both: bf16, gradient checkpointing, micro-batch 4 x accumulation 2, AdamW (full) or paged 8-bit
 AdamW on an NF4 + double-quant base with LoRA r=16 on all linear layers (QLoRA); ftl adds
 ``kernels: auto``. Each run is its own process; tokens/s is real (non-pad) tokens per second after
-the first step, MFU uses launcher.flops (the same count for both), peak memory is
+the first step, MFU uses ftl.flops (the same count for both), peak memory is
 ``torch.cuda.max_memory_allocated``, and for ftl the plan's estimate is printed next to it.
 """
 
@@ -32,7 +32,7 @@ def write_model(out: Path, smoke: bool) -> None:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from launcher.tiny import build_tokenizer
+    from ftl.tiny import build_tokenizer
 
     rows = [json.loads(line) for line in (out.parent / "data.jsonl").read_text().splitlines()]
     tokenizer = build_tokenizer([r["instruction"] + " " + r["output"] for r in rows], vocab_size=4096)
@@ -60,11 +60,11 @@ def recipe(work: Path, method: str, steps: int, smoke: bool) -> dict:
 
 
 def worker_ftl(work: Path, method: str, steps: int, smoke: bool) -> dict:
-    from launcher.config import validate_recipe
-    from launcher.flops import peak_memory_gib
-    from launcher.memory import estimate, model_shape
-    from launcher.metrics import read_metrics
-    from launcher.train import train
+    from ftl.config import validate_recipe
+    from ftl.flops import peak_memory_gib
+    from ftl.memory import estimate, model_shape
+    from ftl.metrics import read_metrics
+    from ftl.train import train
 
     cfg = validate_recipe(recipe(work, method, steps, smoke)).resolved()
     train(cfg)
@@ -78,10 +78,10 @@ def worker_hf(work: Path, method: str, steps: int, smoke: bool) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainingArguments
 
-    from launcher.config import validate_recipe
-    from launcher.data import build_dataset
-    from launcher.flops import flops_counter, peak_flops, peak_memory_gib
-    from launcher.model import load_tokenizer
+    from ftl.config import validate_recipe
+    from ftl.data import build_dataset
+    from ftl.flops import flops_counter, peak_flops, peak_memory_gib
+    from ftl.model import load_tokenizer
 
     cfg = validate_recipe({**recipe(work, method, steps, smoke), "data": {"train": {"path": str(work / "data.jsonl")},
                                                                          "max_length": 256 if smoke else 2048}}).resolved()

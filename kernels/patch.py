@@ -1,11 +1,11 @@
 """Swap ftl's kernels into a loaded transformers model, by module type, without touching library code.
 
-- ``rmsnorm``: every known RMSNorm module becomes ``kernels.rmsnorm.RMSNorm`` holding the same
+- ``rmsnorm``: every known RMSNorm module becomes ``ftl.kernels.rmsnorm.RMSNorm`` holding the same
   weight Parameter (Gemma's ``1 + weight`` variant included);
-- ``swiglu``: every known SiLU-gated MLP becomes ``kernels.swiglu.SwiGLUMLP`` around the same
+- ``swiglu``: every known SiLU-gated MLP becomes ``ftl.kernels.swiglu.SwiGLUMLP`` around the same
   projections (state dict names, LoRA targets and checkpoints are unchanged);
 - ``fused_ce``: the loss is computed from the decoder's final hidden states and the output
-  embedding by ``kernels.fused_ce`` (see ``FusedLoss``); the model is asked for one logit only.
+  embedding by ``ftl.kernels.fused_ce`` (see ``FusedLoss``); the model is asked for one logit only.
 
 An architecture without the modules a kernel needs is an error naming what was looked for, never a
 silent no-op. ``auto`` means every kernel the model supports: Triton on CUDA, the PyTorch
@@ -19,9 +19,9 @@ from typing import Any, Callable
 
 import torch
 
-from kernels.fused_ce import linear_cross_entropy
-from kernels.rmsnorm import RMSNorm
-from kernels.swiglu import SwiGLUMLP
+from ftl.kernels.fused_ce import linear_cross_entropy
+from ftl.kernels.rmsnorm import RMSNorm
+from ftl.kernels.swiglu import SwiGLUMLP
 
 log = logging.getLogger(__name__)
 

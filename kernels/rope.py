@@ -4,7 +4,7 @@ Qwen2, Mistral and Gemma): x * cos + rotate_half(x) * sin, with cos/sin of shape
 The Triton version rotates each (batch, head, position) row in place, so neither q nor k is
 copied, and its backward is the inverse rotation (by -sin) of the incoming gradient.
 
-Not swapped into models by ``kernels.patch``: transformers applies RoPE through a module-level
+Not swapped into models by ``ftl.kernels.patch``: transformers applies RoPE through a module-level
 function inside each attention forward, which cannot be replaced without patching library code.
 It is for training code that owns its attention (and is tested against the reference).
 """

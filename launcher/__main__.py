@@ -1,3 +1,3 @@
-from launcher.cli import main
+from ftl.cli import main
 
 main()

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from launcher.errors import UserError
+from ftl.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """``ftl``: the command line. Each subcommand is a thin shell over one module.
 
 Arguments containing ``=`` after the recipe are overrides (``train.learning_rate=1e-4``), applied
-before validation, exactly as ``python -m launcher.train`` applies them.
+before validation, exactly as ``python -m ftl.train`` applies them.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import signal
 import sys
 from pathlib import Path
 
-from launcher.console import console, setup_logging
-from launcher.errors import UserError, exit_on_user_error
+from ftl.console import console, setup_logging
+from ftl.errors import UserError, exit_on_user_error
 
 
 def _split(items: list[str]) -> tuple[list[str], list[str]]:
@@ -24,7 +24,7 @@ def _split(items: list[str]) -> tuple[list[str], list[str]]:
 
 def _one_recipe(args: argparse.Namespace, command: str):
     """The single recipe a command names, with its overrides applied, paths resolved."""
-    from launcher.config import load_recipe
+    from ftl.config import load_recipe
 
     files, overrides = _split(args.items)
     if len(files) != 1:
@@ -33,7 +33,7 @@ def _one_recipe(args: argparse.Namespace, command: str):
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from launcher.config import RecipeError, load_recipe
+    from ftl.config import RecipeError, load_recipe
 
     files, overrides = _split(args.items)
     if not files:
@@ -54,15 +54,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from launcher.signals import EXIT_STOPPED, STOP_SIGNALS
+    from ftl.signals import EXIT_STOPPED, STOP_SIGNALS
 
     # A stop signal before training has begun (Slurm's warning, a preemption; imports alone take
     # seconds) leaves nothing to save: exit as "stopped" so that a job is requeued. Training and
     # the launcher install their own handlers.
     for sig in STOP_SIGNALS:
         signal.signal(sig, lambda *_: sys.exit(EXIT_STOPPED))
-    from launcher.launch import launch
-    from launcher.plan import make_plan
+    from ftl.launch import launch
+    from ftl.plan import make_plan
 
     recipe = _one_recipe(args, "train")
     if recipe.distributed.gpu_memory and "LOCAL_RANK" not in os.environ:
@@ -71,7 +71,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if plan.world_size > 1 and "LOCAL_RANK" not in os.environ:
         console.print(f"launching {plan.world_size} processes ({plan.strategy}): {plan.shell_command()}", highlight=False)
         return launch(recipe, plan)
-    from launcher.train import train  # only here: the launcher process stays light
+    from ftl.train import train  # only here: the launcher process stays light
 
     summary = train(recipe)
     if summary.get("stopped"):
@@ -82,7 +82,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _fit_memory(recipe):
     """Strategy auto with a known GPU size: choose what fits (as `ftl plan` shows); warn if nothing does."""
-    from launcher.memory import fit_recipe
+    from ftl.memory import fit_recipe
 
     recipe, memory, gpu_gib = fit_recipe(recipe)
     console.print(f"memory plan: {recipe.distributed.strategy}, micro-batch {recipe.train.micro_batch_size}, "
@@ -98,8 +98,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     from rich.table import Table
 
-    from launcher.memory import fit_recipe
-    from launcher.plan import make_plan
+    from ftl.memory import fit_recipe
+    from ftl.plan import make_plan
 
     recipe = _one_recipe(args, "plan")
     memory, gpu_gib, unavailable = None, None, None
@@ -115,7 +115,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     fits = memory.fits(gpu_gib) if gpu_gib else None
     measured = None
     if args.measure:
-        from launcher.measure import measure
+        from ftl.measure import measure
 
         measured = measure(recipe)
     if args.json:
@@ -152,13 +152,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from launcher.export import ExportError, export
+    from ftl.export import ExportError, export
 
     updates = {k: v for k, v in {"dtype": args.dtype, "max_shard_size": args.max_shard_size,
                                  "qlora_merge": args.qlora_merge}.items() if v is not None}
     if args.no_verify:
         updates["verify"] = False
-    report = export(Path(args.source), Path(args.out) if args.out else None, adapter_only=args.adapter_only, updates=updates)
+    report = export(Path(args.source), Path(args.out) if args.out else None, adapter_only=args.adapter_only, updates=updates,
+                    trust_remote_code=args.trust_remote_code)
     if report.get("verified"):
         console.print(
             f"verification ({report['sequences']} sequences, {report['positions']} positions): max |logit diff| "
@@ -174,8 +175,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_preprocess(args: argparse.Namespace) -> int:
     import json
 
-    from launcher.model import load_tokenizer
-    from launcher.preprocess import prepare
+    from ftl.model import load_tokenizer
+    from ftl.preprocess import prepare
 
     recipe = _one_recipe(args, "preprocess")
     train_set, eval_set, stats = prepare(recipe, load_tokenizer(recipe.model))
@@ -196,7 +197,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def cmd_slurm(args: argparse.Namespace) -> int:
-    from launcher.slurm import render, submit
+    from ftl.slurm import render, submit
 
     recipe = _one_recipe(args, f"slurm {args.action}")
     if args.action == "render":
@@ -209,7 +210,7 @@ def cmd_slurm(args: argparse.Namespace) -> int:
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:
-    from launcher.tiny import ARCHS, write_tiny_model
+    from ftl.tiny import ARCHS, write_tiny_model
 
     if args.arch not in ARCHS:
         raise UserError(f"--arch: unknown architecture '{args.arch}'; choose one of {', '.join(ARCHS)}")
@@ -225,7 +226,7 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
-    from launcher.demo_data import write_demo_data
+    from ftl.demo_data import write_demo_data
 
     train_path, eval_path = write_demo_data(args.out_dir, args.train_rows, args.eval_rows, args.seed)
     console.print(f"wrote {train_path} and {eval_path}")
@@ -233,11 +234,11 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from launcher.config import DataSource
-    from launcher.evaluate import evaluate_path
+    from ftl.config import DataSource
+    from ftl.evaluate import evaluate_path
 
     source = DataSource(path=args.data, format=args.format)
-    accuracy, n, examples = evaluate_path(args.model, source, args.limit)
+    accuracy, n, examples = evaluate_path(args.model, source, args.limit, trust_remote_code=args.trust_remote_code)
     for example in examples:
         console.print(f"  expected {example['expected']!r:<24} generated {example['generated']!r}")
     console.print(f"exact match: [bold]{accuracy:.1%}[/] of {n} rows")
@@ -245,7 +246,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from launcher.demo import run_demo
+    from ftl.demo import run_demo
 
     result = run_demo(args.recipe, Path(args.workdir))
     return 0 if result["accuracy_after"] > result["accuracy_before"] else 1
@@ -281,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qlora-merge", choices=["dequantized", "original"])
     p.add_argument("--adapter-only", action="store_true", help="write the PEFT adapter directory instead")
     p.add_argument("--no-verify", action="store_true", help="skip reloading and comparing logits (very large models)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow a run whose recipe sets model.trust_remote_code to import its model's Python files")
     p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("preprocess", help="tokenize, mix, pack and cache the data once; print its statistics")
@@ -316,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="alpaca or chat data file with reference answers")
     p.add_argument("--format", default="alpaca", choices=["alpaca", "chat"])
     p.add_argument("--limit", type=int, help="only the first N rows")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow a run whose recipe sets model.trust_remote_code to import its model's Python files")
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("demo", help="build a tiny model and data, train, and compare held-out accuracy")

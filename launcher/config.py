@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from launcher.errors import UserError
+from ftl.errors import UserError
 
 
 class RecipeError(UserError):
@@ -231,6 +231,14 @@ class SlurmSection(_Section):
     max_restarts: int = Field(3, ge=0, description="How often the job requeues itself after a timed-out or preempted attempt.")
     port: int = Field(29500, ge=1, le=65535, description="Rendezvous port on the first node.")
 
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, env: dict[str, str]) -> dict[str, str]:
+        for key in env:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+                raise ValueError(f"{key[:40]!r} is not an environment variable name (letters, digits and _, not starting with a digit)")
+        return env
+
 
 class Recipe(_Section):
     model: ModelSection
@@ -361,7 +369,7 @@ def uses_fused_ce(kernels: str | list[str], strategy: str) -> bool:
 
 def check_kernels(recipe: Recipe) -> list[tuple[tuple, str]]:
     """A listed fused_ce under the strategy the recipe resolves to (``auto`` included)."""
-    from launcher.plan import resolve_strategy  # plan imports this module
+    from ftl.plan import resolve_strategy  # plan imports this module
 
     strategy = resolve_strategy(recipe)
     if isinstance(recipe.kernels, list) and "fused_ce" in recipe.kernels and strategy in SHARDED_HEAD_STRATEGIES:

@@ -16,9 +16,9 @@ import datasets
 import numpy as np
 import torch
 
-from launcher.config import DataSection, DataSource
-from launcher.errors import UserError
-from launcher.loss import IGNORE_INDEX
+from ftl.config import DataSection, DataSource
+from ftl.errors import UserError
+from ftl.loss import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 

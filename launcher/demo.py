@@ -11,12 +11,12 @@ from typing import Any
 
 from rich.table import Table
 
-from launcher.config import load_recipe
-from launcher.console import console
-from launcher.demo_data import write_demo_data
-from launcher.evaluate import evaluate_path
-from launcher.tiny import write_tiny_model
-from launcher.train import train
+from ftl.config import load_recipe
+from ftl.console import console
+from ftl.demo_data import write_demo_data
+from ftl.evaluate import evaluate_path
+from ftl.tiny import write_tiny_model
+from ftl.train import train
 
 
 def run_demo(recipe_path: str | Path, workdir: Path) -> dict[str, Any]:

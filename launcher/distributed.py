@@ -4,7 +4,7 @@ DDP and DeepSpeed ZeRO come from Accelerate (``Accelerator.prepare``); FSDP2 is 
 ``fully_shard`` called here, on every decoder layer and then the root, because Accelerate's FSDP
 path does not shard on CPU. The few places where the strategies differ inside a training step
 (skipping gradient sync, backward, the optimizer step) are the three small functions at the end,
-so the loop in ``launcher.train`` stays one loop.
+so the loop in ``ftl.train`` stays one loop.
 
 Launchers fail quietly: ``accelerate launch --cpu`` starts one process whatever
 ``--num_processes`` says, and ``--multi_gpu`` on a CPU machine starts processes that never talk.
@@ -24,9 +24,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin, DistributedType, InitProcessGroupKwargs
 
-from launcher.config import Recipe
-from launcher.errors import UserError
-from launcher.plan import Plan
+from ftl.config import Recipe
+from ftl.errors import UserError
+from ftl.plan import Plan
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ class UserError(Exception):
 
 def exit_on_user_error(fn: Callable[[], T]) -> T:
     """Run ``fn``; on a :class:`UserError` print it on stderr and exit with code 2."""
-    from launcher.console import console_err
+    from ftl.console import console_err
 
     try:
         return fn()

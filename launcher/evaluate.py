@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from launcher.config import DataSource
-from launcher.data import DataError, load_source, parse_messages, render_segments
+from ftl.config import DataSource
+from ftl.data import DataError, load_source, parse_messages, render_segments
 
 
 def prompts_and_answers(source: DataSource, tokenizer: Any, limit: int | None = None) -> list[tuple[list[int], str]]:
@@ -72,11 +72,13 @@ def exact_match(
     return correct / max(len(pairs), 1), shown
 
 
-def evaluate_path(model_path: str | Path, data: DataSource, limit: int | None = None) -> tuple[float, int, list]:
+def evaluate_path(
+    model_path: str | Path, data: DataSource, limit: int | None = None, trust_remote_code: bool = False
+) -> tuple[float, int, list]:
     """Load a model or checkpoint and measure exact match on ``data``."""
-    from launcher.model import load_for_inference
+    from ftl.model import load_for_inference
 
-    model, tokenizer = load_for_inference(model_path)
+    model, tokenizer = load_for_inference(model_path, trust_remote_code=trust_remote_code)
     pairs = prompts_and_answers(data, tokenizer, limit)
     accuracy, examples = exact_match(model, tokenizer, pairs)
     return accuracy, len(pairs), examples

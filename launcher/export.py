@@ -2,7 +2,7 @@
 
 The output is what serving engines load: sharded safetensors with the standard index,
 ``config.json`` without a quantization config, ``generation_config.json``, the tokenizer with its
-chat template, and a model card. LoRA/QLoRA adapters are merged shard by shard (``launcher.merge``),
+chat template, and a model card. LoRA/QLoRA adapters are merged shard by shard (``ftl.merge``),
 full-model checkpoints are re-sharded, and ZeRO-3 checkpoints saved without gathered weights are
 consolidated with DeepSpeed's own ``get_fp32_state_dict_from_zero_checkpoint``.
 
@@ -24,10 +24,10 @@ import torch
 import yaml
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from launcher.checkpoint import STATE, checkpoints_dir, find_resumable, verify
-from launcher.config import ExportSection, Recipe, load_recipe
-from launcher.errors import UserError
-from launcher.merge import DTYPES, Adapter, Quantizer, TensorSource, write_merged
+from ftl.checkpoint import STATE, checkpoints_dir, find_resumable, verify
+from ftl.config import ExportSection, Recipe, load_recipe
+from ftl.errors import UserError
+from ftl.merge import DTYPES, Adapter, Quantizer, TensorSource, write_merged
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +65,15 @@ def export(
     options: ExportSection | None = None,
     adapter_only: bool = False,
     updates: dict[str, Any] | None = None,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Export the checkpoint at ``path`` into ``out``; returns the verification report.
 
     ``options`` default to the run recipe's ``export`` section; ``updates`` change some of them."""
     checkpoint, recipe = resolve_checkpoint(path)
+    if recipe.model.trust_remote_code and not trust_remote_code:
+        raise ExportError(f"{checkpoint}: the run's recipe sets model.trust_remote_code, so verifying its export would run "
+                          "Python files that come with its model; pass --trust-remote-code if you trust them")
     options = (options or recipe.export).model_copy(update=updates or {})
     out = Path(out or options.dir or Path(recipe.output.dir) / "export").resolve()
     if out.exists() and any(out.iterdir()):
@@ -199,7 +203,7 @@ def _write_model_card(out: Path, checkpoint: Path, recipe: Recipe, report: dict[
 @torch.no_grad()
 def verify_export(out: Path, checkpoint: Path, recipe: Recipe, options: ExportSection, mode: str) -> dict[str, Any]:
     """Logits of the export (loaded as a user would) against the model as trained."""
-    from launcher.model import load_for_inference
+    from ftl.model import load_for_inference
 
     exported = AutoModelForCausalLM.from_pretrained(out, dtype=DTYPES[options.dtype]).eval()
     if mode == "full-zero3":
@@ -208,7 +212,7 @@ def verify_export(out: Path, checkpoint: Path, recipe: Recipe, options: ExportSe
         reference = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(out), dtype=torch.float32).eval()
         reference.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag="deepspeed"), strict=False)
     else:
-        reference, _ = load_for_inference(checkpoint, dtype=torch.float32)
+        reference, _ = load_for_inference(checkpoint, dtype=torch.float32, trust_remote_code=recipe.model.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(out)
     sequences = _verification_sequences(recipe, tokenizer, options.verify_prompts)
     max_diff, sum_diff, count, agree, positions, scale = 0.0, 0.0, 0, 0, 0, 0.0
@@ -238,7 +242,7 @@ def verify_export(out: Path, checkpoint: Path, recipe: Recipe, options: ExportSe
 
 def _verification_sequences(recipe: Recipe, tokenizer: Any, limit: int) -> list[list[int]]:
     """Token ids of the first rows of the eval split (else train), or fixed prompts without data."""
-    from launcher.data import build_dataset
+    from ftl.data import build_dataset
 
     for sources in (recipe.data.eval, recipe.data.train):
         if sources and all(Path(s.path).exists() for s in sources):

@@ -15,9 +15,9 @@ import subprocess
 from pathlib import Path
 from types import FrameType
 
-from launcher.config import Recipe
-from launcher.plan import Plan, write_launch_files
-from launcher.signals import EXIT_STOPPED, STOP_SIGNALS, STOPPED
+from ftl.config import Recipe
+from ftl.plan import Plan, write_launch_files
+from ftl.signals import EXIT_STOPPED, STOP_SIGNALS, STOPPED
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ def count_trainable_tokens(labels: torch.Tensor) -> torch.Tensor:
 
 def causal_lm_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], fused: Callable | None = None) -> torch.Tensor:
     """Sum of next-token cross-entropy over the batch's trainable tokens (fp32 logits), or through
-    ``fused`` (``kernels.patch.FusedLoss``: the same sum without materialising the logits)."""
-    # Packed batches carry position_ids and no attention mask (see launcher.packing).
+    ``fused`` (``ftl.kernels.patch.FusedLoss``: the same sum without materialising the logits)."""
+    # Packed batches carry position_ids and no attention mask (see ftl.packing).
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     if fused is not None:
         return fused(model, inputs, batch["labels"])

@@ -20,9 +20,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from launcher.config import Recipe, validate_recipe
-from launcher.errors import UserError
-from launcher.memory import GIB, Shape, estimate, model_shape
+from ftl.config import Recipe, validate_recipe
+from ftl.errors import UserError
+from ftl.memory import GIB, Shape, estimate, model_shape
 
 STEPS = 3
 
@@ -43,7 +43,7 @@ def _proxy(recipe: Recipe, layers: int, out: Path) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from launcher.model import DTYPES, load_tokenizer
+    from ftl.model import DTYPES, load_tokenizer
 
     config = AutoConfig.from_pretrained(recipe.model.path, local_files_only=True)
     config.num_hidden_layers = layers
@@ -67,7 +67,7 @@ def _measure_once(recipe: Recipe, work: Path, model_path: str | None = None) -> 
     spec = work / "measure.json"
     spec.write_text(json.dumps(raw))
     env = {**os.environ, "FTL_LOG_LEVEL": "WARNING"}
-    done = subprocess.run([sys.executable, "-m", "launcher.measure", str(spec)], capture_output=True, text=True, env=env)
+    done = subprocess.run([sys.executable, "-m", "ftl.measure", str(spec)], capture_output=True, text=True, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("PEAK_GIB ")]
     if done.returncode != 0 or not lines:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
@@ -102,8 +102,8 @@ def _run(spec: Path) -> None:
     """The measuring process: train STEPS steps and print the peak memory training added."""
     import torch
 
-    from launcher.flops import peak_memory_gib, proc_status_gib
-    from launcher.train import train
+    from ftl.flops import peak_memory_gib, proc_status_gib
+    from ftl.train import train
 
     recipe = validate_recipe(json.loads(spec.read_text()))
     baseline = 0.0 if torch.cuda.is_available() else proc_status_gib("VmRSS")

@@ -31,8 +31,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from launcher.config import Recipe, _check_distributed, check_kernels, parse_gib, uses_fused_ce
-from launcher.errors import UserError
+from ftl.config import Recipe, _check_distributed, check_kernels, parse_gib, uses_fused_ce
+from ftl.errors import UserError
 
 GIB = 2**30
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -143,7 +143,7 @@ def _lora_targets(recipe: Recipe) -> list[str]:
 
 def estimate(recipe: Recipe, shape: Shape, strategy: str | None = None, micro_batch_size: int | None = None) -> Estimate:
     """Peak GPU memory per device of ``recipe`` (optionally with another strategy or micro-batch)."""
-    from launcher.plan import resolve_strategy
+    from ftl.plan import resolve_strategy
 
     strategy = strategy or resolve_strategy(recipe)
     mb = micro_batch_size or recipe.train.micro_batch_size
@@ -231,7 +231,7 @@ def _activation_bytes(recipe: Recipe, shape: Shape, micro_batch_size: int, compu
     else:
         blocks = shape.layers * layer
     if uses_fused_ce(recipe.kernels, strategy):  # kernels/fused_ce.py: one chunk of logits, and the stored input gradient
-        from kernels.fused_ce import chunk_size
+        from ftl.kernels.fused_ce import chunk_size
 
         logits = chunk_size(tokens, d, shape.vocab) * shape.vocab * (compute_bytes + 4 + 4) + tokens * d * compute_bytes
     else:

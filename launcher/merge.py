@@ -30,7 +30,7 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from launcher.errors import UserError
+from ftl.errors import UserError
 
 log = logging.getLogger(__name__)
 

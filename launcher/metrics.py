@@ -16,7 +16,7 @@ from typing import Any, Sequence
 from rich.table import Table
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from launcher.console import console
+from ftl.console import console
 
 
 class MetricsWriter:

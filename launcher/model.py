@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
-from launcher.config import MethodSection, ModelSection, QuantizationSection, Recipe
-from launcher.errors import UserError
+from ftl.config import MethodSection, ModelSection, QuantizationSection, Recipe
+from ftl.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,27 @@ def load_base_model(
         raise ModelError(f"model.path: cannot load a causal LM from '{cfg.path}': {_first_line(err)}") from None
     if tokenizer is not None and model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    if bnb_config is not None and bnb_config.load_in_4bit:
+        one_4bit_compute_path(model)
     return model
+
+
+def one_4bit_compute_path(model: torch.nn.Module) -> None:
+    """Make every 4-bit layer compute the same way in training, evaluation and export checks.
+
+    On CPUs with AVX-512 BF16, bitsandbytes repacks a ``Linear4bit``'s weight the first time it
+    runs in eval mode without grad, and from then on multiplies through a bf16 kernel, in eval and
+    afterwards in training too (that kernel has no autograd). The model that was trained would
+    then depend on when an evaluation happened and on the CPU, the faithful merge could not
+    reproduce it, and the repacked weights cannot be saved from float storage. The per-layer
+    switch keeps the dequantize-then-matmul path that training uses on every CPU (and on GPU,
+    where it does not apply).
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def apply_method(model: PreTrainedModel, method: MethodSection, gradient_checkpointing: bool) -> PreTrainedModel:
@@ -160,12 +180,16 @@ def build_model(recipe: Recipe) -> tuple[PreTrainedModel, Any]:
     return model, tokenizer
 
 
-def load_for_inference(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, Any]:
+def load_for_inference(
+    path: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
+) -> tuple[PreTrainedModel, Any]:
     """Load a saved checkpoint (full model or PEFT adapter) or a base model for generation.
 
     An adapter checkpoint inside a run directory is attached to the base loaded exactly as in
     training (the run's ``recipe.yaml``): a QLoRA adapter on a freshly quantized base, since on
-    the full-precision base it computes something else.
+    the full-precision base it computes something else. A run directory may be someone else's:
+    its recipe's ``model.trust_remote_code`` (which imports the model's Python files) is honoured
+    only when the caller passes ``trust_remote_code`` (``--trust-remote-code`` on the command).
     """
     path = Path(path)
     try:
@@ -174,9 +198,14 @@ def load_for_inference(path: str | Path, dtype: torch.dtype = torch.float32) -> 
 
             recipe_file = path.parent.parent / "recipe.yaml"
             if recipe_file.exists():
-                from launcher.config import load_recipe
+                from ftl.config import load_recipe
 
                 recipe = load_recipe(recipe_file)
+                if recipe.model.trust_remote_code and not trust_remote_code:
+                    raise ModelError(
+                        f"{recipe_file}: model.trust_remote_code is true, so loading this run would run Python files "
+                        "that come with its model; pass --trust-remote-code if you trust them"
+                    )
                 base = load_base_model(recipe.model, quant=recipe.quantization)
             else:
                 from peft import PeftConfig

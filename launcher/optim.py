@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from launcher.config import TrainSection
+from ftl.config import TrainSection
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:

@@ -2,7 +2,7 @@
 
 The plan is a pure function of the recipe (and whether this machine has CUDA), so ``ftl plan``
 prints exactly what ``ftl train`` launches, and every rank recomputes it to check that the
-process group it finds is the one the recipe asked for (see ``launcher.distributed``).
+process group it finds is the one the recipe asked for (see ``ftl.distributed``).
 
 ``distributed.strategy: auto`` picks, from the world size and the method: one process ->
 ``single``; LoRA/QLoRA (few trainable parameters, the frozen base fits each device) -> ``ddp``;
@@ -23,8 +23,8 @@ from typing import Any
 import torch
 import yaml
 
-from launcher.checkpoint import write_atomic
-from launcher.config import Recipe
+from ftl.checkpoint import write_atomic
+from ftl.config import Recipe
 
 DEEPSPEED_STAGES = {"zero1": 1, "zero2": 2, "zero3": 3}
 LAUNCH_DIR = "launch"  # in the run dir: recipe.yaml, accelerate.yaml, deepspeed.json, plan.json
@@ -95,10 +95,10 @@ def make_plan(recipe: Recipe, device: str | None = None) -> Plan:
     plan.env = launch_env(plan)
     recipe_file = str(plan.launch_dir / "recipe.yaml")
     if plan.world_size == 1:
-        plan.command = [sys.executable, "-m", "launcher.train", recipe_file]  # `ftl train` runs it in-process
+        plan.command = [sys.executable, "-m", "ftl.train", recipe_file]  # `ftl train` runs it in-process
     else:
         launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(plan.launch_dir / "accelerate.yaml")]
-        plan.command = [*launch, "-m", "launcher.train", recipe_file]
+        plan.command = [*launch, "-m", "ftl.train", recipe_file]
     return plan
 
 
@@ -139,7 +139,7 @@ def deepspeed_config(recipe: Recipe, stage: int, world_size: int) -> dict[str, A
         "zero_optimization": optimization,
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
-        # Our AdamW (torch's, or DeepSpeed's CPU Adam when offloading) is built by launcher.optim.
+        # Our AdamW (torch's, or DeepSpeed's CPU Adam when offloading) is built by ftl.optim.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1_000_000_000,
         "wall_clock_breakdown": False,
@@ -183,7 +183,10 @@ def launch_env(plan: Plan) -> dict[str, str]:
     # The CPUs this machine gives us: Slurm's allocation, else this process's affinity.
     cpus = int(os.environ.get("SLURM_CPUS_PER_TASK") or len(os.sched_getaffinity(0)) or 1)
     threads = max(1, cpus // plan.num_processes)
-    env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
+    env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads)),
+           # A working directory holding folders named like packages (a checkout of ftl has `kernels/`)
+           # must not shadow installed ones.
+           "PYTHONSAFEPATH": "1"}
     if plan.device == "cpu" and not plan.zero_stage:
         # `accelerate launch --cpu` starts one process whatever --num_processes says; this does not.
         # (DeepSpeed must not see it: Accelerate then turns DeepSpeed off.)

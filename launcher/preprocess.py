@@ -21,10 +21,10 @@ from typing import Any
 import datasets
 import numpy as np
 
-from launcher.config import DataSource, Recipe
-from launcher.data import build_dataset
-from launcher.loss import IGNORE_INDEX
-from launcher.packing import pack_dataset
+from ftl.config import DataSource, Recipe
+from ftl.data import build_dataset
+from ftl.loss import IGNORE_INDEX
+from ftl.packing import pack_dataset
 
 log = logging.getLogger(__name__)
 

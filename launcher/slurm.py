@@ -5,8 +5,9 @@ node's ``machine_rank`` and the first node as rendezvous, so each node starts it
 exactly as on a single machine. ``--signal=B:USR1@grace`` warns the batch shell before the time
 limit; it forwards the signal to the training step, which checkpoints and exits with 75, and the
 script requeues the job (up to ``max_restarts``), which resumes from ``latest``. Every value from
-the recipe that reaches the shell is quoted with ``shlex.quote``, and control characters are
-refused, so no recipe value can run as a command.
+the recipe that reaches the script is checked in :func:`render` (no control characters, environment
+names are names) and quoted by :func:`shell_quote`, so no recipe value can run as a command;
+``slurm.setup`` lines are the one exception, by design: they are shell lines the recipe's author writes.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from pathlib import Path
 
 import jinja2
 
-from launcher.config import Recipe
-from launcher.errors import UserError
+from ftl.config import Recipe
+from ftl.errors import UserError
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "slurm"
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class SlurmError(UserError):
@@ -34,39 +36,54 @@ def render(recipe: Recipe, mode: str = "train") -> str:
     """The sbatch script for ``recipe`` (``mode``: train, or export after training)."""
     recipe = recipe.resolved()
     slurm = recipe.slurm
-    _check_safe(slurm.model_dump())
     run_dir = Path(recipe.output.dir)
-    container = ""
-    if slurm.container_image:
-        container = f"--container-image={shlex.quote(slurm.container_image)} "
-        if slurm.container_mounts:
-            container += f"--container-mounts={shlex.quote(slurm.container_mounts)} "
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined, autoescape=False)
-    env.filters["q"] = lambda value: shlex.quote(str(value))
-    template = env.get_template("train.sbatch.j2")
     values = slurm.model_dump()
     if mode == "export":
         values.update(nodes=1, job_name=f"{slurm.job_name}-export", gpus_per_node=min(slurm.gpus_per_node or 0, 1) or None)
-    return template.render(
-        **values,
+    values.update(
         mode=mode,
         python=sys.executable,
         recipe_file=str(run_dir / "slurm" / "recipe.yaml"),
         run_dir=str(run_dir),
         log_dir=slurm.output_dir or str(run_dir / "slurm"),
-        container=container,
     )
+    # Every value that reaches the script is checked here, named by where it came from, before
+    # anything is rendered: a newline would end a comment or #SBATCH line and start a command.
+    names = {"run_dir": "output.dir", "recipe_file": "output.dir", "log_dir": "slurm.output_dir" if slurm.output_dir else "output.dir",
+             "python": "the Python interpreter path"}
+    for key, value in values.items():
+        _check_safe(value, names.get(key, f"slurm.{key}"))
+    for key in values["env"]:
+        if not ENV_NAME.fullmatch(key):
+            raise SlurmError(f"slurm.env: '{key}' is not an environment variable name (letters, digits, _; not starting with a digit)")
+    container = ""
+    if slurm.container_image:
+        container = f"--container-image={shell_quote(slurm.container_image)} "
+        if slurm.container_mounts:
+            container += f"--container-mounts={shell_quote(slurm.container_mounts)} "
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined, autoescape=False)
+    env.filters["q"] = shell_quote
+    return env.get_template("train.sbatch.j2").render(**values, container=container)
 
 
-def _check_safe(values: object, path: str = "slurm") -> None:
+def shell_quote(value: object) -> str:
+    """The one way a user value enters the script: one shell word, never a line break."""
+    text = str(value)
+    if _UNSAFE.search(text):  # render() names the field first; this is the backstop
+        raise SlurmError(f"{text[:40]!r}: control characters are not allowed in values rendered into the Slurm script")
+    return shlex.quote(text)
+
+
+def _check_safe(values: object, path: str) -> None:
     if isinstance(values, dict):
         for key, value in values.items():
+            _check_safe(key, path)
             _check_safe(value, f"{path}.{key}")
     elif isinstance(values, list):
         for i, value in enumerate(values):
             _check_safe(value, f"{path}[{i}]")
     elif isinstance(values, str) and _UNSAFE.search(values):
-        raise SlurmError(f"{path}: control characters (newlines, tabs) are not allowed in Slurm settings")
+        raise SlurmError(f"{path}: control characters (newlines, tabs) are not allowed in values rendered into the Slurm script")
 
 
 def submit(recipe: Recipe, export: bool = False, dependency: str | None = None) -> list[str]:

@@ -15,9 +15,9 @@ from typing import Any, Iterator
 
 from datasets.distributed import split_dataset_by_node
 
-from launcher.config import Recipe
-from launcher.data import load_source, tokenize_row
-from launcher.loss import IGNORE_INDEX
+from ftl.config import Recipe
+from ftl.data import load_source, tokenize_row
+from ftl.loss import IGNORE_INDEX
 
 SHUFFLE_BUFFER = 1000
 

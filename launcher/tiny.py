@@ -21,7 +21,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from launcher.demo_data import corpus as demo_corpus
+from ftl.demo_data import corpus as demo_corpus
 
 log = logging.getLogger(__name__)
 

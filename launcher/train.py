@@ -1,6 +1,6 @@
 """The training loop: one flow for every method, read top to bottom.
 
-Run as ``ftl train RECIPE`` or ``python -m launcher.train RECIPE [key=value ...]``, also under an
+Run as ``ftl train RECIPE`` or ``python -m ftl.train RECIPE [key=value ...]``, also under an
 ``accelerate launch`` that the user starts by hand. Each optimizer step gathers its micro-batches
 first, counts their trainable tokens across all ranks, and scales every micro-batch's summed loss
 by that count, so the update equals the one of a single batch of the same rows.
@@ -24,7 +24,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from transformers import get_scheduler
 
-from launcher.checkpoint import (
+from ftl.checkpoint import (
     checkpoints_dir,
     find_resumable,
     load_training_state,
@@ -32,20 +32,20 @@ from launcher.checkpoint import (
     save_checkpoint,
     verify,
 )
-from launcher.config import Recipe, load_recipe, uses_fused_ce
-from launcher.console import console, setup_logging
-from launcher import distributed
-from launcher.data import batch_indices, build_dataset, collate, load_source
-from launcher.errors import UserError, exit_on_user_error
-from launcher.flops import flops_counter, peak_flops, peak_memory_gib
-from launcher.loss import causal_lm_loss_sum, count_trainable_tokens
-from launcher.metrics import MetricsWriter, TrainingProgress, plot_losses, read_metrics, summary_table
-from launcher.model import build_model
-from launcher.optim import build_optimizer
-from launcher.plan import make_plan
-from launcher.preprocess import prepare as prepare_data
-from launcher.signals import EXIT_STOPPED, STOPPED, StopRequest
-from launcher.streaming import RowStream
+from ftl.config import Recipe, load_recipe, uses_fused_ce
+from ftl.console import console, setup_logging
+from ftl import distributed
+from ftl.data import batch_indices, build_dataset, collate, load_source
+from ftl.errors import UserError, exit_on_user_error
+from ftl.flops import flops_counter, peak_flops, peak_memory_gib
+from ftl.loss import causal_lm_loss_sum, count_trainable_tokens
+from ftl.metrics import MetricsWriter, TrainingProgress, plot_losses, read_metrics, summary_table
+from ftl.model import build_model
+from ftl.optim import build_optimizer
+from ftl.plan import make_plan
+from ftl.preprocess import prepare as prepare_data
+from ftl.signals import EXIT_STOPPED, STOPPED, StopRequest
+from ftl.streaming import RowStream
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
                     "eta_s": (now - start) / max(step - (resumed.get("step") or 0), 1) * (total_steps - step),
                     "peak_memory_gib": accelerator.reduce(torch.tensor(peak_memory_gib(), device=accelerator.device), "max").item(),
                 }
-                # Model FLOPs per device (see launcher.flops); MFU where the device's peak is known.
+                # Model FLOPs per device (see ftl.flops); MFU where the device's peak is known.
                 tflops = flops_per_token(window_tokens / max(window_rows, 1)) * record["tokens_per_s"] / world / 1e12
                 record["tflops_per_device"] = tflops
                 if peak:
@@ -267,7 +267,7 @@ def _apply_kernels(recipe: Recipe, model: torch.nn.Module, plan: Any, device: to
     """Swap in the recipe's kernels (see kernels/patch.py); returns the fused loss when it is used."""
     if recipe.kernels == "none":
         return None
-    from kernels.patch import FusedLoss, KernelError, apply, backend_for, supported
+    from ftl.kernels.patch import FusedLoss, KernelError, apply, backend_for, supported
 
     names = supported(model) if recipe.kernels == "auto" else list(recipe.kernels)
     if "fused_ce" in names and not uses_fused_ce(recipe.kernels, plan.strategy):
@@ -333,10 +333,10 @@ def _evaluate(model: torch.nn.Module, dataset: Any, tokenizer: Any, batch_size: 
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Entry point for ``python -m launcher.train RECIPE [key=value ...]``."""
+    """Entry point for ``python -m ftl.train RECIPE [key=value ...]``."""
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] in ("-h", "--help"):
-        print("usage: python -m launcher.train RECIPE [key.sub=value ...]")
+        print("usage: python -m ftl.train RECIPE [key.sub=value ...]")
         sys.exit(0 if args else 2)
     setup_logging(rank=int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))))
 

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Create the virtual environment and install ftl with its test extra.
-# torch: the CUDA build where an NVIDIA GPU is present, else the 2.13.0 CPU wheel (on local disk
-# on the project's CPU machines). Everything after is installed with torch held at that version,
-# so no dependency can swap it for a multi-GB CUDA build.
+# Create the virtual environment, install ftl with its test extra at the tested versions
+# (scripts/constraints.txt), and build DeepSpeed's JIT ops once.
+# torch 2.13.0: the CUDA build where an NVIDIA GPU is present, else the CPU wheel (on local disk on
+# the project's CPU machines; a bare `torch` would pull a multi-GB CUDA build there).
 set -euo pipefail
+cd "$(dirname "$0")/.."
 VENV=${1:-.venv}
 PYTHON=${PYTHON:-python3}
+CONSTRAINTS=scripts/constraints.txt
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
@@ -13,16 +15,14 @@ PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
         echo "install: NVIDIA GPU found, installing the CUDA build of torch"
-        "${PIP[@]}" torch
     else
-        echo "install: no NVIDIA GPU, installing the torch 2.13.0 CPU wheel"
-        "${PIP[@]}" torch==2.13.0
+        echo "install: no NVIDIA GPU, installing the torch CPU wheel"
     fi
+    "${PIP[@]}" -c "$CONSTRAINTS" torch
 fi
 
-TORCH_VERSION=$("$VENV/bin/python" -c "import torch; print(torch.__version__.split('+')[0])")
-CONSTRAINTS=$(mktemp)
-echo "torch==$TORCH_VERSION" > "$CONSTRAINTS"
-echo "install: ftl and its dependencies (torch held at $TORCH_VERSION)"
+echo "install: ftl and its dependencies at the tested versions ($CONSTRAINTS)"
 "${PIP[@]}" -c "$CONSTRAINTS" -e ".[test]"
-rm -f "$CONSTRAINTS"
+
+echo "install: building DeepSpeed's ops (once per machine; cached in ~/.cache/torch_extensions)"
+"$VENV/bin/python" scripts/build_ops.py

@@ -12,12 +12,15 @@ if not torch.cuda.is_available():
     # Triton kernels run on CPU tensors through its interpreter, which must be chosen before any
     # kernel is defined (kernels/ modules are imported by tests and by training with kernels: auto).
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Processes the tests start (often with the checkout as working directory) must import the
+# installed packages, never the checkout's `kernels/` folder as a top-level `kernels`.
+os.environ["PYTHONSAFEPATH"] = "1"
 
 import pytest
 import yaml
 
-from launcher.demo_data import write_demo_data
-from launcher.tiny import write_tiny_model
+from ftl.demo_data import write_demo_data
+from ftl.tiny import write_tiny_model
 
 
 @pytest.fixture(scope="session")

@@ -13,12 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from launcher.checkpoint import find_resumable, verify
-from launcher.config import validate_recipe
-from launcher.metrics import read_metrics
-from launcher.signals import EXIT_STOPPED
-from launcher.train import train
-from tests.conftest import make_recipe, write_jsonl, write_yaml
+from ftl.checkpoint import find_resumable, verify
+from ftl.config import validate_recipe
+from ftl.metrics import read_metrics
+from ftl.signals import EXIT_STOPPED
+from ftl.train import train
+from conftest import make_recipe, write_jsonl, write_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -133,13 +133,13 @@ def test_resume_path_that_is_not_a_checkpoint(tiny_llama: Path, small_data, tmp_
 
 RUNNER = """
 import sys, time
-import launcher.checkpoint as checkpoint
+import ftl.checkpoint as checkpoint
 _sha256 = checkpoint._sha256
 def slow_sha256(path):  # makes each save last long enough to be killed in the middle
     time.sleep(0.01)
     return _sha256(path)
 checkpoint._sha256 = slow_sha256
-from launcher.train import main
+from ftl.train import main
 main(sys.argv[1:])
 """
 
@@ -166,7 +166,7 @@ def test_sigkill_during_saves_never_leaves_a_partial_checkpoint(tiny_llama: Path
         train={"max_steps": 80, "micro_batch_size": 8, "learning_rate": 1e-3, "logging_steps": 1, "save_steps": 1},
     )
     recipe_file = write_yaml(tmp_path / "r.yaml", raw)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = dict(os.environ)
     rng = random.Random(0)
     kills, steps_done = 0, []
     while kills < 20:
@@ -189,7 +189,7 @@ def test_sigkill_during_saves_never_leaves_a_partial_checkpoint(tiny_llama: Path
             verify(latest)  # what a resume would load is complete
     assert kills == 20, f"the run finished after {kills} kills, too early for the test to mean anything"
     assert steps_done[-1] > 0 and steps_done[-1] < 80
-    final = subprocess.run([sys.executable, "-m", "launcher.train", str(recipe_file)], env=env, capture_output=True, text=True)
+    final = subprocess.run([sys.executable, "-m", "ftl.train", str(recipe_file)], env=env, capture_output=True, text=True)
     assert final.returncode == 0, final.stderr[-2000:]
     straight = _recipe(tiny_llama, small_data, tmp_path / "straight", "full", max_steps=80, save_steps=1)
     train(straight)
@@ -203,7 +203,7 @@ def test_sigterm_exit_code_and_marker(tiny_llama: Path, small_data, tmp_path: Pa
         train={"max_steps": 100000, "micro_batch_size": 8, "logging_steps": 1},
     )
     recipe_file = write_yaml(tmp_path / "r.yaml", raw)
-    proc = subprocess.Popen([sys.executable, "-m", "launcher", "train", str(recipe_file)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "ftl", "train", str(recipe_file)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "run/metrics.jsonl"
     deadline = time.time() + 120
     while not (metrics.exists() and metrics.read_text().count("\n") >= 3) and time.time() < deadline:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_recipe, write_yaml
+from conftest import make_recipe, write_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def ftl(*args: str, cwd: Path = ROOT, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "COLUMNS": "200"}
     return subprocess.run(
-        [sys.executable, "-m", "launcher", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
+        [sys.executable, "-m", "ftl", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
     )
 
 
@@ -83,7 +83,7 @@ def test_train_module_under_plain_accelerate_launch(tiny_llama: Path, demo_data,
     )
     launcher = Path(sys.executable).parent / "accelerate"
     result = subprocess.run(
-        [str(launcher), "launch", "--num_processes", "1", "--cpu", "-m", "launcher.train", str(recipe), "train.max_steps=3"],
+        [str(launcher), "launch", "--num_processes", "1", "--cpu", "-m", "ftl.train", str(recipe), "train.max_steps=3"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher.config import RecipeError, load_recipe, validate_recipe
-from tests.conftest import make_recipe, write_yaml
+from ftl.config import RecipeError, load_recipe, validate_recipe
+from conftest import make_recipe, write_yaml
 
 RECIPES = sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.yaml"))
 

@@ -3,9 +3,9 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from launcher.config import DataSection, DataSource
-from launcher.data import IGNORE_INDEX, DataError, batch_indices, build_dataset, collate, tokenize_row
-from tests.conftest import write_jsonl
+from ftl.config import DataSection, DataSource
+from ftl.data import IGNORE_INDEX, DataError, batch_indices, build_dataset, collate, tokenize_row
+from conftest import write_jsonl
 
 
 @pytest.fixture(scope="module")

@@ -23,13 +23,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from launcher.checkpoint import write_manifest
-from launcher.config import ExportSection, validate_recipe
-from launcher.export import export
-from launcher.metrics import read_metrics
-from launcher.signals import EXIT_STOPPED
-from launcher.train import train
-from tests.conftest import make_recipe, write_yaml
+from ftl.checkpoint import write_manifest
+from ftl.config import ExportSection, validate_recipe
+from ftl.export import export
+from ftl.metrics import read_metrics
+from ftl.signals import EXIT_STOPPED
+from ftl.train import train
+from conftest import make_recipe, write_yaml
 
 pytestmark = pytest.mark.multiprocess
 
@@ -65,7 +65,7 @@ def recipe_dict(model: Path, data: tuple[Path, Path], run_dir: Path, method: str
 
 def ftl(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "launcher", *args], capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run([sys.executable, "-m", "ftl", *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -79,7 +79,7 @@ def run_strategy(model: Path, data, run_dir: Path, method: str, strategy: str) -
         recipe = write_yaml(run_dir.with_suffix(".yaml"), recipe_dict(
             model, data, run_dir, method, 1, strategy="ddp", num_machines=2, main_process_port=port))
         procs = [
-            subprocess.Popen([sys.executable, "-m", "launcher", "train", str(recipe), f"distributed.machine_rank={r}"],
+            subprocess.Popen([sys.executable, "-m", "ftl", "train", str(recipe), f"distributed.machine_rank={r}"],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             for r in (0, 1)
         ]
@@ -167,7 +167,7 @@ def test_stop_signal_reaches_the_ranks_and_resume_finishes_the_trace(traces, tin
     run_dir = tmp_path / "run"
     recipe = write_yaml(tmp_path / "r.yaml", recipe_dict(tiny_llama, demo_data, run_dir, method, 2,
                                                          strategy="ddp", main_process_port=free_port()))
-    proc = subprocess.Popen([sys.executable, "-m", "launcher", "train", str(recipe)],
+    proc = subprocess.Popen([sys.executable, "-m", "ftl", "train", str(recipe)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 300
@@ -190,7 +190,7 @@ def test_guard_stops_a_launch_that_lost_its_processes(tiny_llama, demo_data, tmp
     run_dir = tmp_path / "run"
     recipe = write_yaml(tmp_path / "r.yaml", recipe_dict(tiny_llama, demo_data, run_dir, "lora", 2, strategy="ddp"))
     out = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
-                          "-m", "launcher.train", str(recipe)], capture_output=True, text=True, timeout=300)
+                          "-m", "ftl.train", str(recipe)], capture_output=True, text=True, timeout=300)
     assert out.returncode != 0
     assert "error: distributed: the recipe plans 2 process(es) (ddp: 1 machine(s) x 2), but this process is rank 0 of 1" in out.stderr
     assert not (run_dir / "checkpoints").exists()

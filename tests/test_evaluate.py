@@ -2,9 +2,9 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from launcher.config import DataSource
-from launcher.evaluate import exact_match, prompts_and_answers
-from tests.conftest import write_jsonl
+from ftl.config import DataSource
+from ftl.evaluate import exact_match, prompts_and_answers
+from conftest import write_jsonl
 
 
 

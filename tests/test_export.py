@@ -10,13 +10,13 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from launcher import merge
-from launcher.cli import main as cli_main
-from launcher.config import ExportSection, validate_recipe
-from launcher.errors import UserError
-from launcher.export import export
-from launcher.train import train
-from tests.conftest import make_recipe
+from ftl import merge
+from ftl.cli import main as cli_main
+from ftl.config import ExportSection, validate_recipe
+from ftl.errors import UserError
+from ftl.export import export
+from ftl.train import train
+from conftest import make_recipe
 
 LORA = {"r": 8, "alpha": 16, "dropout": 0.0}
 VARIANTS = {

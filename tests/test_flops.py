@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from launcher.flops import flops_counter, matmul_params, peak_flops
+from ftl.flops import flops_counter, matmul_params, peak_flops
 
 # hidden 64, 2 layers, 4 heads of 16, 2 KV heads, MLP 128, vocabulary 1000
 CONFIG = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -45,10 +45,10 @@ def test_known_gpus(monkeypatch, name, expected):
 
 
 def test_training_records_model_flops_and_peak_memory(tiny_llama, demo_data, tmp_path):
-    from launcher.config import validate_recipe
-    from launcher.metrics import read_metrics
-    from launcher.train import train
-    from tests.conftest import make_recipe
+    from ftl.config import validate_recipe
+    from ftl.metrics import read_metrics
+    from ftl.train import train
+    from conftest import make_recipe
 
     train(validate_recipe(make_recipe(tiny_llama, demo_data[0], tmp_path / "run", train={"peak_tflops": 1.0})))
     records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]

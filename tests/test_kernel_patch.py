@@ -8,13 +8,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from kernels.patch import KERNELS, FusedLoss, KernelError, apply, supported
-from kernels.rmsnorm import RMSNorm
-from kernels.swiglu import SwiGLUMLP
-from launcher.config import RecipeError, validate_recipe
-from launcher.loss import causal_lm_loss_sum
-from launcher.tiny import write_tiny_model
-from tests.conftest import make_recipe
+from ftl.kernels.patch import KERNELS, FusedLoss, KernelError, apply, supported
+from ftl.kernels.rmsnorm import RMSNorm
+from ftl.kernels.swiglu import SwiGLUMLP
+from ftl.config import RecipeError, validate_recipe
+from ftl.loss import causal_lm_loss_sum
+from ftl.tiny import write_tiny_model
+from conftest import make_recipe
 
 
 @pytest.fixture(scope="module")
@@ -64,15 +64,15 @@ def test_an_architecture_without_the_modules_is_an_error_and_auto_skips_it(caplo
         apply(model, ["rmsnorm"], "torch")
     with pytest.raises(KernelError, match="swiglu: no known gated MLP in GPT2LMHeadModel"):
         apply(model, ["swiglu"], "torch")
-    with caplog.at_level(logging.INFO, logger="kernels.patch"):
+    with caplog.at_level(logging.INFO, logger="ftl.kernels.patch"):
         chosen = supported(model)
     assert "rmsnorm" not in chosen and "swiglu" not in chosen
     assert "rmsnorm not used for GPT2LMHeadModel" in caplog.text
 
 
 def test_training_with_kernels_auto_has_the_trace_of_kernels_none(tmp_path, tiny_llama, demo_data, caplog):
-    from launcher.metrics import read_metrics
-    from launcher.train import train
+    from ftl.metrics import read_metrics
+    from ftl.train import train
 
     traces = {}
     for kernels in ("none", "auto"):
@@ -80,7 +80,7 @@ def test_training_with_kernels_auto_has_the_trace_of_kernels_none(tmp_path, tiny
                              method={"type": "lora", "lora": {"r": 8, "dropout": 0.0, "modules_to_save": ["lm_head"]}},
                              train={"max_steps": 6, "micro_batch_size": 4, "learning_rate": 1e-3, "seed": 0})
         recipe["kernels"] = kernels
-        with caplog.at_level(logging.INFO, logger="launcher.train"):
+        with caplog.at_level(logging.INFO, logger="ftl.train"):
             train(validate_recipe(recipe))
         traces[kernels] = [r["loss"] for r in read_metrics(tmp_path / kernels / "metrics.jsonl") if "loss" in r]
     assert "kernels: rmsnorm, swiglu, fused_ce (torch)" in caplog.text

@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.fused_ce import linear_cross_entropy, linear_cross_entropy_reference
-from kernels.rmsnorm import rms_norm, rms_norm_reference
-from kernels.swiglu import swiglu, swiglu_reference
+from ftl.kernels.fused_ce import linear_cross_entropy, linear_cross_entropy_reference
+from ftl.kernels.rmsnorm import rms_norm, rms_norm_reference
+from ftl.kernels.swiglu import swiglu, swiglu_reference
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2**-6, atol=2**-6),
        torch.float16: dict(rtol=2e-3, atol=2e-3)}
@@ -109,7 +109,7 @@ def test_each_comparison_can_fail(case):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rope_in_place_matches_reference(dtype):
-    from kernels.rope import rope_, rope_reference
+    from ftl.kernels.rope import rope_, rope_reference
 
     torch.manual_seed(0)
     q, k = torch.randn(2, 3, 5, 24).to(dtype), torch.randn(2, 1, 5, 24).to(dtype)  # GQA: 3 q heads, 1 kv head

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from launcher.config import RecipeError, load_recipe, validate_recipe
-from launcher.memory import GIB, Shape, autofit, estimate, micro_batch_options, model_shape
-from tests.conftest import make_recipe
+from ftl.config import RecipeError, load_recipe, validate_recipe
+from ftl.memory import GIB, Shape, autofit, estimate, micro_batch_options, model_shape
+from conftest import make_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 # 2 layers of hidden 64, GQA (4 heads, 2 kv heads of 16), MLP 128, vocab 100, untied.
@@ -116,7 +116,7 @@ def test_auto_keeps_qlora_on_one_gpu_and_picks_the_largest_micro_batch():
 
 
 def test_plan_cli_reports_memory_and_fit(tmp_path):
-    run = [sys.executable, "-m", "launcher.cli", "plan", str(ROOT / "recipes/llama3.1-8b-qlora.yaml"), "--json"]
+    run = [sys.executable, "-m", "ftl.cli", "plan", str(ROOT / "recipes/llama3.1-8b-qlora.yaml"), "--json"]
     out = subprocess.run(run + ["--gpu-mem", "80GB"], capture_output=True, text=True, check=True).stdout
     report = json.loads(out)
     assert report["fits"] is True and report["gpu_memory_gib"] == 80 and report["memory_gib"]["total"] > 5
@@ -132,7 +132,7 @@ def test_bad_gpu_memory_in_recipe_is_one_line(tmp_path):
 
 
 def test_train_with_gpu_memory_runs_the_chosen_micro_batch(tmp_path, tiny_llama, demo_data):
-    from launcher.cli import main
+    from ftl.cli import main
 
     recipe = make_recipe(tiny_llama, demo_data[0], tmp_path / "run", distributed={"gpu_memory": "2GB"},
                          train={"max_steps": 1, "micro_batch_size": 1, "gradient_accumulation_steps": 4})
@@ -149,8 +149,8 @@ def test_train_with_gpu_memory_runs_the_chosen_micro_batch(tmp_path, tiny_llama,
 @pytest.mark.slow
 def test_measure_through_proxies_extrapolates_the_direct_measurement(tmp_path, demo_data, monkeypatch):
     """A 4-layer model measured directly and through 1- and 2-layer proxies agree (CPU RSS: 35%)."""
-    from launcher import measure as measuring
-    from launcher.tiny import write_tiny_model
+    from ftl import measure as measuring
+    from ftl.tiny import write_tiny_model
 
     model = write_tiny_model(tmp_path / "model", "llama", hidden_size=256, layers=4)
     recipe = validate_recipe(make_recipe(model, demo_data[0], tmp_path / "run", data={"train": {"path": str(demo_data[0])}, "max_length": 256},
@@ -164,7 +164,7 @@ def test_measure_through_proxies_extrapolates_the_direct_measurement(tmp_path, d
 
 
 def test_plan_without_a_readable_model_config_still_prints_the_plan(tmp_path):
-    run = [sys.executable, "-m", "launcher.cli", "plan", str(ROOT / "recipes/llama3.1-8b-qlora.yaml"), "model.path=some-org/unknown-model"]
+    run = [sys.executable, "-m", "ftl.cli", "plan", str(ROOT / "recipes/llama3.1-8b-qlora.yaml"), "model.path=some-org/unknown-model"]
     out = subprocess.run(run, capture_output=True, text=True)
     assert out.returncode == 0 and "memory estimate unavailable" in out.stdout and "model.path" in out.stdout
     refused = subprocess.run(run + ["--gpu-mem", "80GB"], capture_output=True, text=True)

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from launcher.config import validate_recipe
-from launcher.metrics import MetricsWriter, read_metrics
-from tests.conftest import make_recipe
+from ftl.config import validate_recipe
+from ftl.metrics import MetricsWriter, read_metrics
+from conftest import make_recipe
 
 
 def scalars(run_dir: Path, tag: str) -> dict[int, float]:
@@ -45,7 +45,7 @@ def test_wandb_offline_run_logs_the_records(tmp_path, monkeypatch):
 
 
 def test_recipe_report_to_wandb_names_the_project_and_run(tmp_path, tiny_llama, demo_data, monkeypatch):
-    from launcher.train import train
+    from ftl.train import train
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -61,7 +61,7 @@ def test_recipe_report_to_wandb_names_the_project_and_run(tmp_path, tiny_llama, 
 def test_training_writes_tensorboard_loss_png_and_summary(tmp_path, tiny_llama, demo_data, capsys):
     import matplotlib.image
 
-    from launcher.train import train
+    from ftl.train import train
 
     train_path, eval_path = demo_data
     recipe = validate_recipe(make_recipe(tiny_llama, train_path, tmp_path / "run", eval_path,
@@ -81,7 +81,7 @@ def test_training_writes_tensorboard_loss_png_and_summary(tmp_path, tiny_llama, 
 def test_wandb_without_the_package_is_a_recipe_error(tmp_path, monkeypatch):
     import importlib.util
 
-    from launcher.config import RecipeError
+    from ftl.config import RecipeError
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))

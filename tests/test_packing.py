@@ -8,11 +8,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from launcher.config import DataSection, DataSource
-from launcher.data import build_dataset, collate
-from launcher.loss import IGNORE_INDEX, causal_lm_loss_sum
-from launcher.packing import best_fit_decreasing, pack_dataset
-from launcher.tiny import write_tiny_model
+from ftl.config import DataSection, DataSource
+from ftl.data import build_dataset, collate
+from ftl.loss import IGNORE_INDEX, causal_lm_loss_sum
+from ftl.packing import best_fit_decreasing, pack_dataset
+from ftl.tiny import write_tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,10 @@ import torch
 import yaml
 from accelerate.commands.config.config_args import ClusterConfig
 
-from launcher.config import RecipeError, load_recipe, validate_recipe
-from launcher.distributed import DistributedError, check_wrapped
-from launcher.plan import make_plan, write_launch_files
-from tests.conftest import make_recipe
+from ftl.config import RecipeError, load_recipe, validate_recipe
+from ftl.distributed import DistributedError, check_wrapped
+from ftl.plan import make_plan, write_launch_files
+from conftest import make_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,7 +37,7 @@ def test_auto_strategy(tmp_path, method, processes, expected):
 def test_8b_qlora_on_one_gpu_runs_in_process():
     plan = make_plan(load_recipe(ROOT / "recipes/llama3.1-8b-qlora.yaml").resolved(), device="cuda")
     assert plan.strategy == "single" and plan.world_size == 1 and plan.deepspeed is None
-    assert plan.command[1:3] == ["-m", "launcher.train"]
+    assert plan.command[1:3] == ["-m", "ftl.train"]
 
 
 def test_8b_full_fine_tuning_on_8_gpus_zero3(tmp_path):
@@ -60,7 +60,7 @@ def test_8b_full_fine_tuning_on_8_gpus_zero3(tmp_path):
     assert cluster.deepspeed_config["deepspeed_config_file"] == str(plan.launch_dir / "deepspeed.json")
     assert json.loads((plan.launch_dir / "deepspeed.json").read_text()) == ds
     assert yaml.safe_load((plan.launch_dir / "recipe.yaml").read_text())["distributed"]["num_processes"] == 8
-    assert plan.shell_command().endswith(f"-m launcher.train {plan.launch_dir}/recipe.yaml")
+    assert plan.shell_command().endswith(f"-m ftl.train {plan.launch_dir}/recipe.yaml")
 
 
 def test_70b_qlora_on_2x8_gpus(tmp_path):
@@ -114,7 +114,7 @@ def test_guard_rejects_an_unwrapped_model(tmp_path):
 
 def test_ftl_plan_json(tmp_path):
     recipe = ROOT / "recipes/llama3.1-8b-full-zero3.yaml"
-    out = subprocess.run([sys.executable, "-m", "launcher", "plan", str(recipe), "--json", "--device", "cuda",
+    out = subprocess.run([sys.executable, "-m", "ftl", "plan", str(recipe), "--json", "--device", "cuda",
                           f"output.dir={tmp_path}", "distributed.num_processes=4"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     plan = json.loads(out.stdout)

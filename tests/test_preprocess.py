@@ -9,12 +9,12 @@ import sys
 import pytest
 from transformers import AutoTokenizer
 
-from launcher import preprocess
-from launcher.config import validate_recipe
-from launcher.data import batch_indices
-from launcher.metrics import read_metrics
-from launcher.train import train
-from tests.conftest import make_recipe, write_jsonl, write_yaml
+from ftl import preprocess
+from ftl.config import validate_recipe
+from ftl.data import batch_indices
+from ftl.metrics import read_metrics
+from ftl.train import train
+from conftest import make_recipe, write_jsonl, write_yaml
 
 
 def recipe_for(tiny_llama, demo_data, run_dir, **data):
@@ -78,7 +78,7 @@ def test_ftl_preprocess_prints_statistics(tiny_llama, demo_data, tmp_path):
     raw = make_recipe(tiny_llama, demo_data[0], tmp_path / "run")
     raw["data"].update({"packing": True, "max_length": 256})
     path = write_yaml(tmp_path / "r.yaml", raw)
-    out = subprocess.run([sys.executable, "-m", "launcher", "preprocess", str(path)], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "ftl", "preprocess", str(path)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "400 rows, 0 truncated" in out.stdout and "of slots hold real tokens" in out.stdout
     assert json.loads((tmp_path / "run" / "data_stats.json").read_text())["examples"] == 400

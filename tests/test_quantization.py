@@ -9,14 +9,14 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
-from launcher.config import RecipeError, validate_recipe
-from launcher.data import build_dataset, collate
-from launcher.loss import causal_lm_loss_sum, count_trainable_tokens
-from launcher.metrics import read_metrics
-from launcher.model import build_model, load_for_inference
-from launcher.optim import build_optimizer
-from launcher.train import train
-from tests.conftest import make_recipe, write_yaml
+from ftl.config import RecipeError, validate_recipe
+from ftl.data import build_dataset, collate
+from ftl.loss import causal_lm_loss_sum, count_trainable_tokens
+from ftl.metrics import read_metrics
+from ftl.model import build_model, load_for_inference
+from ftl.optim import build_optimizer
+from ftl.train import train
+from conftest import make_recipe, write_yaml
 
 QLORA = {"type": "qlora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0}}
 FP32_COMPUTE = {"bits": 4, "compute_dtype": "float32"}
@@ -163,7 +163,7 @@ def test_paged_optimizer_falls_back_on_cpu_with_one_warning(tiny_llama: Path, de
     )
     env = {**os.environ, "COLUMNS": "300"}
     result = subprocess.run(
-        [sys.executable, "-m", "launcher", "train", str(write_yaml(tmp_path / "r.yaml", raw))],
+        [sys.executable, "-m", "ftl", "train", str(write_yaml(tmp_path / "r.yaml", raw))],
         capture_output=True, text=True, timeout=300, env=env,
     )
     assert result.returncode == 0, result.stderr[-2000:]

@@ -10,11 +10,11 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM
 
-from launcher.config import validate_recipe
-from launcher.distributed import shard
-from launcher.plan import Plan
-from launcher.slurm import render
-from tests.conftest import make_recipe
+from ftl.config import validate_recipe
+from ftl.distributed import shard
+from ftl.plan import Plan
+from ftl.slurm import render
+from conftest import make_recipe
 
 
 @pytest.fixture
@@ -51,4 +51,4 @@ def test_slurm_options_reach_the_script(tiny_llama, demo_data, tmp_path):
                  "--container-image=nvcr.io/x:1 --container-mounts=/data:/data", '-lt 2 ]'):
         assert line in script, line
     export = render(recipe, "export")
-    assert "#SBATCH --nodes=1" in export and "-m launcher export" in export and "--signal" not in export
+    assert "#SBATCH --nodes=1" in export and "-m ftl export" in export and "--signal" not in export

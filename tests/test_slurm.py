@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from launcher.config import RecipeError, validate_recipe
-from launcher.metrics import read_metrics
-from launcher.slurm import SlurmError, render
-from tests.conftest import make_recipe, write_yaml
+from ftl.config import RecipeError, validate_recipe
+from ftl.metrics import read_metrics
+from ftl.slurm import SlurmError, render
+from conftest import make_recipe, write_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = ROOT / "tests" / "slurm" / "cluster.sh"
@@ -60,6 +60,24 @@ def test_newlines_in_slurm_values_are_refused(tiny_llama, demo_data, tmp_path):
         render(recipe)
 
 
+@pytest.mark.parametrize("key", ["A=1;touch /tmp/pwned;B", "A$(touch /tmp/pwned)", "A`touch /tmp/pwned`", "A\ntouch /tmp/pwned", "1A"])
+def test_slurm_env_names_are_refused_unless_names(tiny_llama, demo_data, tmp_path, key):
+    raw = slurm_recipe(tiny_llama, demo_data, tmp_path / "run", env={key: "x"})
+    with pytest.raises(RecipeError, match="slurm.env: .* is not an environment variable name"):
+        validate_recipe(raw)
+
+
+def test_a_newline_in_output_dir_cannot_reach_the_shell(tiny_llama, demo_data, tmp_path):
+    recipe = validate_recipe(slurm_recipe(tiny_llama, demo_data, tmp_path / "o\ntouch /tmp/pwned\n"))
+    with pytest.raises(SlurmError, match="output.dir: control characters"):
+        render(recipe)
+    # A path with shell syntax but no line break is one quoted word everywhere, comments included.
+    recipe = validate_recipe(slurm_recipe(tiny_llama, demo_data, tmp_path / "o;touch $(x)"))
+    script = render(recipe)
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+    assert all(line.startswith("#") or "o;touch $(x)" not in line or "'" in line for line in script.splitlines())
+
+
 def test_slurm_settings_are_checked(tiny_llama, demo_data, tmp_path):
     with pytest.raises(RecipeError, match="slurm.signal_grace"):
         validate_recipe(slurm_recipe(tiny_llama, demo_data, tmp_path / "run", time="00:05:00", signal_grace=300))
@@ -95,7 +113,7 @@ def cluster():
 
 
 def ftl(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launcher", *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "ftl", *args], capture_output=True, text=True, timeout=600)
 
 
 def job_state(job: str) -> dict[str, str]:

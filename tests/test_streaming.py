@@ -7,12 +7,12 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from launcher.config import RecipeError, validate_recipe
-from launcher.metrics import read_metrics
-from launcher.streaming import RowStream
-from launcher.train import train
-from tests.conftest import make_recipe, write_jsonl
-from tests.test_checkpoint import _sigterm_at
+from ftl.config import RecipeError, validate_recipe
+from ftl.metrics import read_metrics
+from ftl.streaming import RowStream
+from ftl.train import train
+from conftest import make_recipe, write_jsonl
+from test_checkpoint import _sigterm_at
 
 
 def streaming_recipe(tiny_llama, train_path, run_dir, **train_cfg):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from launcher.tiny import write_tiny_model
+from ftl.tiny import write_tiny_model
 
 
 @pytest.mark.parametrize("arch,model_type", [("llama", "llama"), ("qwen2", "qwen2"), ("mistral", "mistral")])

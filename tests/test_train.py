@@ -6,11 +6,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from launcher.config import validate_recipe
-from launcher.metrics import read_metrics
-from launcher.tiny import write_tiny_model
-from launcher.train import TrainError, train
-from tests.conftest import make_recipe
+from ftl.config import validate_recipe
+from ftl.metrics import read_metrics
+from ftl.tiny import write_tiny_model
+from ftl.train import TrainError, train
+from conftest import make_recipe
 
 
 def _train(model: Path, data: tuple[Path, Path], run_dir: Path, with_eval: bool = False, **sections) -> dict:
