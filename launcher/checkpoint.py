@@ -20,8 +20,10 @@ A checkpoint is written into ``step-N.tmp/``, every file is fsynced, ``manifest.
 sha256 of every file) is written last, the directory is renamed, and only then is ``latest``
 replaced (write + rename). A kill at any moment leaves the previous checkpoint intact; a
 checkpoint whose files do not match its manifest is skipped with a warning when resuming.
-Our files load with ``weights_only=True``: no pickle in them can run code (DeepSpeed loads its
-own ``deepspeed/`` files).
+Our files load with ``weights_only=True``: no pickle in them can run code. DeepSpeed loads its own
+``deepspeed/`` files with ``weights_only=False``; :func:`check_deepspeed_pickles` first reads every
+one of them with torch's weights-only unpickler (tensors, plain data and two DeepSpeed value
+classes), so a planted pickle is refused before DeepSpeed sees it.
 """
 
 from __future__ import annotations
@@ -160,6 +162,7 @@ def _load_sharded_state(model: Any, optimizer: Any, checkpoint: Path) -> None:
     if hasattr(model, "zero_optimization_stage"):
         if not (checkpoint / "deepspeed").is_dir():
             raise CheckpointError(f"{checkpoint}: no deepspeed/ state; resume with the strategy it was saved under")
+        check_deepspeed_pickles(checkpoint)
         path, _ = model.load_checkpoint(
             str(checkpoint), tag="deepspeed", load_module_strict=not _is_peft(model),
             load_optimizer_states=True, load_lr_scheduler_states=False,
@@ -176,6 +179,41 @@ def _load_sharded_state(model: Any, optimizer: Any, checkpoint: Path) -> None:
         state = {"model": model_state, "optim": optim_state}
         dcp.load(state, checkpoint_id=str(checkpoint / "dcp"))
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def check_deepspeed_pickles(checkpoint: Path) -> None:
+    """Refuse ``deepspeed/`` files that hold anything but tensors and plain data.
+
+    DeepSpeed unpickles its files with ``weights_only=False``, where a planted object runs code.
+    Reading each file first with the weights-only unpickler (memory-mapped, so tensors are not
+    read) proves the same bytes hold nothing that could.
+    """
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    for path in sorted((checkpoint / "deepspeed").rglob("*.pt")):
+        try:
+            with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum]):
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:  # the unpickler's refusals, or a torn file
+            raise CheckpointError(
+                f"{path}: not loaded: it holds pickled objects that are not tensors or plain data "
+                f"({_first_line(err)}); only load checkpoints you trust with DeepSpeed's own tools"
+            ) from None
+
+
+def zero_fp32_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The full-precision weights consolidated from a checkpoint's ``deepspeed/`` shards."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    check_deepspeed_pickles(checkpoint)
+    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag="deepspeed")
+
+
+def _first_line(err: Exception) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    refused = [line for line in lines if "Unsupported global" in line or "Unsupported operand" in line]
+    return (refused or lines or [type(err).__name__])[0][:200]
 
 
 def write_manifest(directory: Path) -> None:

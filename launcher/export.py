@@ -24,7 +24,7 @@ import torch
 import yaml
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from ftl.checkpoint import STATE, checkpoints_dir, find_resumable, verify
+from ftl.checkpoint import STATE, checkpoints_dir, find_resumable, verify, zero_fp32_state_dict
 from ftl.config import ExportSection, Recipe, load_recipe
 from ftl.errors import UserError
 from ftl.merge import DTYPES, Adapter, Quantizer, TensorSource, write_merged
@@ -123,9 +123,7 @@ def _write_model(checkpoint: Path, recipe: Recipe, out: Path, dtype: torch.dtype
     elif any(checkpoint.glob("model*.safetensors")):
         source, adapter, mode, config_dir = TensorSource.from_dir(checkpoint), None, "full", checkpoint
     elif (checkpoint / "deepspeed").is_dir():
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag="deepspeed")
+        state = zero_fp32_state_dict(checkpoint)
         source, adapter, mode, config_dir = TensorSource.from_state_dict(state), None, "full-zero3", base_dir
     else:
         raise ExportError(f"{checkpoint}: no adapter, model weights or deepspeed/ state to export")
@@ -207,10 +205,8 @@ def verify_export(out: Path, checkpoint: Path, recipe: Recipe, options: ExportSe
 
     exported = AutoModelForCausalLM.from_pretrained(out, dtype=DTYPES[options.dtype]).eval()
     if mode == "full-zero3":
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
         reference = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(out), dtype=torch.float32).eval()
-        reference.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag="deepspeed"), strict=False)
+        reference.load_state_dict(zero_fp32_state_dict(checkpoint), strict=False)
     else:
         reference, _ = load_for_inference(checkpoint, dtype=torch.float32, trust_remote_code=recipe.model.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(out)

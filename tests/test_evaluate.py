@@ -1,10 +1,14 @@
+import json
 from pathlib import Path
 
+import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ftl.config import DataSource
 from ftl.evaluate import exact_match, prompts_and_answers
-from conftest import write_jsonl
+from ftl.checkpoint import write_manifest
+from ftl.config import validate_recipe
+from conftest import make_recipe, write_jsonl
 
 
 
@@ -27,3 +31,23 @@ def test_exact_match_scores_greedy_generations(tiny_llama: Path, tmp_path: Path)
     again, _ = exact_match(model, tokenizer, [(pairs[0][0], generated)] * 2 + [(pairs[0][0], generated + "x")], max_new_tokens=4)
     assert accuracy == (1.0 if generated == "red" else 0.0)
     assert again == 2 / 3
+
+
+def test_a_run_that_trusts_remote_code_needs_the_flag(tiny_llama, demo_data, tmp_path, capsys):
+    """Evaluating or exporting someone else's run must not import its model's Python files unasked."""
+    from ftl.cli import main as cli_main
+
+    run_dir = tmp_path / "run"
+    recipe = validate_recipe(make_recipe(tiny_llama, demo_data[0], run_dir, model={"trust_remote_code": True}))
+    checkpoint = run_dir / "checkpoints" / "step-1"
+    checkpoint.mkdir(parents=True)
+    (run_dir / "recipe.yaml").write_text(recipe.resolved().to_yaml())
+    (checkpoint / "adapter_config.json").write_text("{}")
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 1}))
+    write_manifest(checkpoint)
+    for argv in (["eval", str(checkpoint), "--data", str(demo_data[1])], ["export", str(checkpoint)]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "model.trust_remote_code" in err and "--trust-remote-code" in err, err

@@ -153,3 +153,45 @@ def test_export_section_defaults(runs, tmp_path):
     options = ExportSection(dtype="float32", dir=str(tmp_path / "from-recipe"), verify_prompts=3)
     report = export(runs("lora"), None, options)
     assert report["out"] == str(tmp_path / "from-recipe") and report["sequences"] == 3
+
+
+class _Planted:
+    """Unpickling this runs a shell command (what a planted checkpoint file would do)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _zero_checkpoint_with(payload: object, tiny_llama: Path, demo_data, tmp_path: Path) -> Path:
+    """A run directory whose only checkpoint holds a deepspeed/ state file with ``payload``."""
+    from ftl.checkpoint import write_manifest
+
+    run_dir = tmp_path / "run"
+    recipe = validate_recipe(make_recipe(tiny_llama, demo_data[0], run_dir, method={"type": "full"})).resolved()
+    checkpoint = run_dir / "checkpoints" / "step-1"
+    (checkpoint / "deepspeed").mkdir(parents=True)
+    (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 1}))
+    torch.save(payload, checkpoint / "deepspeed" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    write_manifest(checkpoint)  # an attacker can write a matching manifest too
+    (run_dir / "checkpoints" / "latest").write_text("step-1")
+    return checkpoint
+
+
+def test_export_refuses_a_planted_pickle_in_deepspeed_state(tiny_llama, demo_data, tmp_path):
+    marker = tmp_path / "pwned"
+    checkpoint = _zero_checkpoint_with({"optimizer_state_dict": _Planted(marker)}, tiny_llama, demo_data, tmp_path)
+    with pytest.raises(UserError, match="zero_pp_rank_0_mp_rank_00_optim_states.pt: not loaded: it holds pickled objects"):
+        export(checkpoint, tmp_path / "out")
+    assert not marker.exists()
+    # The same check reads what DeepSpeed really writes (tensors, plain data, its loss scaler).
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from ftl.checkpoint import check_deepspeed_pickles
+
+    legit = _zero_checkpoint_with({"w": torch.ones(3), "scaler": LossScaler(1.0), "n": [1, "a"]}, tiny_llama, demo_data, tmp_path / "b")
+    check_deepspeed_pickles(legit)
