@@ -35,6 +35,7 @@ import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -242,17 +243,34 @@ def verify(directory: Path) -> None:
     if not manifest_path.is_file():
         raise CheckpointError(f"{directory}: no {MANIFEST} (incomplete checkpoint)")
     try:
-        files = json.loads(manifest_path.read_text())["files"]
-    except (ValueError, KeyError):
-        raise CheckpointError(f"{directory}: unreadable {MANIFEST}") from None
-    for name, meta in files.items():
+        files = json.loads(manifest_path.read_bytes())["files"]
+        entries = [(str(name), int(meta["size"]), str(meta["sha256"])) for name, meta in files.items()]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise CheckpointError(f"{directory}: unreadable {MANIFEST} (expected files: {{name: {{size, sha256}}}})") from None
+    for name, size, sha256 in entries:
         path = directory / name
+        if not path.resolve().is_relative_to(directory.resolve()):
+            raise CheckpointError(f"{directory}: {MANIFEST} names a file outside the checkpoint ({name})")
         if not path.is_file():
             raise CheckpointError(f"{directory}: {name} is missing")
-        if path.stat().st_size != meta["size"]:
-            raise CheckpointError(f"{directory}: {name} has {path.stat().st_size} bytes, manifest says {meta['size']}")
-        if _sha256(path) != meta["sha256"]:
+        if path.stat().st_size != size:
+            raise CheckpointError(f"{directory}: {name} has {path.stat().st_size} bytes, manifest says {size}")
+        if _sha256(path) != sha256:
             raise CheckpointError(f"{directory}: {name} does not match its checksum")
+    read_state(directory)
+
+
+def read_state(checkpoint: Path) -> dict[str, Any]:
+    """``trainer_state.json`` of a checkpoint, with the fields resuming needs checked."""
+    try:
+        state = json.loads((checkpoint / STATE).read_bytes())
+    except OSError:
+        raise CheckpointError(f"{checkpoint}: no readable {STATE}") from None
+    except ValueError:
+        raise CheckpointError(f"{checkpoint}: {STATE} is not JSON") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or isinstance(state.get("step"), bool) or state["step"] < 0:
+        raise CheckpointError(f"{checkpoint}: {STATE} has no step (a non-negative integer)")
+    return state
 
 
 def find_resumable(run_dir: Path) -> Path | None:
@@ -260,9 +278,10 @@ def find_resumable(run_dir: Path) -> Path | None:
     candidates = sorted(_step_dirs(run_dir), key=_step_of, reverse=True)
     pointer = checkpoints_dir(run_dir) / LATEST
     if pointer.is_file():
-        named = checkpoints_dir(run_dir) / pointer.read_text().strip()
+        named = pointer.read_bytes().decode("utf-8", "replace").strip()
         # Anything newer than `latest` was never declared complete.
-        candidates = [c for c in candidates if _step_of(c) <= _step_of(named)] if _STEP_DIR.match(named.name) else candidates
+        if _STEP_DIR.match(named):
+            candidates = [c for c in candidates if _step_of(c) <= int(_STEP_DIR.match(named).group(1))]
     for candidate in candidates:
         try:
             verify(candidate)
@@ -270,6 +289,27 @@ def find_resumable(run_dir: Path) -> Path | None:
         except CheckpointError as err:
             log.warning("skipping broken checkpoint: %s", err)
     return None
+
+
+def move_aside(paths: list[Path], run_dir: Path) -> Path | None:
+    """Move checkpoints (or other run files) that cannot be used out of the way, never deleting them.
+
+    They land in ``<run dir>/set-aside/<time>/`` under their own names, where a user can inspect
+    or delete them; a fresh or resumed run then cannot overwrite or prune them.
+    """
+    present = [p for p in paths if p.exists()]
+    if not present:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = run_dir / "set-aside" / stamp
+    n = 1
+    while target.exists():
+        n += 1
+        target = run_dir / "set-aside" / f"{stamp}-{n}"
+    target.mkdir(parents=True)
+    for path in present:
+        os.replace(path, target / path.name)
+    return target
 
 
 def _step_dirs(run_dir: Path) -> list[Path]:
@@ -303,7 +343,7 @@ def load_training_state(
     rng_file = checkpoint / f"rng_state_rank{rank}.pt"
     if not rng_file.exists():
         raise CheckpointError(f"{checkpoint}: no RNG state for rank {rank}; resume with the same number of processes")
-    state = json.loads((checkpoint / STATE).read_text())
+    state = read_state(checkpoint)
     state["_rng"] = torch.load(rng_file, weights_only=True)
     data_file = checkpoint / f"data_state_rank{rank}.json"
     if data_file.exists():

@@ -9,6 +9,7 @@ main process draws ``loss.png`` and prints a one-screen summary.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -17,6 +18,9 @@ from rich.table import Table
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ftl.console import console
+
+
+log = logging.getLogger(__name__)
 
 
 class MetricsWriter:
@@ -120,7 +124,22 @@ def summary_table(records: list[dict[str, Any]], summary: dict[str, Any]) -> Tab
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The records of ``metrics.jsonl``; a line that is not a record (a write torn by a kill) is skipped."""
+    records, skipped = [], 0
+    for line in Path(path).read_bytes().decode("utf-8", "replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+        else:
+            skipped += 1
+    if skipped:
+        log.warning("%s: skipped %d line(s) that are not complete records (a write cut off by a kill?)", path, skipped)
+    return records
 
 
 class TrainingProgress:

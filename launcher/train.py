@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -28,9 +29,12 @@ from ftl.checkpoint import (
     checkpoints_dir,
     find_resumable,
     load_training_state,
+    move_aside,
+    read_state,
     restore_rng,
     save_checkpoint,
     verify,
+    write_atomic,
 )
 from ftl.config import Recipe, load_recipe, uses_fused_ce
 from ftl.console import console, setup_logging
@@ -65,9 +69,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
     run_dir = Path(recipe.output.dir)
     main = accelerator.is_main_process
     checkpoint = _resume_point(recipe, run_dir)
-    if main:
-        _prepare_run_dir(run_dir, recipe, checkpoint)
-    accelerator.wait_for_everyone()
+    _check_run_dir(run_dir, recipe, checkpoint)
     set_seed(cfg.seed)
 
     # Fail on missing data before spending minutes loading a model.
@@ -93,8 +95,11 @@ def train(recipe: Recipe) -> dict[str, Any]:
                 "lower train.micro_batch_size or add data"
             )
         total_steps = cfg.max_steps or math.ceil(cfg.epochs * math.ceil(batches_per_epoch / accum))
+    # Model, tokenizer, data and checkpoint have all been checked: only now may the run directory change.
     if main:
-        (run_dir / "data_stats.json").write_text(json.dumps(data_stats, indent=2))
+        _prepare_run_dir(run_dir, recipe, checkpoint)
+        write_atomic(run_dir / "data_stats.json", json.dumps(data_stats, indent=2))
+    accelerator.wait_for_everyone()
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * total_steps)
 
     fused = _apply_kernels(recipe, model, plan, accelerator.device)
@@ -250,17 +255,47 @@ def _optimizer_step(
 
 
 def _resume_point(recipe: Recipe, run_dir: Path) -> Path | None:
-    """The checkpoint to continue from, as ``train.resume`` says."""
+    """The checkpoint to continue from, as ``train.resume`` says, checked against the recipe."""
     mode = recipe.train.resume
     if mode == "never":
         return None
     if mode == "auto":
-        return find_resumable(run_dir)
-    path = Path(mode).expanduser()
-    if not path.is_dir():
-        raise TrainError(f"train.resume: {path} is not a checkpoint directory (or use auto / never)")
-    verify(path)
-    return path
+        checkpoint = find_resumable(run_dir)
+    else:
+        checkpoint = Path(mode).expanduser()
+        if not checkpoint.is_dir():
+            raise TrainError(f"train.resume: {checkpoint} is not a checkpoint directory (or use auto / never)")
+        verify(checkpoint)
+    if checkpoint is not None:
+        _check_same_method(checkpoint, recipe)
+    return checkpoint
+
+
+def _check_same_method(checkpoint: Path, recipe: Recipe) -> None:
+    """A checkpoint continues only the training it came from (method, quantization, LoRA rank)."""
+    state = read_state(checkpoint)
+    saved = {"method.type": state.get("method", recipe.method.type), "quantization.bits": state.get("bits", recipe.quantization.bits)}
+    adapter_file = checkpoint / "adapter_config.json"
+    if adapter_file.is_file() and recipe.method.type != "full":
+        try:
+            saved["method.lora.r"] = json.loads(adapter_file.read_bytes()).get("r", recipe.method.lora.r)
+        except (ValueError, AttributeError):
+            raise TrainError(f"{adapter_file}: not a readable adapter config; resume from another checkpoint") from None
+    wanted = {"method.type": recipe.method.type, "quantization.bits": recipe.quantization.bits, "method.lora.r": recipe.method.lora.r}
+    for key, value in saved.items():
+        if value != wanted[key]:
+            raise TrainError(f"{key}: is {wanted[key]} but {checkpoint} was trained with {value}; resume with the same "
+                             "setting, or start a new run (another output.dir, or train.resume=never with output.overwrite=true)")
+
+
+def _check_run_dir(run_dir: Path, recipe: Recipe, checkpoint: Path | None) -> None:
+    """Refuse, before anything is loaded, a fresh start in a run directory that holds checkpoints."""
+    ckpts = checkpoints_dir(run_dir)
+    if checkpoint is None and recipe.train.resume == "never" and not recipe.output.overwrite and ckpts.is_dir() and any(ckpts.iterdir()):
+        raise TrainError(
+            f"output.dir: {run_dir} already holds checkpoints of an earlier run; use train.resume=auto to "
+            "continue it, another output.dir, or output.overwrite=true to replace them"
+        )
 
 
 def _apply_kernels(recipe: Recipe, model: torch.nn.Module, plan: Any, device: torch.device) -> Callable | None:
@@ -283,28 +318,44 @@ def _apply_kernels(recipe: Recipe, model: torch.nn.Module, plan: Any, device: to
 
 
 def _prepare_run_dir(run_dir: Path, recipe: Recipe, checkpoint: Path | None) -> None:
-    """Create the run dir and write the resolved recipe; never mix a fresh run into an old one."""
+    """Write the resolved recipe and make the run directory continue ``checkpoint`` (or start fresh).
+
+    Called once model, tokenizer, data and checkpoint have been checked, so a run that fails to
+    start leaves an earlier run's files as they were. Checkpoints that do not verify (or are newer
+    than the one resumed) are moved aside, never deleted; only ``output.overwrite: true`` with
+    ``train.resume: never`` deletes an earlier run's checkpoints, as the recipe then asks.
+    """
     ckpts = checkpoints_dir(run_dir)
-    if checkpoint is None and ckpts.exists() and any(ckpts.iterdir()):
-        if recipe.train.resume == "auto":
-            log.warning("%s holds no complete checkpoint; starting from step 0", ckpts)
-        elif not recipe.output.overwrite:
-            raise TrainError(
-                f"output.dir: {run_dir} already holds checkpoints of an earlier run; use train.resume=auto to "
-                "continue it, another output.dir, or output.overwrite=true to replace them"
-            )
-        shutil.rmtree(ckpts)
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    metrics_file = run_dir / "metrics.jsonl"
     run_dir.mkdir(parents=True, exist_ok=True)
+    if checkpoint is None and ckpts.is_dir() and any(ckpts.iterdir()):
+        if recipe.train.resume == "never":  # _check_run_dir let it through: output.overwrite is true
+            log.warning("output.overwrite: deleting the earlier run's checkpoints in %s", ckpts)
+            shutil.rmtree(ckpts)
+            metrics_file.unlink(missing_ok=True)
+        else:
+            aside = move_aside([ckpts, metrics_file], run_dir)
+            log.warning("%s holds no checkpoint that verifies: moved it and metrics.jsonl to %s; starting from step 0", ckpts, aside)
+    elif checkpoint is None and metrics_file.exists():  # an attempt that never saved: its records are not this run's
+        move_aside([metrics_file], run_dir)
     (run_dir / STOPPED).unlink(missing_ok=True)
     if checkpoint is not None:
+        step = read_state(checkpoint)["step"]
+        if checkpoint.parent == ckpts:
+            newer = [p for p in ckpts.iterdir() if p.is_dir() and p != checkpoint and _newer_step(p, step)]
+            if newer:
+                aside = move_aside(newer, run_dir)
+                log.warning("checkpoints after step %d that do not verify were moved to %s", step, aside)
         # Records after the checkpoint belong to steps that will run again.
-        step = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
-        metrics_file = run_dir / "metrics.jsonl"
         if metrics_file.exists():
             kept = [r for r in read_metrics(metrics_file) if r["step"] <= step]
-            metrics_file.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+            write_atomic(metrics_file, "".join(json.dumps(r) + "\n" for r in kept))
+    write_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
+
+
+def _newer_step(path: Path, step: int) -> bool:
+    match = re.fullmatch(r"step-(\d+)(\.tmp)?", path.name)
+    return bool(match) and int(match.group(1)) > step and not match.group(2)
 
 
 @torch.no_grad()
