@@ -12,6 +12,8 @@ import signal
 import sys
 from pathlib import Path
 
+from rich.markup import escape
+
 from ftl.console import console, setup_logging
 from ftl.errors import UserError, exit_on_user_error
 
@@ -47,20 +49,31 @@ def cmd_validate(args: argparse.Namespace) -> int:
             continue
         if len(files) == 1 and not args.quiet:
             console.print(recipe.to_yaml(), end="")
-        console.print(f"[green]ok[/] {path}")
+        console.print(f"[green]ok[/] {escape(str(path))}", markup=True)
     if problems:
         raise UserError("\n".join(problems))
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _stop_before_training() -> None:
+    """A stop signal before training has begun (Slurm's warning, a preemption; imports alone take
+    seconds) leaves nothing to save: exit as "stopped" (75) so that a job is requeued. Installed
+    first thing in :func:`main`; training and the launcher install their own handlers later."""
     from ftl.signals import EXIT_STOPPED, STOP_SIGNALS
 
-    # A stop signal before training has begun (Slurm's warning, a preemption; imports alone take
-    # seconds) leaves nothing to save: exit as "stopped" so that a job is requeued. Training and
-    # the launcher install their own handlers.
+    def stop(signum: int, frame: object) -> None:
+        # os._exit: a SystemExit raised inside an import or a library's cleanup could be swallowed.
+        sys.stderr.write(f"ftl: {signal.Signals(signum).name} before training began; exiting as stopped ({EXIT_STOPPED})\n")
+        sys.stderr.flush()
+        os._exit(EXIT_STOPPED)
+
     for sig in STOP_SIGNALS:
-        signal.signal(sig, lambda *_: sys.exit(EXIT_STOPPED))
+        signal.signal(sig, stop)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ftl.signals import EXIT_STOPPED
+
     from ftl.launch import launch
     from ftl.plan import make_plan
 
@@ -69,6 +82,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         recipe = _fit_memory(recipe)
     plan = make_plan(recipe)
     if plan.world_size > 1 and "LOCAL_RANK" not in os.environ:
+        from ftl.train import preflight
+
+        preflight(recipe)
         console.print(f"launching {plan.world_size} processes ({plan.strategy}): {plan.shell_command()}", highlight=False)
         return launch(recipe, plan)
     from ftl.train import train  # only here: the launcher process stays light
@@ -76,7 +92,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = train(recipe)
     if summary.get("stopped"):
         return EXIT_STOPPED
-    console.print(f"[green]done[/]: {summary['steps']} steps in {summary['elapsed_s']:.1f}s, checkpoint {summary['checkpoint']}")
+    console.print(f"[green]done[/]: {summary['steps']} steps in {summary['elapsed_s']:.1f}s, checkpoint {escape(str(summary['checkpoint']))}", markup=True)
     return 0
 
 
@@ -89,7 +105,7 @@ def _fit_memory(recipe):
                   f"estimate {memory.with_margin:.1f} of {gpu_gib:g} GiB per GPU", highlight=False)
     if not memory.fits(gpu_gib):
         console.print(f"[yellow]warning[/]: the estimate ({memory.with_margin:.1f} GiB with margin) exceeds distributed.gpu_memory "
-                      f"({gpu_gib:g} GiB); see `ftl plan` for the parts")
+                      f"({gpu_gib:g} GiB); see `ftl plan` for the parts", markup=True)
     return recipe
 
 
@@ -129,31 +145,34 @@ def cmd_plan(args: argparse.Namespace) -> int:
         table.add_row(key, str(value))
     console.print(table)
     if memory is None:
-        console.print(f"\n[yellow]memory estimate unavailable[/]: {unavailable}", highlight=False)
+        console.print(f"\n[yellow]memory estimate unavailable[/]: {escape(unavailable)}", markup=True)
     else:
-        console.print("\n[bold]memory per GPU[/] (estimate, GiB; formulas in launcher/memory.py)")
+        console.print("\n[bold]memory per GPU[/] (estimate, GiB; formulas in launcher/memory.py)", markup=True)
         mem = Table(show_header=False, box=None)
         for key, value in memory.table().items():
             mem.add_row(key, f"{value:.2f}")
         console.print(mem)
     if fits is not None:
         verdict = "[green]fits[/]" if fits else "[red]does not fit[/]"
-        console.print(f"{verdict} in {gpu_gib:g} GiB per GPU (estimate + 10% + 1 GiB)")
+        console.print(f"{verdict} in {gpu_gib:g} GiB per GPU (estimate + 10% + 1 GiB)", markup=True)
     if measured is not None:
         ratio = measured["measured_gib"] / measured["estimate_gib"]
         console.print(f"measured peak {measured['measured_gib']:.3f} GiB vs estimate {measured['estimate_gib']:.3f} GiB "
                       f"({ratio:.2f}x; {measured['mode']})", highlight=False)
-    console.print("\n[bold]command[/] (written to the run dir's launch/ by `ftl train`):")
+    console.print("\n[bold]command[/] (written to the run dir's launch/ by `ftl train`):", markup=True)
     console.print(plan.shell_command(), highlight=False, soft_wrap=True)
     if plan.deepspeed is not None:
-        console.print("\n[bold]deepspeed.json[/]")
+        console.print("\n[bold]deepspeed.json[/]", markup=True)
         console.print_json(data=plan.deepspeed)
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from ftl.config import parse_size
     from ftl.export import ExportError, export
 
+    if args.max_shard_size is not None and parse_size(args.max_shard_size) is None:
+        raise UserError(f"--max-shard-size: '{args.max_shard_size}' is not a size; write e.g. 5GB or 500MB")
     updates = {k: v for k, v in {"dtype": args.dtype, "max_shard_size": args.max_shard_size,
                                  "qlora_merge": args.qlora_merge}.items() if v is not None}
     if args.no_verify:
@@ -168,7 +187,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         )
     if not report["passed"]:
         raise ExportError(f"{report['out']}: verification failed (see verify.json); the export does not reproduce the trained model")
-    console.print(f"[green]exported[/] {report.get('mode', 'adapter')} model to {report['out']}")
+    console.print(f"[green]exported[/] {report.get('mode', 'adapter')} model to {escape(str(report['out']))}", markup=True)
     return 0
 
 
@@ -214,6 +233,8 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
 
     if args.arch not in ARCHS:
         raise UserError(f"--arch: unknown architecture '{args.arch}'; choose one of {', '.join(ARCHS)}")
+    if args.hidden_size % 8:
+        raise UserError(f"--hidden-size: {args.hidden_size} is not a multiple of 8 (4 attention heads of even size)")
     corpus = None
     if args.corpus:
         corpus_path = Path(args.corpus)
@@ -241,7 +262,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     accuracy, n, examples = evaluate_path(args.model, source, args.limit, trust_remote_code=args.trust_remote_code)
     for example in examples:
         console.print(f"  expected {example['expected']!r:<24} generated {example['generated']!r}")
-    console.print(f"exact match: [bold]{accuracy:.1%}[/] of {n} rows")
+    console.print(f"exact match: [bold]{accuracy:.1%}[/] of {n} rows", markup=True)
     return 0
 
 
@@ -250,6 +271,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     result = run_demo(args.recipe, Path(args.workdir))
     return 0 if result["accuracy_after"] > result["accuracy_before"] else 1
+
+
+def _count(minimum: int) -> callable:
+    """An argparse type: an integer of at least ``minimum`` (argparse prints the one-line error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum} (got {value})")
+        return value
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -299,17 +333,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tiny-model", help="write a tiny random model with a locally trained tokenizer")
     p.add_argument("out_dir")
     p.add_argument("--arch", default="llama", help="llama | qwen2 | mistral")
-    p.add_argument("--hidden-size", type=int, default=128)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--vocab-size", type=int, default=2048, help="upper bound; a small corpus gives fewer")
+    p.add_argument("--hidden-size", type=_count(8), default=128, help="a multiple of 8 (4 heads of even size)")
+    p.add_argument("--layers", type=_count(1), default=2)
+    p.add_argument("--vocab-size", type=_count(300), default=2048, help="upper bound; a small corpus gives fewer")
     p.add_argument("--corpus", help="text file to train the tokenizer on (default: built-in demo text)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_tiny_model)
 
     p = sub.add_parser("demo-data", help="write the demo's train and held-out eval sets (alpaca jsonl)")
     p.add_argument("out_dir")
-    p.add_argument("--train-rows", type=int, default=2000)
-    p.add_argument("--eval-rows", type=int, default=200)
+    p.add_argument("--train-rows", type=_count(1), default=2000)
+    p.add_argument("--eval-rows", type=_count(1), default=200)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_demo_data)
 
@@ -317,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model directory or checkpoint (full model or PEFT adapter)")
     p.add_argument("--data", required=True, help="alpaca or chat data file with reference answers")
     p.add_argument("--format", default="alpaca", choices=["alpaca", "chat"])
-    p.add_argument("--limit", type=int, help="only the first N rows")
+    p.add_argument("--limit", type=_count(1), help="only the first N rows")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a run whose recipe sets model.trust_remote_code to import its model's Python files")
     p.set_defaults(fn=cmd_eval)
 
@@ -329,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if "train" in argv[:3]:
+        _stop_before_training()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # Overrides may follow options (`ftl plan R --json a.b=1`); argparse stops collecting at --json.

@@ -11,11 +11,12 @@ from __future__ import annotations
 import importlib.util
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
+from ftl import recipe_yaml
 from ftl.errors import UserError
 
 
@@ -27,28 +28,39 @@ class RecipeError(UserError):
         super().__init__("\n".join(problems))
 
 
+def _plain_path(value: str) -> str:
+    if re.search(r"[\x00-\x1f\x7f]", value):
+        raise ValueError("control characters (newlines, tabs) are not allowed in a path")
+    return value
+
+
+# A path or name of a file, directory or hub id: never empty ('' would mean the current directory).
+PathText = Annotated[str, StringConstraints(min_length=1), AfterValidator(_plain_path)]
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # Every float must be finite: inf or nan trains on nonsense and exits 0.
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
 
 # ----------------------------------------------------------------------------- sections
 
 
 class ModelSection(_Section):
-    path: str = Field(description="Local directory or Hugging Face hub id of the base model.")
-    tokenizer: str | None = Field(None, description="Tokenizer path if it differs from model.path.")
+    path: PathText = Field(description="Local directory or Hugging Face hub id of the base model.")
+    tokenizer: PathText | None = Field(None, description="Tokenizer path if it differs from model.path.")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "bfloat16"
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = "sdpa"
     trust_remote_code: bool = False
 
 
 class DataSource(_Section):
-    path: str = Field(description="A local .json/.jsonl/.parquet file or directory, or a datasets name.")
+    path: PathText = Field(description="A local .json/.jsonl/.parquet file or directory, or a datasets name.")
     format: Literal["alpaca", "chat", "completion"] = "alpaca"
     split: str = "train"
     subset: str | None = Field(None, description="datasets configuration name (for hub datasets).")
-    weight: float = Field(1.0, gt=0, description="Mixing: rows drawn per epoch = weight x the source's rows (repeats above 1).")
-    samples: int | None = Field(None, ge=1, description="Mixing: exactly this many rows per epoch (overrides weight).")
+    weight: float = Field(1.0, gt=0, le=1000, description="Mixing: rows drawn per epoch = weight x the source's rows (repeats above 1).")
+    samples: int | None = Field(None, ge=1, le=100_000_000, description="Mixing: exactly this many rows per epoch (overrides weight).")
     fields: dict[str, str] = Field(
         default_factory=dict,
         description="Map from the format's field names to the columns of this source, "
@@ -66,14 +78,14 @@ class DataSource(_Section):
 
 
 class DataSection(_Section):
-    train: list[DataSource]
+    train: list[DataSource] = Field(min_length=1)
     eval: list[DataSource] | None = None
-    max_length: int = Field(2048, ge=8)
+    max_length: int = Field(2048, ge=8, le=1 << 20)
     mask_prompt: bool = Field(True, description="Train only on responses (assistant turns); -100 elsewhere.")
     add_eos: bool = Field(True, description="Append the EOS token to alpaca/completion examples.")
     packing: bool = Field(False, description="Pack several examples into each max_length row (attention never crosses them).")
     eval_fraction: float | None = Field(None, gt=0, lt=1, description="Hold out this fraction of the train rows for eval.")
-    cache_dir: str | None = Field(None, description="Where tokenized/packed data is cached; default <output.dir>/data.")
+    cache_dir: PathText | None = Field(None, description="Where tokenized/packed data is cached; default <output.dir>/data.")
     streaming: bool = Field(False, description="Read and tokenize the train source lazily (data larger than memory).")
 
     @field_validator("train", "eval", mode="before")
@@ -83,7 +95,7 @@ class DataSection(_Section):
 
 
 class LoraSection(_Section):
-    r: int = Field(16, ge=1, validation_alias=AliasChoices("r", "rank"))
+    r: int = Field(16, ge=1, le=65536, validation_alias=AliasChoices("r", "rank"))
     alpha: float = Field(32, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: str | list[str] = "all-linear"
@@ -115,23 +127,23 @@ class QuantizationSection(_Section):
 
 
 class TrainSection(_Section):
-    epochs: float = Field(1.0, gt=0)
-    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs when set.")
-    micro_batch_size: int = Field(1, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
+    epochs: float = Field(1.0, gt=0, le=100_000)
+    max_steps: int | None = Field(None, ge=1, le=10**9, description="Optimizer steps; overrides epochs when set.")
+    micro_batch_size: int = Field(1, ge=1, le=1 << 16)
+    gradient_accumulation_steps: int = Field(1, ge=1, le=1 << 16)
     learning_rate: float = Field(2e-4, gt=0)
     lr_scheduler: Literal["linear", "cosine", "constant"] = "cosine"
-    warmup_steps: int | None = Field(None, ge=0)
+    warmup_steps: int | None = Field(None, ge=0, le=10**9)
     warmup_ratio: float = Field(0.0, ge=0, le=1)
     weight_decay: float = Field(0.0, ge=0)
     adam_beta1: float = Field(0.9, ge=0, lt=1)
     adam_beta2: float = Field(0.999, ge=0, lt=1)
     adam_epsilon: float = Field(1e-8, gt=0)
     max_grad_norm: float | None = Field(1.0, gt=0)
-    seed: int = 42
-    eval_steps: int | None = Field(None, ge=1, description="Evaluate every N optimizer steps (and at the end).")
-    save_steps: int | None = Field(None, ge=1, description="Checkpoint every N optimizer steps (and at the end).")
-    logging_steps: int = Field(1, ge=1)
+    seed: int = Field(42, ge=0, lt=2**32, description="Seeds Python, NumPy and torch (0 to 2**32 - 1).")
+    eval_steps: int | None = Field(None, ge=1, le=10**9, description="Evaluate every N optimizer steps (and at the end).")
+    save_steps: int | None = Field(None, ge=1, le=10**9, description="Checkpoint every N optimizer steps (and at the end).")
+    logging_steps: int = Field(1, ge=1, le=10**9)
     gradient_checkpointing: bool = False
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     resume: str = Field(
@@ -144,11 +156,11 @@ class TrainSection(_Section):
 
 
 class OutputSection(_Section):
-    dir: str = Field(description="The run directory: resolved recipe, metrics, checkpoints.")
+    dir: PathText = Field(description="The run directory: resolved recipe, metrics, checkpoints.")
     overwrite: bool = Field(
         False, description="With train.resume: never, allow starting over in a run directory that has checkpoints."
     )
-    keep_last: int | None = Field(None, ge=1, description="Keep only the newest K checkpoints (older ones are deleted after a new one is complete).")
+    keep_last: int | None = Field(None, ge=1, le=1_000_000, description="Keep only the newest K checkpoints (older ones are deleted after a new one is complete).")
     report_to: list[Literal["tensorboard", "wandb"]] = Field(
         default_factory=lambda: ["tensorboard"],
         description="Where metrics go besides metrics.jsonl: TensorBoard (<dir>/tensorboard) and/or Weights & Biases.",
@@ -165,10 +177,10 @@ class ZeroSection(_Section):
     )
     overlap_comm: bool = True
     contiguous_gradients: bool = True
-    reduce_bucket_size: int = Field(500_000_000, ge=1)
-    allgather_bucket_size: int = Field(500_000_000, ge=1)
-    stage3_prefetch_bucket_size: int = Field(50_000_000, ge=1)
-    stage3_param_persistence_threshold: int = Field(100_000, ge=0)
+    reduce_bucket_size: int = Field(500_000_000, ge=1, le=1 << 40)
+    allgather_bucket_size: int = Field(500_000_000, ge=1, le=1 << 40)
+    stage3_prefetch_bucket_size: int = Field(50_000_000, ge=1, le=1 << 40)
+    stage3_param_persistence_threshold: int = Field(100_000, ge=0, le=1 << 40)
 
 
 class FsdpSection(_Section):
@@ -184,13 +196,13 @@ class DistributedSection(_Section):
     strategy: Literal["auto", "single", "ddp", "zero1", "zero2", "zero3", "fsdp2"] = Field(
         "auto", description="auto: single for one process; ddp for LoRA/QLoRA; zero3 for full fine-tuning."
     )
-    num_processes: int = Field(1, ge=1, description="Processes (GPUs) per machine.")
-    num_machines: int = Field(1, ge=1)
-    machine_rank: int = Field(0, ge=0)
+    num_processes: int = Field(1, ge=1, le=1024, description="Processes (GPUs) per machine.")
+    num_machines: int = Field(1, ge=1, le=100_000)
+    machine_rank: int = Field(0, ge=0, le=100_000)
     main_process_ip: str = "127.0.0.1"
     main_process_port: int = Field(29500, ge=1, le=65535)
     rdzv_backend: Literal["static", "c10d"] = "static"
-    timeout_minutes: int = Field(30, ge=1, description="Collective timeout; long enough for rank 0 to prepare data.")
+    timeout_minutes: int = Field(30, ge=1, le=100_000, description="Collective timeout; long enough for rank 0 to prepare data.")
     gpu_memory: str | None = Field(
         None, description="Memory of one GPU, e.g. 80GB: `ftl plan` checks the estimate against it, and strategy auto "
         "picks the cheapest strategy and largest micro-batch that fit."
@@ -200,35 +212,42 @@ class DistributedSection(_Section):
 
 
 class ExportSection(_Section):
-    dir: str | None = Field(None, description="Where `ftl export` writes the model; default <output.dir>/export.")
+    dir: PathText | None = Field(None, description="Where `ftl export` writes the model; default <output.dir>/export.")
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     max_shard_size: str = Field("5GB", description="Largest safetensors shard, e.g. 5GB, 500MB.")
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _a_size(cls, value: str) -> str:
+        if parse_size(value) is None:
+            raise ValueError(f"'{value}' is not a size; write e.g. 5GB or 500MB (units KB, MB, GB, TB)")
+        return value
     qlora_merge: Literal["dequantized", "original"] = Field(
         "dequantized",
         description="QLoRA: merge into the NF4-dequantized base (the model that was trained) or the original-precision base.",
     )
     verify: bool = Field(True, description="Reload the export and compare its logits with the trained model.")
-    verify_prompts: int = Field(8, ge=1, description="Sequences (eval rows) compared by verification.")
+    verify_prompts: int = Field(8, ge=1, le=100_000, description="Sequences (eval rows) compared by verification.")
 
 
 class SlurmSection(_Section):
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
-    nodes: int = Field(1, ge=1, description="Machines; distributed.num_machines follows it.")
-    gpus_per_node: int | None = Field(None, ge=0, description="--gpus-per-node; distributed.num_processes defaults to it.")
-    cpus_per_task: int | None = Field(None, ge=1, description="CPUs for each node's task (one task per node).")
+    nodes: int = Field(1, ge=1, le=100_000, description="Machines; distributed.num_machines follows it.")
+    gpus_per_node: int | None = Field(None, ge=0, le=1024, description="--gpus-per-node; distributed.num_processes defaults to it.")
+    cpus_per_task: int | None = Field(None, ge=1, le=100_000, description="CPUs for each node's task (one task per node).")
     mem: str | None = Field(None, description="Memory per node, e.g. 500G.")
     time: str = Field("24:00:00", description="Time limit, e.g. 2-00:00:00.")
     job_name: str = "ftl"
-    output_dir: str | None = Field(None, description="Logs; default <output.dir>/slurm.")
+    output_dir: PathText | None = Field(None, description="Logs; default <output.dir>/slurm.")
     extra_sbatch: list[str] = Field(default_factory=list, description="More #SBATCH lines, e.g. ['--exclusive'].")
     setup: list[str] = Field(default_factory=list, description="Shell lines run first on each node, e.g. 'module load cuda/12.4'.")
     env: dict[str, str] = Field(default_factory=dict, description="Environment for the job (overrides ftl's NCCL defaults).")
     container_image: str | None = Field(None, description="Run each node's task in this image (pyxis: srun --container-image).")
     container_mounts: str | None = None
-    signal_grace: int = Field(300, ge=10, description="Seconds before the time limit at which the job checkpoints and requeues.")
-    max_restarts: int = Field(3, ge=0, description="How often the job requeues itself after a timed-out or preempted attempt.")
+    signal_grace: int = Field(300, ge=10, le=10**7, description="Seconds before the time limit at which the job checkpoints and requeues.")
+    max_restarts: int = Field(3, ge=0, le=10_000, description="How often the job requeues itself after a timed-out or preempted attempt.")
     port: int = Field(29500, ge=1, le=65535, description="Rendezvous port on the first node.")
 
     @field_validator("env")
@@ -285,15 +304,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read a recipe file, apply ``key.sub=value`` overrides and validate it."""
     path = Path(path)
     try:
-        text = path.read_text()
-    except OSError as err:
-        raise RecipeError([f"{path}: cannot read recipe ({err.strerror})"]) from None
-    try:
-        raw, lines = _parse_yaml(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise RecipeError([f"{where}: invalid YAML: {getattr(err, 'problem', err)}"]) from None
+        raw, lines = recipe_yaml.parse(recipe_yaml.read_text(path), str(path))
+    except recipe_yaml.RecipeYamlError as err:
+        raise RecipeError([str(err)]) from None
     if not isinstance(raw, dict):
         raise RecipeError([f"{path}: a recipe is a YAML mapping with sections model, data, method, train, output"])
     for override in overrides or []:
@@ -418,6 +431,14 @@ def _check_distributed(recipe: Recipe) -> list[tuple[tuple, str]]:
     return problems
 
 
+def parse_size(text: str) -> float | None:
+    """A shard size as huggingface_hub's sharding accepts it ('5GB', '500MB') in bytes; None if it is not one."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT])B\s*", str(text), re.IGNORECASE)
+    if not match or float(match.group(1)) <= 0:
+        return None
+    return float(match.group(1)) * 1000 ** " KMGT".index(match.group(2).upper())
+
+
 def parse_gib(text: str) -> float | None:
     """'80GB', '80G', '80GiB', '24000MB' -> GiB (None if not a size). Units are binary, as in Slurm (an '80GB' card is 80 GiB)."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT])?i?B?\s*", str(text), re.IGNORECASE)
@@ -442,10 +463,10 @@ def slurm_seconds(value: str) -> int | None:
 
 def _apply_override(raw: dict, override: str) -> tuple:
     key, sep, value = override.partition("=")
-    if not sep or not key:
-        raise RecipeError([f"override '{override}': expected key.sub=value, e.g. train.learning_rate=1e-4"])
-    node = raw
     parts = key.strip().split(".")
+    if not sep or not all(parts):
+        raise RecipeError([f"override '{override}': expected key.sub=value with no empty part, e.g. train.learning_rate=1e-4"])
+    node = raw
     for part in parts[:-1]:
         child = node.get(part)
         if child is None:
@@ -454,31 +475,10 @@ def _apply_override(raw: dict, override: str) -> tuple:
             raise RecipeError([f"override '{override}': '{part}' is not a section"])
         node = child
     try:
-        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError:
-        node[parts[-1]] = value
+        node[parts[-1]] = recipe_yaml.override_value(value, override)
+    except recipe_yaml.RecipeYamlError as err:
+        raise RecipeError([str(err)]) from None
     return tuple(parts)
-
-
-def _parse_yaml(text: str) -> tuple[Any, dict[tuple, int | str]]:
-    """Load YAML and remember the 1-based line of every key path (for error messages)."""
-    lines: dict[tuple, int | str] = {}
-
-    def walk(node: yaml.Node, path: tuple) -> None:
-        if isinstance(node, yaml.MappingNode):
-            for key_node, value_node in node.value:
-                child = path + (key_node.value,)
-                lines[child] = key_node.start_mark.line + 1
-                walk(value_node, child)
-        elif isinstance(node, yaml.SequenceNode):
-            for i, item in enumerate(node.value):
-                lines[path + (i,)] = item.start_mark.line + 1
-                walk(item, path + (i,))
-
-    root = yaml.compose(text, Loader=yaml.SafeLoader)
-    if root is not None:
-        walk(root, ())
-    return yaml.safe_load(text), lines
 
 
 def _describe(error: dict, source: str, lines: dict[tuple, int | str]) -> str:

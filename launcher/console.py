@@ -1,4 +1,9 @@
-"""The one place user-facing output goes through (rich); diagnostics go through ``logging``."""
+"""The one place user-facing output goes through (rich); diagnostics go through ``logging``.
+
+Markup is off by default: recipe values, paths and messages are printed as they are (a run name
+like ``[/red]`` must neither crash nor vanish). A call that styles its text passes
+``markup=True`` and escapes what it interpolates with :func:`rich.markup.escape`.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,8 @@ import logging
 from rich.console import Console
 from rich.logging import RichHandler
 
-console = Console(highlight=False)
-console_err = Console(stderr=True, highlight=False)
+console = Console(highlight=False, markup=False)
+console_err = Console(stderr=True, highlight=False, markup=False)
 
 
 def setup_logging(level: str = "INFO", rank: int = 0) -> None:
@@ -16,7 +21,7 @@ def setup_logging(level: str = "INFO", rank: int = 0) -> None:
     logging.basicConfig(
         level=level if rank == 0 else "WARNING",
         format="%(message)s",
-        handlers=[RichHandler(console=console_err, show_path=False, show_time=False)],
+        handlers=[RichHandler(console=console_err, show_path=False, show_time=False, markup=False)],
         force=True,
     )
     # Library warnings (e.g. bitsandbytes' paged-optimizer fallback) reach the user through the

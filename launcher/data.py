@@ -8,6 +8,7 @@ tokenized exactly as it will be at inference time and the mask is exact, whateve
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 from ftl.config import DataSection, DataSource
-from ftl.errors import UserError
+from ftl.errors import UserError, first_line
 from ftl.loss import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,8 @@ ALPACA_PROMPT_WITH_INPUT = (
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
 ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
+# Roles chat templates know; anything else is a typo that would silently never be trained.
+ROLES = ("system", "user", "assistant", "tool", "developer", "ipython", "function")
 FILE_TYPES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -62,14 +65,65 @@ def load_source(source: DataSource, streaming: bool = False) -> datasets.Dataset
     try:
         return datasets.load_dataset(source.path, source.subset, split=source.split, streaming=streaming)
     except Exception as err:  # datasets raises many kinds; the user needs only the gist
-        raise DataError(f"{source.path}: could not load dataset '{source.path}' (split {source.split}): {err}") from None
+        raise DataError(f"{source.path}: could not load dataset '{source.path}' (split {source.split}): {first_line(err)}") from None
 
 
 def _load(kind: str, data_files: Any, where: str, streaming: bool = False) -> datasets.Dataset | datasets.IterableDataset:
+    for name in [data_files] if isinstance(data_files, str) else data_files:
+        if kind == "json":
+            check_json_rows(Path(name), limit=100 if streaming else None)
     try:
-        return datasets.load_dataset(kind, data_files=data_files, split="train", streaming=streaming)
-    except Exception as err:
-        raise DataError(f"{where}: could not parse as {kind}: {str(err).splitlines()[0]}") from None
+        dataset = datasets.load_dataset(kind, data_files=data_files, split="train", streaming=streaming)
+    except Exception as err:  # parquet/csv parsers raise many kinds; the user needs the file and the gist
+        raise DataError(f"{where}: could not read as {kind}: {first_line(err)}") from None
+    if not streaming and len(dataset) == 0:
+        raise DataError(f"{where}: no rows")
+    return dataset
+
+
+def check_json_rows(path: Path, limit: int | None = None) -> None:
+    """Name the line (``.jsonl``) or file (``.json``) that is not UTF-8 JSON rows, before datasets
+    reports it as "position 30" or "An error occurred while generating the dataset".
+
+    ``limit``: check only the first lines (a stream too large to read twice)."""
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(path.read_bytes())
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        except ValueError as err:
+            raise DataError(f"{path}: line {getattr(err, 'lineno', '?')}: not valid JSON ({getattr(err, 'msg', err)})") from None
+        rows = data if isinstance(data, list) else None
+        if rows is None and isinstance(data, dict) and all(isinstance(v, list) for v in data.values()):
+            return  # columns: {"instruction": [...], "output": [...]}
+        if rows is None:
+            raise DataError(f"{path}: a .json data file holds a list of rows (objects) or a mapping of columns")
+        if not rows:
+            raise DataError(f"{path}: no rows")
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict):
+                raise DataError(f"{path}: row {i}: a row must be a JSON object, got {type(row).__name__}")
+        return
+    rows = 0
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            if limit is not None and number > limit:
+                return
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}: line {number}: not UTF-8 text ({err.reason})") from None
+            except ValueError as err:
+                raise DataError(f"{path}: line {number}: not valid JSON ({getattr(err, 'msg', err)})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}: line {number}: a row must be a JSON object, got {type(row).__name__}")
+            rows += 1
+    if rows == 0:
+        raise DataError(f"{path}: no rows (the file is empty)")
+
+
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -114,6 +168,9 @@ def parse_messages(row: dict, source: DataSource, where: str) -> list[dict[str, 
         if not isinstance(message.get(content_key), str):
             raise DataError(f"{where}: {column}[{i}] needs a string '{content_key}'")
         role = ROLE_ALIASES.get(message[role_key], message[role_key])
+        if role not in ROLES:
+            raise DataError(f"{where}: {column}[{i}] has role '{message[role_key]}'; known roles: {', '.join(ROLES)} "
+                            f"(and {', '.join(ROLE_ALIASES)})")
         messages.append({"role": role, "content": message[content_key]})
     return messages
 
@@ -132,7 +189,7 @@ def _chat_segments(messages: list[dict[str, str]], tokenizer: Any, where: str) -
         try:
             return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
         except Exception as err:
-            raise DataError(f"{where}: the chat template failed to render this conversation: {err}") from None
+            raise DataError(f"{where}: the chat template failed to render this conversation: {first_line(err)}") from None
 
     full = render(messages, False)
     segments: list[tuple[str, bool]] = []

@@ -14,6 +14,8 @@ expected and what was found.
 
 from __future__ import annotations
 
+import math
+
 import logging
 import os
 from contextlib import contextmanager
@@ -172,17 +174,29 @@ def backward(accelerator: Accelerator, model: Any, loss: torch.Tensor, last: boo
         accelerator.backward(loss)
 
 
-def optimizer_step(accelerator: Accelerator, model: Any, optimizer: Any, max_norm: float | None) -> float:
-    """Clip, step and zero the gradients; returns the gradient norm before clipping."""
+def optimizer_step(accelerator: Accelerator, model: Any, optimizer: Any, max_norm: float | None) -> tuple[float, bool]:
+    """Clip, step and zero the gradients; returns the gradient norm before clipping, and whether
+    the step was taken (not on a non-finite gradient norm, which would ruin every weight; under
+    fp16 the loss scaler already skips those steps and lowers its scale)."""
     if is_deepspeed(model):
         model.step()  # clips by gradient_clipping from the DeepSpeed JSON, steps, zeroes
         optimizer.step()  # Accelerate's no-op wrapper; tells the LR schedule that a step happened
         norm = model.get_global_grad_norm()
-    else:
-        params = [p for p in model.parameters() if p.requires_grad]
-        norm = accelerator.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        return (float(norm) if norm is not None else float("nan")), True
+    params = [p for p in model.parameters() if p.requires_grad]
+    norm = accelerator.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
     if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
         norm = norm.full_tensor()
-    return float(norm) if norm is not None else float("nan")
+    norm = float(norm) if norm is not None else float("nan")
+    if accelerator.scaler is None and not math.isfinite(norm):
+        optimizer.zero_grad(set_to_none=True)
+        return norm, False
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm, True
+
+
+def discard_gradients(model: Any, optimizer: Any) -> None:
+    """Drop the accumulated gradients of a step that will not be taken."""
+    if not is_deepspeed(model):  # DeepSpeed keeps them in its own buffers; nothing steps or saves them
+        optimizer.zero_grad(set_to_none=True)

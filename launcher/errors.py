@@ -19,13 +19,21 @@ class UserError(Exception):
     """A problem with the recipe, the data, the model files or the run directory."""
 
 
+def first_line(err: BaseException) -> str:
+    """The first non-empty line of a library's exception, for a one-line message that names our context."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0][:300] if lines else type(err).__name__
+
+
 def exit_on_user_error(fn: Callable[[], T]) -> T:
     """Run ``fn``; on a :class:`UserError` print it on stderr and exit with code 2."""
+    from rich.markup import escape
+
     from ftl.console import console_err
 
     try:
         return fn()
     except UserError as err:
         for line in str(err).splitlines() or [type(err).__name__]:
-            console_err.print(f"[bold red]error:[/] {line}", highlight=False, markup=True, soft_wrap=True)
+            console_err.print(f"[bold red]error:[/] {escape(line)}", markup=True, soft_wrap=True)
         sys.exit(EXIT_USER_ERROR)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ import torch
 import yaml
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from ftl.checkpoint import STATE, checkpoints_dir, find_resumable, verify, zero_fp32_state_dict
+from ftl.checkpoint import STATE, checkpoints_dir, find_resumable, read_state, verify, zero_fp32_state_dict
 from ftl.config import ExportSection, Recipe, load_recipe
 from ftl.errors import UserError
 from ftl.merge import DTYPES, Adapter, Quantizer, TensorSource, write_merged
@@ -76,30 +77,37 @@ def export(
                           "Python files that come with its model; pass --trust-remote-code if you trust them")
     options = (options or recipe.export).model_copy(update=updates or {})
     out = Path(out or options.dir or Path(recipe.output.dir) / "export").resolve()
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out: {out} is a file; choose a directory")
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"{out} is not empty; choose another --out or remove it")
-    tmp = out.with_name(out.name + ".tmp")
+    # Written beside the target under a name of this process's own, renamed into place when complete.
+    tmp = out.with_name(f".{out.name}.export-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    is_adapter = (checkpoint / "adapter_config.json").is_file()
-    if adapter_only:
-        if not is_adapter:
-            raise ExportError(f"{checkpoint}: --adapter-only needs a LoRA/QLoRA checkpoint")
-        for name in ("adapter_config.json", "adapter_model.safetensors"):
-            shutil.copy2(checkpoint / name, tmp / name)
-        _write_tokenizer(checkpoint, tmp)
-        report = {"adapter_only": True, "passed": True}
-    else:
-        dtype = DTYPES[options.dtype]
-        mode = _write_model(checkpoint, recipe, tmp, dtype, options)
-        _write_tokenizer(checkpoint, tmp)
-        report = {"mode": mode, "dtype": options.dtype, "checkpoint": str(checkpoint)}
-        if options.verify:
-            report.update(verify_export(tmp, checkpoint, recipe, options, mode))
+    try:
+        is_adapter = (checkpoint / "adapter_config.json").is_file()
+        if adapter_only:
+            if not is_adapter:
+                raise ExportError(f"{checkpoint}: --adapter-only needs a LoRA/QLoRA checkpoint")
+            for name in ("adapter_config.json", "adapter_model.safetensors"):
+                shutil.copy2(checkpoint / name, tmp / name)
+            _write_tokenizer(checkpoint, tmp)
+            report = {"adapter_only": True, "passed": True}
         else:
-            report.update({"verified": False, "passed": True})
-        (tmp / "verify.json").write_text(json.dumps(report, indent=2))
-    _write_model_card(tmp, checkpoint, recipe, report)
+            dtype = DTYPES[options.dtype]
+            mode = _write_model(checkpoint, recipe, tmp, dtype, options)
+            _write_tokenizer(checkpoint, tmp)
+            report = {"mode": mode, "dtype": options.dtype, "checkpoint": str(checkpoint)}
+            if options.verify:
+                report.update(verify_export(tmp, checkpoint, recipe, options, mode))
+            else:
+                report.update({"verified": False, "passed": True})
+            (tmp / "verify.json").write_text(json.dumps(report, indent=2))
+        _write_model_card(tmp, checkpoint, recipe, report)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # ours alone; nothing of the user's is touched
+        raise
     if out.exists():
         out.rmdir()
     tmp.rename(out)
@@ -176,7 +184,7 @@ def _write_tokenizer(checkpoint: Path, out: Path) -> None:
 
 
 def _write_model_card(out: Path, checkpoint: Path, recipe: Recipe, report: dict[str, Any]) -> None:
-    state = json.loads((checkpoint / STATE).read_text())
+    state = read_state(checkpoint)
     data = ", ".join(s.path for s in recipe.data.train)
     lines = [
         "---", f"base_model: {recipe.model.path}", "library_name: transformers", "tags: [ftl, fine-tuned]", "---", "",

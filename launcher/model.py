@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
 from ftl.config import MethodSection, ModelSection, QuantizationSection, Recipe
-from ftl.errors import UserError
+from ftl.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +28,35 @@ class ModelError(UserError):
     """The model or tokenizer cannot be loaded as the recipe asks; the message says why."""
 
 
+def _load_errors() -> tuple[type[BaseException], ...]:
+    from safetensors import SafetensorError
+
+    # What loading a damaged or mismatched model directory raises, besides missing files: torn or
+    # empty safetensors, weights of the wrong shape, a config missing fields, broken tokenizer JSON.
+    return (OSError, ValueError, ImportError, KeyError, TypeError, RuntimeError, SafetensorError)
+
+
+LOAD_ERRORS = _load_errors()
+
+
+def looks_local(path: str) -> bool:
+    """A path meant as a directory on this machine, not a hub id ('org/name')."""
+    return path.startswith(("/", ".", "~")) or path.count("/") > 1 or Path(path).expanduser().exists()
+
+
+def _check_local(path: str, field: str) -> None:
+    """A local path that is missing is reported now, not as a bad hub id after a minute of network retries."""
+    if looks_local(path) and not Path(path).expanduser().exists():
+        raise ModelError(f"{field}: {path} does not exist (a local path; hub ids look like org/name)")
+
+
 def load_tokenizer(cfg: ModelSection) -> Any:
     source = cfg.tokenizer or cfg.path
+    _check_local(source, "model.tokenizer" if cfg.tokenizer else "model.path")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise ModelError(f"model.tokenizer: cannot load a tokenizer from '{source}': {_first_line(err)}") from None
+    except LOAD_ERRORS as err:
+        raise ModelError(f"model.tokenizer: cannot load a tokenizer from '{source}': {first_line(err)}") from None
     if tokenizer.pad_token is None:
         # Padding is masked out of attention and loss, so any existing token serves.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -67,6 +90,7 @@ def load_base_model(
         if torch.cuda.is_available():
             # bitsandbytes quantizes while loading, on the device the weights land on: this rank's GPU.
             extra["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    _check_local(cfg.path, "model.path")
     try:
         model = AutoModelForCausalLM.from_pretrained(
             cfg.path,
@@ -75,10 +99,15 @@ def load_base_model(
             trust_remote_code=cfg.trust_remote_code,
             **extra,
         )
-    except (OSError, ValueError, ImportError) as err:
-        raise ModelError(f"model.path: cannot load a causal LM from '{cfg.path}': {_first_line(err)}") from None
-    if tokenizer is not None and model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+    except LOAD_ERRORS as err:
+        raise ModelError(f"model.path: cannot load a causal LM from '{cfg.path}': {first_line(err)}") from None
+    if tokenizer is not None:
+        rows = model.get_input_embeddings().weight.shape[0]
+        if len(tokenizer) > rows:
+            raise ModelError(f"model.tokenizer: the tokenizer has {len(tokenizer)} tokens but the model's embedding has {rows} rows; "
+                             "use the model's own tokenizer")
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
     if bnb_config is not None and bnb_config.load_in_4bit:
         one_4bit_compute_path(model)
     return model
@@ -114,6 +143,8 @@ def apply_method(model: PreTrainedModel, method: MethodSection, gradient_checkpo
     if method.type in ("lora", "qlora"):
         return _wrap_lora(model, method)
     freeze_patterns(model, method.freeze)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ModelError("method.freeze: the patterns freeze every parameter; nothing would be trained")
     return model
 
 
@@ -131,10 +162,14 @@ def _wrap_lora(model: PreTrainedModel, method: MethodSection) -> PreTrainedModel
         use_dora=lora.use_dora,
         task_type="CAUSAL_LM",
     )
+    names = {name for name, _ in model.named_modules()}
+    for module in lora.modules_to_save:
+        if not any(name == module or name.endswith("." + module) for name in names):
+            raise ModelError(f"method.lora.modules_to_save: the model has no module named '{module}' (e.g. lm_head, embed_tokens)")
     try:
         peft_model = get_peft_model(model, config)
     except ValueError as err:
-        raise ModelError(f"method.lora.target_modules: {_first_line(err)}") from None
+        raise ModelError(f"method.lora.target_modules: {first_line(err)}") from None
     if _is_checkpointing(model):
         # The frozen embeddings produce no grad; without this, checkpointed blocks see no input grad.
         peft_model.enable_input_require_grads()
@@ -192,6 +227,11 @@ def load_for_inference(
     only when the caller passes ``trust_remote_code`` (``--trust-remote-code`` on the command).
     """
     path = Path(path)
+    _check_local(str(path), str(path))
+    if (path / "trainer_state.json").exists() or (path / "manifest.json").exists():
+        from ftl.checkpoint import verify
+
+        verify(path)  # a checkpoint: only an intact one is evaluated
     try:
         if (path / "adapter_config.json").exists():
             from peft import PeftModel
@@ -216,13 +256,8 @@ def load_for_inference(
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise ModelError(f"{path}: cannot load a model for inference: {_first_line(err)}") from None
+    except LOAD_ERRORS as err:
+        raise ModelError(f"{path}: cannot load a model for inference: {first_line(err)}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

@@ -22,7 +22,7 @@ import datasets
 import numpy as np
 
 from ftl.config import DataSource, Recipe
-from ftl.data import build_dataset
+from ftl.data import DataError, build_dataset
 from ftl.loss import IGNORE_INDEX
 from ftl.packing import pack_dataset
 
@@ -71,6 +71,9 @@ def prepare(recipe: Recipe, tokenizer: Any) -> tuple[datasets.Dataset, datasets.
     if cfg.eval_fraction:
         order = np.random.default_rng(recipe.train.seed).permutation(len(train_set))
         held_out = max(1, round(cfg.eval_fraction * len(train_set)))
+        if held_out >= len(train_set):
+            raise DataError(f"data.eval_fraction: holding out {held_out} of {len(train_set)} rows leaves none to train on; "
+                            "lower it or add data")
         eval_set = train_set.select(sorted(order[:held_out].tolist()))
         train_set = train_set.select(sorted(order[held_out:].tolist()))
     stats.update(_length_stats(train_set))

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 from datasets.distributed import split_dataset_by_node
 
 from ftl.config import Recipe
-from ftl.data import load_source, tokenize_row
+from ftl.data import DataError, load_source, tokenize_row
 from ftl.loss import IGNORE_INDEX
 
 SHUFFLE_BUFFER = 1000
@@ -28,6 +28,7 @@ class RowStream:
     def __init__(self, recipe: Recipe, tokenizer: Any, rank: int, world: int, epoch: int = 0, consumed: int = 0):
         self.recipe, self.tokenizer, self.rank, self.world = recipe, tokenizer, rank, world
         self.epoch, self.consumed = epoch, consumed
+        self._usable_this_epoch = consumed > 0  # a resumed epoch already gave rows
         self._rows = self._open()
 
     def _open(self) -> Iterator[tuple[dict, Any]]:
@@ -45,14 +46,18 @@ class RowStream:
                 raw = next(self._rows)
             except StopIteration:
                 if self.consumed == 0:
-                    raise ValueError(f"data.train: rank {self.rank} of {self.world} got no rows from the stream") from None
-                self.epoch, self.consumed = self.epoch + 1, 0
+                    raise DataError(f"data.train: rank {self.rank} of {self.world} got no rows from the stream") from None
+                if not self._usable_this_epoch:  # another pass would find none either: never loop forever
+                    raise DataError(f"{self.recipe.data.train[0].path}: none of the {self.consumed} rows this rank read has a "
+                                    "trainable token within data.max_length")
+                self.epoch, self.consumed, self._usable_this_epoch = self.epoch + 1, 0, False
                 self._rows = self._open()
                 continue
             self.consumed += 1
             source = self.recipe.data.train[0]
             row = tokenize_row(raw, source, self.tokenizer, self.recipe.data, where=f"{source.path}: streamed row")
             if any(label != IGNORE_INDEX for label in row["labels"]):
+                self._usable_this_epoch = True
                 rows.append({"input_ids": row["input_ids"], "labels": row["labels"]})
         return rows
 

@@ -40,7 +40,7 @@ from ftl.config import Recipe, load_recipe, uses_fused_ce
 from ftl.console import console, setup_logging
 from ftl import distributed
 from ftl.data import batch_indices, build_dataset, collate, load_source
-from ftl.errors import UserError, exit_on_user_error
+from ftl.errors import UserError, exit_on_user_error, first_line
 from ftl.flops import flops_counter, peak_flops, peak_memory_gib
 from ftl.loss import causal_lm_loss_sum, count_trainable_tokens
 from ftl.metrics import MetricsWriter, TrainingProgress, plot_losses, read_metrics, summary_table
@@ -166,7 +166,14 @@ def train(recipe: Recipe) -> dict[str, Any]:
                     continue
                 micro = [collate([train_set[i] for i in idx], tokenizer.pad_token_id) for idx in batches[position : position + accum]]
             micro = [{k: v.to(accelerator.device) for k, v in mb.items()} for mb in micro]
-            step_loss, step_tokens, grad_norm = _optimizer_step(accelerator, model, optimizer, micro, cfg.max_grad_norm, fused)
+            step_loss, step_tokens, grad_norm, stepped = _optimizer_step(accelerator, model, optimizer, micro, cfg.max_grad_norm, fused)
+            if not stepped:
+                path = save()  # the weights from before the step that was not taken
+                raise TrainError(
+                    f"step {step + 1}: the loss ({step_loss:.4g}) or gradient norm ({grad_norm:.4g}) is not finite, so the "
+                    f"step was not taken and training stopped; {path} holds the weights from before it. Lower "
+                    "train.learning_rate, keep train.max_grad_norm set, or check the data"
+                )
             scheduler.step()
             step += 1
             position += len(micro)
@@ -231,11 +238,38 @@ def train(recipe: Recipe) -> dict[str, Any]:
     return summary
 
 
+def preflight(recipe: Recipe) -> None:
+    """What can be checked before processes are started: resume point, run directory, tokenizer,
+    model config and the data (tokenized into the cache the ranks then read).
+
+    A problem found by one rank of many surfaces as the other ranks' communication errors; found
+    here, it is one line and exit code 2, and the earlier run's files are untouched.
+    """
+    from transformers import AutoConfig
+
+    from ftl.model import LOAD_ERRORS, ModelError, load_tokenizer
+
+    recipe = recipe.resolved()
+    run_dir = Path(recipe.output.dir)
+    _check_run_dir(run_dir, recipe, _resume_point(recipe, run_dir))
+    tokenizer = load_tokenizer(recipe.model)
+    try:
+        AutoConfig.from_pretrained(recipe.model.path, trust_remote_code=recipe.model.trust_remote_code)
+    except LOAD_ERRORS as err:
+        raise ModelError(f"model.path: no model config in '{recipe.model.path}': {first_line(err)}") from None
+    if recipe.data.streaming:
+        for source in recipe.data.train + (recipe.data.eval or []):
+            load_source(source, streaming=True)
+    else:
+        prepare_data(recipe, tokenizer)
+
+
 def _optimizer_step(
     accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, micro: list[dict], max_grad_norm: float | None,
     fused: Callable | None = None,
-) -> tuple[float, int, float]:
-    """One optimizer step over ``micro``; returns (loss per trainable token, trainable tokens, grad norm)."""
+) -> tuple[float, int, float, bool]:
+    """One optimizer step over ``micro``; returns (loss per trainable token, trainable tokens, grad norm,
+    whether the step was taken: not when the loss or the gradient norm is not finite)."""
     world = accelerator.num_processes
     local_tokens = sum(count_trainable_tokens(mb["labels"]) for mb in micro)
     step_tokens = accelerator.reduce(local_tokens.clone(), reduction="sum").clamp(min=1)
@@ -249,9 +283,12 @@ def _optimizer_step(
             # Every strategy averages gradients over ranks; multiplying by world turns that into a sum.
             distributed.backward(accelerator, model, loss * world / step_tokens, last)
         loss_sum += loss.detach().float()
-    grad_norm = distributed.optimizer_step(accelerator, model, optimizer, max_grad_norm)
-    step_loss = (accelerator.reduce(loss_sum, reduction="sum") / step_tokens).item()
-    return step_loss, int(step_tokens), grad_norm
+    step_loss = (accelerator.reduce(loss_sum, reduction="sum") / step_tokens).item()  # the same on every rank
+    if not math.isfinite(step_loss):
+        distributed.discard_gradients(model, optimizer)
+        return step_loss, int(step_tokens), float("nan"), False
+    grad_norm, stepped = distributed.optimizer_step(accelerator, model, optimizer, max_grad_norm)
+    return step_loss, int(step_tokens), grad_norm, stepped
 
 
 def _resume_point(recipe: Recipe, run_dir: Path) -> Path | None:

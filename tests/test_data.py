@@ -89,7 +89,7 @@ def test_missing_and_unparsable_files(tmp_path: Path, tokenizer) -> None:
     with pytest.raises(DataError, match=r"nope.jsonl: data file not found"):
         build_dataset([DataSource(path=str(tmp_path / "nope.jsonl"))], tokenizer, _cfg())
     (tmp_path / "broken.jsonl").write_text('{"instruction": "a", "output": \n')
-    with pytest.raises(DataError, match=r"broken.jsonl: could not parse as json"):
+    with pytest.raises(DataError, match=r"broken.jsonl: line 1: not valid JSON"):
         build_dataset([DataSource(path=str(tmp_path / "broken.jsonl"))], tokenizer, _cfg())
 
 
