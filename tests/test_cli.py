@@ -88,3 +88,51 @@ def test_train_module_under_plain_accelerate_launch(tiny_llama: Path, demo_data,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "run/checkpoints/latest").read_text() == "step-3"
+
+
+def test_user_strings_are_printed_verbatim_not_as_markup(tiny_llama: Path, demo_data, tmp_path: Path) -> None:
+    recipe = write_yaml(tmp_path / "r.yaml", make_recipe(tiny_llama, demo_data[0], tmp_path / "run"))
+    result = ftl("validate", str(recipe), "output.run_name='[/red]'", "slurm.job_name='[bold]x[/bold]'")
+    assert result.returncode == 0, result.stderr
+    assert "run_name: '[/red]'" in result.stdout and "job_name: '[bold]x[/bold]'" in result.stdout
+    result = ftl("validate", str(recipe), "output.[/red]=1")
+    assert result.returncode == 2 and "unknown key '[/red]'" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["eval", "x", "--data", "d.jsonl", "--limit", "-1"], "--limit: must be at least 1 (got -1)"),
+    (["tiny-model", "out", "--hidden-size", "0"], "--hidden-size: must be at least 8 (got 0)"),
+    (["tiny-model", "out", "--hidden-size", "12"], "--hidden-size: 12 is not a multiple of 8"),
+    (["export", "nowhere", "--max-shard-size", "lots"], "--max-shard-size: 'lots' is not a size"),
+    (["export", "/nonexistent/run"], "/nonexistent/run: not a run directory or a checkpoint"),
+])
+def test_bad_command_arguments_exit_2_with_one_line(tmp_path: Path, args, message) -> None:
+    result = ftl(*args, cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_export_out_that_is_a_file(tiny_llama: Path, demo_data, tmp_path: Path) -> None:
+    from ftl.train import train
+    from ftl.config import validate_recipe
+
+    train(validate_recipe(make_recipe(tiny_llama, demo_data[0], tmp_path / "run", train={"max_steps": 1})))
+    (tmp_path / "taken").write_text("mine")
+    result = ftl("export", str(tmp_path / "run"), "--out", str(tmp_path / "taken"))
+    assert result.returncode == 2 and "is a file; choose a directory" in result.stderr
+    assert (tmp_path / "taken").read_text() == "mine"
+
+
+@pytest.mark.parametrize("signal_name, delay", [("SIGTERM", 0.3), ("SIGUSR1", 0.3), ("SIGTERM", 1.5)])
+def test_a_stop_signal_before_training_began_exits_as_stopped(tiny_llama: Path, demo_data, tmp_path: Path, signal_name, delay) -> None:
+    import signal
+    import time
+
+    recipe = write_yaml(tmp_path / "r.yaml", make_recipe(tiny_llama, demo_data[0], tmp_path / "run"))
+    proc = subprocess.Popen([sys.executable, "-m", "ftl", "train", str(recipe)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    proc.send_signal(getattr(signal, signal_name))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-2000:]
+    assert "Traceback" not in err

@@ -110,3 +110,35 @@ def test_resolved_recipe_round_trips(tmp_path: Path) -> None:
     recipe = validate_recipe(make_recipe(Path("m"), Path("d.jsonl"), tmp_path))
     again = load_recipe(write_yaml(tmp_path / "again.yaml", __import__("yaml").safe_load(recipe.to_yaml())))
     assert again == recipe
+
+
+@pytest.mark.parametrize("section, values, message", [
+    ("train", {"seed": -1}, "train.seed: Input should be greater than or equal to 0"),
+    ("train", {"seed": 2**32}, "train.seed: Input should be less than 4294967296"),
+    ("train", {"epochs": float("inf")}, "train.epochs: Input should be a finite number"),
+    ("train", {"learning_rate": float("inf")}, "train.learning_rate: Input should be a finite number"),
+    ("train", {"learning_rate": float("nan")}, "train.learning_rate: Input should be a finite number"),
+    ("method", {"lora": {"alpha": float("inf")}}, "method.lora.alpha: Input should be a finite number"),
+    ("train", {"max_grad_norm": float("inf")}, "train.max_grad_norm: Input should be a finite number"),
+    ("data", {"train": []}, "data.train: List should have at least 1 item"),
+    ("model", {"path": ""}, "model.path: String should have at least 1 character"),
+    ("output", {"dir": "/tmp/a\nb"}, "output.dir: Value error, control characters"),
+    ("export", {"max_shard_size": "lots"}, "export.max_shard_size: 'lots' is not a size"),
+    ("distributed", {"timeout_minutes": 10**12}, "distributed.timeout_minutes: Input should be less than or equal to"),
+])
+def test_values_that_would_crash_or_train_on_nonsense_are_refused(section, values, message):
+    raw = make_recipe(Path("m"), Path("d.jsonl"), Path("runs/x"))
+    raw.setdefault(section, {}).update(values)
+    if section == "method":
+        raw["method"]["lora"] = {**make_recipe(Path("m"), Path("d.jsonl"), Path("r"))["method"]["lora"], **values["lora"]}
+    with pytest.raises(RecipeError) as err:
+        validate_recipe(raw)
+    assert any(message.replace("Value error, ", "") in p for p in err.value.problems), err.value.problems
+
+
+@pytest.mark.parametrize("key", ["weight", "samples"])
+def test_huge_mixing_values_are_refused(key):
+    raw = make_recipe(Path("m"), Path("d.jsonl"), Path("runs/x"))
+    raw["data"]["train"] = {"path": "d.jsonl", key: 10**12}
+    with pytest.raises(RecipeError, match=f"data.train.0.{key}: Input should be less than or equal to"):
+        validate_recipe(raw)

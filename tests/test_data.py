@@ -127,3 +127,26 @@ def test_add_eos_off_trains_without_eos(tokenizer) -> None:
     out = tokenize_row(row, DataSource(path="x"), tokenizer, _cfg(add_eos=False), "x")
     assert _trained_text(tokenizer, out) == "red"
     assert tokenizer.eos_token_id not in out["input_ids"]
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("empty.jsonl", b"", r"empty.jsonl: no rows \(the file is empty\)"),
+    ("blank.jsonl", b"\n\n", r"blank.jsonl: no rows"),
+    ("latin1.jsonl", b'{"instruction": "a", "output": "b"}\n{"instruction": "caf\xe9", "output": "b"}\n', r"latin1.jsonl: line 2: not UTF-8 text"),
+    ("torn.jsonl", b'{"instruction": "a", "output": "b"}\n{"instruction": "a", "outp', r"torn.jsonl: line 2: not valid JSON"),
+    ("list.jsonl", b'[1, 2]\n', r"list.jsonl: line 1: a row must be a JSON object, got list"),
+    ("scalar.json", b'3', r"scalar.json: a .json data file holds a list of rows"),
+    ("rows.json", b'[{"instruction": "a", "output": "b"}, 7]', r"rows.json: row 1: a row must be a JSON object, got int"),
+    ("empty.json", b'[]', r"empty.json: no rows"),
+])
+def test_malformed_data_files_name_the_file_and_line(tmp_path, tokenizer, name, content, message) -> None:
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        build_dataset([DataSource(path=str(tmp_path / name))], tokenizer, _cfg())
+
+
+def test_an_unknown_chat_role_is_an_error_not_silently_untrained(tmp_path, tokenizer) -> None:
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "asistant", "content": "yo"}]}]
+    path = write_jsonl(tmp_path / "chat.jsonl", rows)
+    with pytest.raises(DataError, match=r"chat.jsonl: row 0: messages\[1\] has role 'asistant'; known roles: system, user, assistant"):
+        build_dataset([DataSource(path=str(path), format="chat")], tokenizer, _cfg())

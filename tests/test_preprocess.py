@@ -88,3 +88,12 @@ def test_cache_dir(tiny_llama, demo_data, tmp_path):
     recipe = recipe_for(tiny_llama, demo_data, tmp_path / "run", cache_dir=str(tmp_path / "shared-cache"))
     _, _, stats = preprocess.prepare(recipe, AutoTokenizer.from_pretrained(tiny_llama))
     assert stats["cache"].startswith(str(tmp_path / "shared-cache")) and not (tmp_path / "run" / "data").exists()
+
+
+def test_an_eval_fraction_that_leaves_no_train_rows_is_an_error(tiny_llama, tmp_path):
+    from ftl.data import DataError
+
+    path = write_jsonl(tmp_path / "two.jsonl", [{"instruction": "a", "output": "b"}] * 2)
+    recipe = validate_recipe(make_recipe(tiny_llama, path, tmp_path / "run", data={"eval_fraction": 0.9}))
+    with pytest.raises(DataError, match="data.eval_fraction: holding out 2 of 2 rows leaves none to train on"):
+        preprocess.prepare(recipe.resolved(), AutoTokenizer.from_pretrained(tiny_llama))

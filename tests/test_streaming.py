@@ -62,3 +62,15 @@ def test_streaming_needs_max_steps_and_one_plain_source(tiny_llama, small_train,
     with pytest.raises(RecipeError) as err:
         validate_recipe(raw)
     assert "train.max_steps" in str(err.value) and "data.packing" in str(err.value)
+
+
+def test_a_stream_without_usable_rows_stops_with_an_error(tiny_llama, tmp_path):
+    """Every row's response lies beyond max_length: the stream must not loop over its epochs forever."""
+    from ftl.data import DataError
+
+    rows = [{"instruction": "word " * 40, "output": "x"} for _ in range(6)]
+    path = write_jsonl(tmp_path / "long.jsonl", rows)
+    raw = make_recipe(tiny_llama, path, tmp_path / "run", train={"max_steps": 2, "micro_batch_size": 2})
+    raw["data"].update(streaming=True, max_length=8)
+    with pytest.raises(DataError, match="long.jsonl: none of the 6 rows this rank read has a trainable token"):
+        train(validate_recipe(raw))
