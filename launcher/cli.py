@@ -51,7 +51,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             console.print(recipe.to_yaml(), end="")
         console.print(f"[green]ok[/] {escape(str(path))}", markup=True)
     if problems:
-        raise UserError("\n".join(problems))
+        raise RecipeError(problems)
     return 0
 
 

@@ -7,12 +7,14 @@ showing a traceback. Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Callable, TypeVar
 
 T = TypeVar("T")
 
 EXIT_USER_ERROR = 2
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 class UserError(Exception):
@@ -34,6 +36,9 @@ def exit_on_user_error(fn: Callable[[], T]) -> T:
     try:
         return fn()
     except UserError as err:
-        for line in str(err).splitlines() or [type(err).__name__]:
-            console_err.print(f"[bold red]error:[/] {escape(line)}", markup=True, soft_wrap=True)
+        # A RecipeError holds one problem per line already; other messages end lines with newlines.
+        for line in getattr(err, "problems", None) or str(err).split("\n") or [type(err).__name__]:
+            # A user's value may hold control characters (a key named '\r'): show them, don't obey them.
+            shown = _CONTROL.sub(lambda m: repr(m.group())[1:-1], line)
+            console_err.print(f"[bold red]error:[/] {escape(shown)}", markup=True, soft_wrap=True)
         sys.exit(EXIT_USER_ERROR)

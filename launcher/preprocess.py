@@ -23,6 +23,7 @@ import numpy as np
 
 from ftl.config import DataSource, Recipe
 from ftl.data import DataError, build_dataset
+from ftl.errors import first_line
 from ftl.loss import IGNORE_INDEX
 from ftl.packing import pack_dataset
 
@@ -62,8 +63,12 @@ def prepare(recipe: Recipe, tokenizer: Any) -> tuple[datasets.Dataset, datasets.
     """Train set (packed if asked), eval set and statistics, from the cache when it is there."""
     directory = cache_dir(recipe, tokenizer)
     if (directory / STATS).is_file():
-        log.info("using preprocessed data from %s", directory)
-        return _load(directory)
+        try:
+            loaded = _load(directory)
+            log.info("using preprocessed data from %s", directory)
+            return loaded
+        except Exception as err:  # a damaged cache is derived data: build it again
+            log.warning("preprocessed data in %s is unreadable (%s); preparing it again", directory, first_line(err))
     stats: dict[str, Any] = {"sources": []}
     cfg = recipe.data
     train_set = build_dataset(cfg.train, tokenizer, cfg, seed=recipe.train.seed, stats=stats["sources"])

@@ -365,6 +365,13 @@ def _prepare_run_dir(run_dir: Path, recipe: Recipe, checkpoint: Path | None) -> 
     ckpts = checkpoints_dir(run_dir)
     metrics_file = run_dir / "metrics.jsonl"
     run_dir.mkdir(parents=True, exist_ok=True)
+    # What ftl writes as a file must not be a directory, and the other way round: such leftovers
+    # (a user's, or damage) are moved aside instead of failing the run at its first save.
+    files = [run_dir / name for name in ("recipe.yaml", "metrics.jsonl", "data_stats.json", STOPPED, "loss.png")] + [ckpts / "latest"]
+    dirs = [ckpts, run_dir / "tensorboard"]
+    misplaced = [p for p in files if p.exists() and not p.is_file()] + [p for p in dirs if p.exists() and not p.is_dir()]
+    if misplaced:
+        log.warning("moved %s to %s: ftl writes its own there", ", ".join(p.name for p in misplaced), move_aside(misplaced, run_dir))
     if checkpoint is None and ckpts.is_dir() and any(ckpts.iterdir()):
         if recipe.train.resume == "never":  # _check_run_dir let it through: output.overwrite is true
             log.warning("output.overwrite: deleting the earlier run's checkpoints in %s", ckpts)
