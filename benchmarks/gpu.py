@@ -21,7 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cpu_vs_hf import make_data, timed_hf_trainer
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark, also under PYTHONSAFEPATH
+from cpu_vs_hf import make_data, timed_hf_trainer  # noqa: E402
 
 SHAPE = dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4)
 SMOKE = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)

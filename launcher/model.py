@@ -102,7 +102,9 @@ def load_base_model(
     except LOAD_ERRORS as err:
         raise ModelError(f"model.path: cannot load a causal LM from '{cfg.path}': {first_line(err)}") from None
     if tokenizer is not None:
-        rows = model.get_input_embeddings().weight.shape[0]
+        embedding = model.get_input_embeddings()
+        # num_embeddings, not the weight's shape: ZeRO-3 partitions the weight while loading.
+        rows = getattr(embedding, "num_embeddings", None) or embedding.weight.shape[0]
         if len(tokenizer) > rows:
             raise ModelError(f"model.tokenizer: the tokenizer has {len(tokenizer)} tokens but the model's embedding has {rows} rows; "
                              "use the model's own tokenizer")

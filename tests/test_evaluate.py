@@ -51,3 +51,16 @@ def test_a_run_that_trusts_remote_code_needs_the_flag(tiny_llama, demo_data, tmp
         assert exit_info.value.code == 2
         err = capsys.readouterr().err
         assert "model.trust_remote_code" in err and "--trust-remote-code" in err, err
+
+
+def test_eval_of_a_corrupt_checkpoint_is_refused(tiny_llama, demo_data, tmp_path, capsys):
+    from ftl.cli import main as cli_main
+    from ftl.train import train
+
+    train(validate_recipe(make_recipe(tiny_llama, demo_data[0], tmp_path / "run", train={"max_steps": 1})))
+    weights = tmp_path / "run/checkpoints/step-1/adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4])
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["eval", str(weights.parent), "--data", str(demo_data[1]), "--limit", "2"])
+    assert exit_info.value.code == 2
+    assert "adapter_model.safetensors has" in capsys.readouterr().err
