@@ -277,6 +277,25 @@ class Recipe(_Section):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
+    @property
+    def world_size(self) -> int:
+        """Processes in the whole run (every machine)."""
+        return self.distributed.num_processes * self.distributed.num_machines
+
+    @property
+    def strategy(self) -> str:
+        """The strategy the run uses: ``distributed.strategy``, with ``auto`` decided here and only here.
+
+        One process -> ``single``; LoRA/QLoRA (few trainable parameters, the frozen base fits each
+        device) -> ``ddp``; full fine-tuning (weights, gradients and Adam states of every parameter:
+        16 bytes/parameter in mixed precision) -> ``zero3``, which shards all of them.
+        """
+        if self.distributed.strategy != "auto":
+            return self.distributed.strategy
+        if self.world_size == 1:
+            return "single"
+        return "zero3" if self.method.type == "full" else "ddp"
+
     def resolved(self) -> Recipe:
         """A copy with local paths made absolute, so every rank and node reads the same files."""
         data = self.model_dump()
@@ -321,6 +340,7 @@ def validate_recipe(raw: dict, source: str = "<recipe>", lines: dict[tuple, int 
         recipe = Recipe.model_validate(raw)
     except ValidationError as err:
         raise RecipeError([_describe(e, source, lines) for e in err.errors()]) from None
+    recipe = with_implied(recipe)
     problems = []
     for key, message in check_combinations(recipe):
         problems.append(f"{_where(source, _nearest_line(key, lines))}: {'.'.join(key)}: {message}")
@@ -329,20 +349,34 @@ def validate_recipe(raw: dict, source: str = "<recipe>", lines: dict[tuple, int 
     return recipe
 
 
+def with_implied(recipe: Recipe) -> Recipe:
+    """A copy with what the recipe implies filled in: ``method.type: qlora`` means a 4-bit base, a
+    Slurm job's nodes are its machines and its GPUs per node its processes per machine (unless
+    those are set otherwise, which :func:`check_combinations` reports)."""
+    quant, dist, slurm = recipe.quantization, recipe.distributed, recipe.slurm
+    updates: dict[str, Any] = {}
+    if recipe.method.type == "qlora" and quant.bits is None:
+        updates["quantization"] = quant.model_copy(update={"bits": 4})
+    machines = slurm.nodes if slurm.nodes > 1 and dist.num_machines == 1 else dist.num_machines
+    processes = slurm.gpus_per_node if slurm.gpus_per_node and dist.num_processes == 1 else dist.num_processes
+    if (machines, processes) != (dist.num_machines, dist.num_processes):
+        updates["distributed"] = dist.model_copy(update={"num_machines": machines, "num_processes": processes})
+    return recipe.model_copy(update=updates) if updates else recipe
+
+
 def check_combinations(recipe: Recipe) -> list[tuple[tuple, str]]:
     """Settings that are each valid but cannot work together, found before any model is loaded.
 
-    Also fills in what a combination implies (``method.type: qlora`` means a 4-bit base).
-    Returns (key path, message) pairs; every cross-section rule of the schema lives here.
+    Pure: reads the recipe (after :func:`with_implied`) and returns (key path, message) pairs;
+    every cross-section rule of the schema lives here, and rules that depend on the strategy
+    check the one the run will use (``strategy: auto`` resolved by :attr:`Recipe.strategy`).
     """
     method, quant = recipe.method, recipe.quantization
     problems: list[tuple[tuple, str]] = []
     if method.freeze and method.type != "full":
         problems.append((("method", "freeze"), "applies to method.type: full; LoRA already freezes the base model"))
     if method.type == "qlora":
-        if quant.bits is None:
-            quant.bits = 4
-        elif quant.bits != 4:
+        if quant.bits != 4:
             problems.append(
                 (("quantization", "bits"), "method.type: qlora means a 4-bit base; for an 8-bit base use method.type: lora")
             )
@@ -382,9 +416,7 @@ def uses_fused_ce(kernels: str | list[str], strategy: str) -> bool:
 
 def check_kernels(recipe: Recipe) -> list[tuple[tuple, str]]:
     """A listed fused_ce under the strategy the recipe resolves to (``auto`` included)."""
-    from ftl.plan import resolve_strategy  # plan imports this module
-
-    strategy = resolve_strategy(recipe)
+    strategy = recipe.strategy
     if isinstance(recipe.kernels, list) and "fused_ce" in recipe.kernels and strategy in SHARDED_HEAD_STRATEGIES:
         return [(("kernels",), f"fused_ce reads lm_head's weight outside its forward, which {strategy} keeps sharded "
                  "there; leave fused_ce out (kernels: auto does)")]
@@ -394,14 +426,10 @@ def check_kernels(recipe: Recipe) -> list[tuple[tuple, str]]:
 def _check_distributed(recipe: Recipe) -> list[tuple[tuple, str]]:
     dist, quant, slurm = recipe.distributed, recipe.quantization, recipe.slurm
     problems: list[tuple[tuple, str]] = []
-    # A Slurm job's nodes are its machines, and GPUs per node its processes per machine.
-    if slurm.nodes > 1 and dist.num_machines == 1:
-        dist.num_machines = slurm.nodes
-    elif slurm.nodes > 1 and dist.num_machines != slurm.nodes:
+    # A Slurm job's nodes are its machines, and GPUs per node its processes per machine (with_implied).
+    if slurm.nodes > 1 and dist.num_machines != slurm.nodes:
         problems.append((("distributed", "num_machines"), f"is {dist.num_machines} but slurm.nodes is {slurm.nodes}; set one of them"))
-    if slurm.gpus_per_node and dist.num_processes == 1:
-        dist.num_processes = slurm.gpus_per_node
-    elif slurm.gpus_per_node and dist.num_processes != slurm.gpus_per_node:
+    if slurm.gpus_per_node and dist.num_processes != slurm.gpus_per_node:
         problems.append((("distributed", "num_processes"), f"is {dist.num_processes} but slurm.gpus_per_node is {slurm.gpus_per_node}; set one of them"))
     limit = slurm_seconds(slurm.time)
     if limit is None:
@@ -410,7 +438,9 @@ def _check_distributed(recipe: Recipe) -> list[tuple[tuple, str]]:
         problems.append((("slurm", "signal_grace"), f"{slurm.signal_grace}s is not less than the time limit ({limit}s); the job would stop at once"))
     if dist.gpu_memory is not None and not parse_gib(dist.gpu_memory):
         problems.append((("distributed", "gpu_memory"), f"'{dist.gpu_memory}' is not a size; write e.g. 80GB, 24G or 40960MB"))
-    world = dist.num_processes * dist.num_machines
+    world, strategy = recipe.world_size, recipe.strategy
+    # Rules about the strategy name the one auto resolved to, so a user sees why.
+    named = f"strategy auto (here {strategy})" if dist.strategy == "auto" else f"strategy {strategy}"
     if dist.machine_rank >= dist.num_machines:
         problems.append((("distributed", "machine_rank"), f"must be below num_machines ({dist.num_machines})"))
     if dist.strategy == "single" and world > 1:
@@ -418,16 +448,17 @@ def _check_distributed(recipe: Recipe) -> list[tuple[tuple, str]]:
     if dist.strategy in ("ddp", "zero1", "zero2", "zero3", "fsdp2") and world == 1:
         problems.append((("distributed", "num_processes"), f"strategy {dist.strategy} needs 2 or more processes; set num_processes (per machine) or strategy: single"))
     zero = dist.zero
-    if zero.offload_params and dist.strategy != "zero3":
-        problems.append((("distributed", "zero", "offload_params"), "parameter offload needs strategy: zero3"))
-    if zero.offload_optimizer and dist.strategy not in ("zero1", "zero2", "zero3"):
-        problems.append((("distributed", "zero", "offload_optimizer"), "needs strategy zero1, zero2 or zero3 (for fsdp2 use distributed.fsdp.cpu_offload)"))
-    if dist.strategy.startswith("zero") and recipe.train.optimizer != "adamw_torch":
-        problems.append((("train", "optimizer"), f"DeepSpeed ({dist.strategy}) runs its own partitioned AdamW; use adamw_torch"))
-    if dist.strategy in ("zero3", "fsdp2") and quant.bits is not None and quant.quant_storage == "uint8":
-        problems.append((("quantization", "quant_storage"), f"{dist.strategy} shards only floating-point tensors; set quant_storage: bfloat16 (the compute dtype)"))
-    if dist.strategy in ("zero3", "fsdp2") and quant.bits == 8:
-        problems.append((("quantization", "bits"), f"8-bit bases cannot be sharded by {dist.strategy}; use 4 bits with quant_storage, or ddp"))
+    if zero.offload_params and strategy != "zero3":
+        problems.append((("distributed", "zero", "offload_params"), f"parameter offload needs strategy zero3, not {named}"))
+    if zero.offload_optimizer and strategy not in ("zero1", "zero2", "zero3"):
+        problems.append((("distributed", "zero", "offload_optimizer"), f"needs strategy zero1, zero2 or zero3, not {named} "
+                         "(for fsdp2 use distributed.fsdp.cpu_offload)"))
+    if strategy.startswith("zero") and recipe.train.optimizer != "adamw_torch":
+        problems.append((("train", "optimizer"), f"DeepSpeed ({named}) runs its own partitioned AdamW; use adamw_torch"))
+    if strategy in ("zero3", "fsdp2") and quant.bits is not None and quant.quant_storage == "uint8":
+        problems.append((("quantization", "quant_storage"), f"{named} shards only floating-point tensors; set quant_storage: bfloat16 (the compute dtype)"))
+    if strategy in ("zero3", "fsdp2") and quant.bits == 8:
+        problems.append((("quantization", "bits"), f"8-bit bases cannot be sharded by {named}; use 4 bits with quant_storage, or ddp"))
     return problems
 
 

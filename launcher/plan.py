@@ -69,12 +69,8 @@ class Plan:
 
 
 def resolve_strategy(recipe: Recipe) -> str:
-    dist = recipe.distributed
-    if dist.strategy != "auto":
-        return dist.strategy
-    if dist.num_processes * dist.num_machines == 1:
-        return "single"
-    return "zero3" if recipe.method.type == "full" else "ddp"
+    """The strategy the run uses (``Recipe.strategy`` decides ``auto``)."""
+    return recipe.strategy
 
 
 def make_plan(recipe: Recipe, device: str | None = None) -> Plan:

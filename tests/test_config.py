@@ -142,3 +142,29 @@ def test_huge_mixing_values_are_refused(key):
     raw["data"]["train"] = {"path": "d.jsonl", key: 10**12}
     with pytest.raises(RecipeError, match=f"data.train.0.{key}: Input should be less than or equal to"):
         validate_recipe(raw)
+
+
+def test_strategy_rules_apply_to_what_auto_resolves_to():
+    """auto with full fine-tuning on 8 processes is zero3: an 8-bit optimizer is refused as for zero3,
+    and optimizer offload is accepted (both were decided on the word 'auto' before)."""
+    full = make_recipe(Path("m"), Path("d.jsonl"), Path("runs/x"), method={"type": "full"}, distributed={"num_processes": 8})
+    eight_bit = {**full, "train": {**full["train"], "optimizer": "adamw_8bit"}}
+    with pytest.raises(RecipeError, match=r"train.optimizer: DeepSpeed \(strategy auto \(here zero3\)\) runs its own"):
+        validate_recipe(eight_bit)
+    offload = {**full, "distributed": {"num_processes": 8, "zero": {"offload_optimizer": True}}}
+    assert validate_recipe(offload).strategy == "zero3"
+    lora = {**offload, "method": {"type": "lora"}}
+    with pytest.raises(RecipeError, match=r"offload_optimizer: needs strategy zero1, zero2 or zero3, not strategy auto \(here ddp\)"):
+        validate_recipe(lora)
+
+
+def test_validation_does_not_change_the_recipe_it_checks():
+    from ftl.config import Recipe, check_combinations
+
+    raw = make_recipe(Path("m"), Path("d.jsonl"), Path("runs/x"), method={"type": "qlora"}, slurm={"nodes": 2, "gpus_per_node": 4})
+    recipe = Recipe.model_validate(raw)
+    before = recipe.model_dump()
+    check_combinations(recipe)
+    assert recipe.model_dump() == before
+    resolved = validate_recipe(raw)
+    assert (resolved.quantization.bits, resolved.distributed.num_machines, resolved.distributed.num_processes) == (4, 2, 4)
