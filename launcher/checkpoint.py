@@ -33,9 +33,7 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -44,21 +42,17 @@ import torch
 from accelerate import Accelerator
 
 from ftl.errors import UserError
+from ftl.rundir import STEP_DIR as _STEP_DIR
+from ftl.rundir import RunDir, write_atomic
 
 log = logging.getLogger(__name__)
 
-LATEST = "latest"
 MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 class CheckpointError(UserError):
     """A checkpoint is incomplete or does not match its manifest."""
-
-
-def checkpoints_dir(run_dir: Path) -> Path:
-    return run_dir / "checkpoints"
 
 
 # ----------------------------------------------------------------------------- saving
@@ -77,7 +71,8 @@ def save_checkpoint(
 ) -> Path:
     """Save everything needed to continue; every rank must call this (it synchronises)."""
     step = state["step"]
-    final = checkpoints_dir(run_dir) / f"step-{step}"
+    run = RunDir(run_dir)
+    final = run.checkpoint(step)
     tmp = final.with_name(final.name + ".tmp")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -105,7 +100,7 @@ def save_checkpoint(
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(final.parent)
-        write_atomic(checkpoints_dir(run_dir) / LATEST, final.name)
+        write_atomic(run.latest, final.name)
         if keep_last:
             _prune(run_dir, keep_last, keep=final)
     accelerator.wait_for_everyone()
@@ -228,7 +223,7 @@ def write_manifest(directory: Path) -> None:
 
 
 def _prune(run_dir: Path, keep_last: int, keep: Path) -> None:
-    complete = sorted(_step_dirs(run_dir), key=lambda p: _step_of(p))
+    complete = sorted(RunDir(run_dir).step_dirs(), key=_step_of)
     for old in complete[: max(0, len(complete) - keep_last)]:
         if old != keep:
             shutil.rmtree(old, ignore_errors=True)
@@ -275,8 +270,9 @@ def read_state(checkpoint: Path) -> dict[str, Any]:
 
 def find_resumable(run_dir: Path) -> Path | None:
     """The newest checkpoint that verifies; broken newer ones are skipped with a warning."""
-    candidates = sorted(_step_dirs(run_dir), key=_step_of, reverse=True)
-    pointer = checkpoints_dir(run_dir) / LATEST
+    run = RunDir(run_dir)
+    candidates = sorted(run.step_dirs(), key=_step_of, reverse=True)
+    pointer = run.latest
     if pointer.is_file():
         named = pointer.read_bytes().decode("utf-8", "replace").strip()
         # Anything newer than `latest` was never declared complete.
@@ -289,34 +285,6 @@ def find_resumable(run_dir: Path) -> Path | None:
         except CheckpointError as err:
             log.warning("skipping broken checkpoint: %s", err)
     return None
-
-
-def move_aside(paths: list[Path], run_dir: Path) -> Path | None:
-    """Move checkpoints (or other run files) that cannot be used out of the way, never deleting them.
-
-    They land in ``<run dir>/set-aside/<time>/`` under their own names, where a user can inspect
-    or delete them; a fresh or resumed run then cannot overwrite or prune them.
-    """
-    present = [p for p in paths if p.exists()]
-    if not present:
-        return None
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    target = run_dir / "set-aside" / stamp
-    n = 1
-    while target.exists():
-        n += 1
-        target = run_dir / "set-aside" / f"{stamp}-{n}"
-    target.mkdir(parents=True)
-    for path in present:
-        os.replace(path, target / path.name)
-    return target
-
-
-def _step_dirs(run_dir: Path) -> list[Path]:
-    root = checkpoints_dir(run_dir)
-    if not root.is_dir():
-        return []
-    return [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
 
 
 def _step_of(path: Path) -> int:
@@ -408,17 +376,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write, fsync, rename: readers see the old file or the new one. The temporary name is per
-    process, since several machines may write the same file into a shared run directory."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -208,11 +208,11 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     if "packing_efficiency" in stats:
         console.print(f"packed into {stats['packed_rows']} rows of {recipe.data.max_length}: {stats['packing_efficiency']:.1%} of slots hold real tokens")
     console.print(f"eval: {len(eval_set) if eval_set is not None else 0} examples")
-    from ftl.checkpoint import write_atomic
+    from ftl.rundir import RunDir
 
-    run_dir = Path(recipe.output.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(run_dir / "data_stats.json", json.dumps(stats, indent=2))
+    run = RunDir(Path(recipe.output.dir))
+    run.root.mkdir(parents=True, exist_ok=True)
+    run.write(run.data_stats, json.dumps(stats, indent=2))
     console.print(f"cached in {stats['cache']}")
     return 0
 

@@ -25,9 +25,10 @@ import torch
 import yaml
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from ftl.checkpoint import STATE, checkpoints_dir, find_resumable, read_state, verify, zero_fp32_state_dict
+from ftl.checkpoint import STATE, find_resumable, read_state, verify, zero_fp32_state_dict
 from ftl.config import ExportSection, Recipe, load_recipe
 from ftl.errors import UserError
+from ftl.rundir import RunDir
 from ftl.merge import DTYPES, Adapter, Quantizer, TensorSource, write_merged
 
 log = logging.getLogger(__name__)
@@ -45,19 +46,20 @@ class ExportError(UserError):
 def resolve_checkpoint(path: Path) -> tuple[Path, Recipe]:
     """A run directory (its newest complete checkpoint) or a checkpoint directory, and the run's recipe."""
     path = Path(path).resolve()
-    if (path / "recipe.yaml").is_file() and checkpoints_dir(path).is_dir():
+    run: RunDir | None = RunDir(path)
+    if run.recipe.is_file() and run.checkpoints.is_dir():
         checkpoint = find_resumable(path)
         if checkpoint is None:
             raise ExportError(f"{path}: no complete checkpoint to export")
-        run_dir = path
     elif (path / STATE).is_file():
-        checkpoint, run_dir = path, path.parent.parent
+        checkpoint, run = path, RunDir.of_checkpoint(path)
         verify(checkpoint)
+        if run is None:
+            raise ExportError(f"{path}: not inside a run directory (<run>/checkpoints/step-N with <run>/recipe.yaml); "
+                              "export needs the run's recipe")
     else:
         raise ExportError(f"{path}: not a run directory or a checkpoint (no trainer_state.json)")
-    if not (run_dir / "recipe.yaml").is_file():
-        raise ExportError(f"{run_dir}: no recipe.yaml next to the checkpoints; export needs the run's recipe")
-    return checkpoint, load_recipe(run_dir / "recipe.yaml")
+    return checkpoint, load_recipe(run.recipe)
 
 
 def export(
@@ -76,7 +78,7 @@ def export(
         raise ExportError(f"{checkpoint}: the run's recipe sets model.trust_remote_code, so verifying its export would run "
                           "Python files that come with its model; pass --trust-remote-code if you trust them")
     options = (options or recipe.export).model_copy(update=updates or {})
-    out = Path(out or options.dir or Path(recipe.output.dir) / "export").resolve()
+    out = Path(out or options.dir or RunDir(Path(recipe.output.dir)).export).resolve()
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out: {out} is a file; choose a directory")
     if out.exists() and any(out.iterdir()):

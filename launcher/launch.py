@@ -17,7 +17,8 @@ from types import FrameType
 
 from ftl.config import Recipe
 from ftl.plan import Plan, write_launch_files
-from ftl.signals import EXIT_STOPPED, STOP_SIGNALS, STOPPED
+from ftl.rundir import RunDir
+from ftl.signals import EXIT_STOPPED, STOP_SIGNALS
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ LAUNCHED_ENV = "FTL_LAUNCHED"  # set for ranks started here: a stop then exits 0
 def launch(recipe: Recipe, plan: Plan) -> int:
     """Run ``plan.command`` to completion; returns its exit status (75: stopped with a checkpoint)."""
     write_launch_files(plan, recipe)
-    stopped_marker = Path(recipe.output.dir) / STOPPED
+    stopped_marker = RunDir(Path(recipe.output.dir)).stopped
     stopped_marker.unlink(missing_ok=True)
     env = {**os.environ, **plan.env, LAUNCHED_ENV: "1"}
     # The ranks start with stop signals ignored (the disposition survives exec) until their training

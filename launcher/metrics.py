@@ -18,6 +18,7 @@ from rich.table import Table
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ftl.console import console
+from ftl.rundir import RunDir
 
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,8 @@ class MetricsWriter:
 
     def __init__(self, run_dir: Path, enabled: bool = True, report_to: Sequence[str] = (), resume_step: int = 0,
                  config: dict[str, Any] | None = None, wandb_project: str = "ftl", run_name: str | None = None):
-        self.path = Path(run_dir) / "metrics.jsonl"
+        run = RunDir(Path(run_dir))
+        self.path = run.metrics
         self.enabled = enabled
         self.tensorboard = self.wandb = None
         if not enabled:
@@ -40,7 +42,7 @@ class MetricsWriter:
         if "tensorboard" in report_to:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tensorboard = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step or None)
+            self.tensorboard = SummaryWriter(str(run.tensorboard), purge_step=resume_step or None)
         if "wandb" in report_to:
             import wandb
 

@@ -238,8 +238,11 @@ def load_for_inference(
         if (path / "adapter_config.json").exists():
             from peft import PeftModel
 
-            recipe_file = path.parent.parent / "recipe.yaml"
-            if recipe_file.exists():
+            from ftl.rundir import RunDir
+
+            run = RunDir.of_checkpoint(path)
+            recipe_file = run.recipe if run is not None else None
+            if recipe_file is not None:
                 from ftl.config import load_recipe
 
                 recipe = load_recipe(recipe_file)

@@ -23,11 +23,10 @@ from typing import Any
 import torch
 import yaml
 
-from ftl.checkpoint import write_atomic
 from ftl.config import Recipe
+from ftl.rundir import RunDir, write_atomic
 
 DEEPSPEED_STAGES = {"zero1": 1, "zero2": 2, "zero3": 3}
-LAUNCH_DIR = "launch"  # in the run dir: recipe.yaml, accelerate.yaml, deepspeed.json, plan.json
 
 
 @dataclass
@@ -100,7 +99,7 @@ def make_plan(recipe: Recipe, device: str | None = None) -> Plan:
 
 def launch_dir(recipe: Recipe) -> Path:
     """One directory per machine when there are several: each has its own machine_rank."""
-    root = Path(recipe.output.dir) / LAUNCH_DIR
+    root = RunDir(Path(recipe.output.dir)).launch  # recipe.yaml, accelerate.yaml, deepspeed.json, plan.json
     dist = recipe.distributed
     return root / f"machine-{dist.machine_rank}" if dist.num_machines > 1 else root
 

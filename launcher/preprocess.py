@@ -24,6 +24,7 @@ import numpy as np
 from ftl.config import DataSource, Recipe
 from ftl.data import DataError, build_dataset
 from ftl.errors import first_line
+from ftl.rundir import RunDir
 from ftl.loss import IGNORE_INDEX
 from ftl.packing import pack_dataset
 
@@ -33,7 +34,7 @@ STATS = "data_stats.json"
 
 
 def cache_dir(recipe: Recipe, tokenizer: Any) -> Path:
-    root = Path(recipe.data.cache_dir or Path(recipe.output.dir) / "data")
+    root = Path(recipe.data.cache_dir) if recipe.data.cache_dir else RunDir(Path(recipe.output.dir)).data_cache
     return root / cache_key(recipe, tokenizer)
 
 

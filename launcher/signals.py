@@ -18,7 +18,6 @@ if TYPE_CHECKING:  # importing this module must stay cheap: `ftl train` installs
 log = logging.getLogger(__name__)
 
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped on request with a checkpoint saved; run the same command to resume
-STOPPED = "STOPPED"  # marker in the run dir: why and where the last attempt stopped
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 

@@ -22,6 +22,7 @@ import jinja2
 
 from ftl.config import Recipe
 from ftl.errors import UserError
+from ftl.rundir import RunDir, write_atomic
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "slurm"
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
@@ -36,20 +37,21 @@ def render(recipe: Recipe, mode: str = "train") -> str:
     """The sbatch script for ``recipe`` (``mode``: train, or export after training)."""
     recipe = recipe.resolved()
     slurm = recipe.slurm
-    run_dir = Path(recipe.output.dir)
+    run = RunDir(Path(recipe.output.dir))
     values = slurm.model_dump()
     if mode == "export":
         values.update(nodes=1, job_name=f"{slurm.job_name}-export", gpus_per_node=min(slurm.gpus_per_node or 0, 1) or None)
     values.update(
         mode=mode,
         python=sys.executable,
-        recipe_file=str(run_dir / "slurm" / "recipe.yaml"),
-        run_dir=str(run_dir),
-        log_dir=slurm.output_dir or str(run_dir / "slurm"),
+        recipe_file=str(run.slurm / "recipe.yaml"),
+        run_dir=str(run.root),
+        stopped=str(run.stopped),
+        log_dir=slurm.output_dir or str(run.slurm),
     )
     # Every value that reaches the script is checked here, named by where it came from, before
     # anything is rendered: a newline would end a comment or #SBATCH line and start a command.
-    names = {"run_dir": "output.dir", "recipe_file": "output.dir", "log_dir": "slurm.output_dir" if slurm.output_dir else "output.dir",
+    names = {"run_dir": "output.dir", "recipe_file": "output.dir", "stopped": "output.dir", "log_dir": "slurm.output_dir" if slurm.output_dir else "output.dir",
              "python": "the Python interpreter path"}
     for key, value in values.items():
         _check_safe(value, names.get(key, f"slurm.{key}"))
@@ -89,15 +91,15 @@ def _check_safe(values: object, path: str) -> None:
 def submit(recipe: Recipe, export: bool = False, dependency: str | None = None) -> list[str]:
     """Write the script(s) into ``<run dir>/slurm/`` and sbatch them; returns the job ids."""
     job = recipe.resolved()
-    directory = Path(job.output.dir) / "slurm"
+    directory = RunDir(Path(job.output.dir)).slurm
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "recipe.yaml").write_text(job.to_yaml())
+    write_atomic(directory / "recipe.yaml", job.to_yaml())
     (Path(job.slurm.output_dir) if job.slurm.output_dir else directory).mkdir(parents=True, exist_ok=True)
     scripts = [("train", dependency)]
     ids: list[str] = []
     for mode, after in scripts + ([("export", None)] if export else []):
         path = directory / f"{mode}.sbatch"
-        path.write_text(render(recipe, mode))
+        write_atomic(path, render(recipe, mode))
         if mode == "export":
             after = f"afterok:{ids[0]}"
         ids.append(_sbatch(path, after))

@@ -12,8 +12,6 @@ import json
 import logging
 import math
 import os
-import re
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -25,17 +23,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from transformers import get_scheduler
 
-from ftl.checkpoint import (
-    checkpoints_dir,
-    find_resumable,
-    load_training_state,
-    move_aside,
-    read_state,
-    restore_rng,
-    save_checkpoint,
-    verify,
-    write_atomic,
-)
+from ftl.checkpoint import find_resumable, load_training_state, read_state, restore_rng, save_checkpoint, verify
 from ftl.config import Recipe, load_recipe, uses_fused_ce
 from ftl.console import console, setup_logging
 from ftl import distributed
@@ -48,7 +36,8 @@ from ftl.model import build_model
 from ftl.optim import build_optimizer
 from ftl.plan import make_plan
 from ftl.preprocess import prepare as prepare_data
-from ftl.signals import EXIT_STOPPED, STOPPED, StopRequest
+from ftl.rundir import RunDir
+from ftl.signals import EXIT_STOPPED, StopRequest
 from ftl.streaming import RowStream
 
 log = logging.getLogger(__name__)
@@ -67,6 +56,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
     accelerator = distributed.build_accelerator(recipe, plan)
     distributed.check_process_group(accelerator, plan)
     run_dir = Path(recipe.output.dir)
+    run = RunDir(run_dir)
     main = accelerator.is_main_process
     checkpoint = _resume_point(recipe, run_dir)
     _check_run_dir(run_dir, recipe, checkpoint)
@@ -97,8 +87,9 @@ def train(recipe: Recipe) -> dict[str, Any]:
         total_steps = cfg.max_steps or math.ceil(cfg.epochs * math.ceil(batches_per_epoch / accum))
     # Model, tokenizer, data and checkpoint have all been checked: only now may the run directory change.
     if main:
-        _prepare_run_dir(run_dir, recipe, checkpoint)
-        write_atomic(run_dir / "data_stats.json", json.dumps(data_stats, indent=2))
+        run.prepare(recipe.to_yaml(), cfg.resume, recipe.output.overwrite, checkpoint,
+                    read_state(checkpoint)["step"] if checkpoint is not None else None)
+        run.write(run.data_stats, json.dumps(data_stats, indent=2))
     accelerator.wait_for_everyone()
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * total_steps)
 
@@ -216,7 +207,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
             if reason and step < total_steps:
                 summary["stopped"] = reason
                 if main:
-                    (run_dir / STOPPED).write_text(json.dumps({"reason": reason, "step": step, "checkpoint": summary["checkpoint"]}))
+                    run.write_stopped(reason, step, summary["checkpoint"])
                 progress.message(f"stopped by {reason} at step {step}; checkpoint {summary['checkpoint']}; run again to resume")
                 break
 
@@ -228,7 +219,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
         progress.message(f"{run_dir} is already complete ({step} steps)")
     elif main:
         records = read_metrics(metrics.path)
-        plot_losses(records, run_dir / "loss.png")
+        plot_losses(records, run.loss_plot)
         console.print(summary_table(records, summary))
     accelerator.end_training()
     if world == 1:
@@ -327,7 +318,7 @@ def _check_same_method(checkpoint: Path, recipe: Recipe) -> None:
 
 def _check_run_dir(run_dir: Path, recipe: Recipe, checkpoint: Path | None) -> None:
     """Refuse, before anything is loaded, a fresh start in a run directory that holds checkpoints."""
-    ckpts = checkpoints_dir(run_dir)
+    ckpts = RunDir(run_dir).checkpoints
     if checkpoint is None and recipe.train.resume == "never" and not recipe.output.overwrite and ckpts.is_dir() and any(ckpts.iterdir()):
         raise TrainError(
             f"output.dir: {run_dir} already holds checkpoints of an earlier run; use train.resume=auto to "
@@ -352,54 +343,6 @@ def _apply_kernels(recipe: Recipe, model: torch.nn.Module, plan: Any, device: to
         raise TrainError(str(err)) from None
     log.info("kernels: %s (%s)", ", ".join(applied) or "none apply", backend)
     return FusedLoss(model, backend=backend) if "fused_ce" in applied else None
-
-
-def _prepare_run_dir(run_dir: Path, recipe: Recipe, checkpoint: Path | None) -> None:
-    """Write the resolved recipe and make the run directory continue ``checkpoint`` (or start fresh).
-
-    Called once model, tokenizer, data and checkpoint have been checked, so a run that fails to
-    start leaves an earlier run's files as they were. Checkpoints that do not verify (or are newer
-    than the one resumed) are moved aside, never deleted; only ``output.overwrite: true`` with
-    ``train.resume: never`` deletes an earlier run's checkpoints, as the recipe then asks.
-    """
-    ckpts = checkpoints_dir(run_dir)
-    metrics_file = run_dir / "metrics.jsonl"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    # What ftl writes as a file must not be a directory, and the other way round: such leftovers
-    # (a user's, or damage) are moved aside instead of failing the run at its first save.
-    files = [run_dir / name for name in ("recipe.yaml", "metrics.jsonl", "data_stats.json", STOPPED, "loss.png")] + [ckpts / "latest"]
-    dirs = [ckpts, run_dir / "tensorboard"]
-    misplaced = [p for p in files if p.exists() and not p.is_file()] + [p for p in dirs if p.exists() and not p.is_dir()]
-    if misplaced:
-        log.warning("moved %s to %s: ftl writes its own there", ", ".join(p.name for p in misplaced), move_aside(misplaced, run_dir))
-    if checkpoint is None and ckpts.is_dir() and any(ckpts.iterdir()):
-        if recipe.train.resume == "never":  # _check_run_dir let it through: output.overwrite is true
-            log.warning("output.overwrite: deleting the earlier run's checkpoints in %s", ckpts)
-            shutil.rmtree(ckpts)
-            metrics_file.unlink(missing_ok=True)
-        else:
-            aside = move_aside([ckpts, metrics_file], run_dir)
-            log.warning("%s holds no checkpoint that verifies: moved it and metrics.jsonl to %s; starting from step 0", ckpts, aside)
-    elif checkpoint is None and metrics_file.exists():  # an attempt that never saved: its records are not this run's
-        move_aside([metrics_file], run_dir)
-    (run_dir / STOPPED).unlink(missing_ok=True)
-    if checkpoint is not None:
-        step = read_state(checkpoint)["step"]
-        if checkpoint.parent == ckpts:
-            newer = [p for p in ckpts.iterdir() if p.is_dir() and p != checkpoint and _newer_step(p, step)]
-            if newer:
-                aside = move_aside(newer, run_dir)
-                log.warning("checkpoints after step %d that do not verify were moved to %s", step, aside)
-        # Records after the checkpoint belong to steps that will run again.
-        if metrics_file.exists():
-            kept = [r for r in read_metrics(metrics_file) if r["step"] <= step]
-            write_atomic(metrics_file, "".join(json.dumps(r) + "\n" for r in kept))
-    write_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
-
-
-def _newer_step(path: Path, step: int) -> bool:
-    match = re.fullmatch(r"step-(\d+)(\.tmp)?", path.name)
-    return bool(match) and int(match.group(1)) > step and not match.group(2)
 
 
 @torch.no_grad()

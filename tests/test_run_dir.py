@@ -4,7 +4,6 @@ checkpoints are moved aside (never deleted), and a torn metrics line does not st
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import pytest
@@ -73,7 +72,8 @@ def test_unverifiable_checkpoints_are_moved_aside_with_user_files(tiny_llama, de
     [aside] = list((run / "set-aside").iterdir())
     assert (aside / "checkpoints/notes.txt").read_text() == "mine"
     assert (aside / "checkpoints/step-1").is_dir() and (aside / "metrics.jsonl").read_text() == old_metrics
-    assert any("moved it and metrics.jsonl" in r.getMessage() for r in caplog.records)
+    [warning] = [r.getMessage() for r in caplog.records if "moved it and metrics.jsonl" in r.getMessage()]
+    assert "step-1, step-2" in warning and str(aside) in warning
 
 
 def test_a_broken_newer_checkpoint_is_moved_aside_not_overwritten(tiny_llama, demo_data, run):

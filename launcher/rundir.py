@@ -1,0 +1,178 @@
+"""The run directory: every path in it is named here, every file ftl writes there is written
+atomically, and nothing in it is deleted unless the recipe says so.
+
+Layout (see the README's "Where outputs go")::
+
+    recipe.yaml  metrics.jsonl  data_stats.json  loss.png  STOPPED
+    checkpoints/step-N/ checkpoints/latest   tensorboard/   data/   launch/   slurm/   export/
+    set-aside/<time>/    what ftl moved out of its way instead of deleting it
+
+A run directory may hold an earlier run, files a user put there, or damage; :meth:`RunDir.prepare`
+makes it ready for this run only after model, tokenizer and data have been checked, and moves
+aside whatever it cannot use.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    @property
+    def recipe(self) -> Path:
+        """The resolved recipe: what every rank, node and requeued job reads."""
+        return self.root / "recipe.yaml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def data_stats(self) -> Path:
+        return self.root / "data_stats.json"
+
+    @property
+    def loss_plot(self) -> Path:
+        return self.root / "loss.png"
+
+    @property
+    def stopped(self) -> Path:
+        """Present after a graceful stop: why, at which step, which checkpoint (the Slurm script requeues on it)."""
+        return self.root / "STOPPED"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def latest(self) -> Path:
+        """Name of the newest complete checkpoint, replaced atomically after it is complete."""
+        return self.checkpoints / "latest"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+    @property
+    def data_cache(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def launch(self) -> Path:
+        return self.root / "launch"
+
+    @property
+    def slurm(self) -> Path:
+        return self.root / "slurm"
+
+    @property
+    def export(self) -> Path:
+        return self.root / "export"
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints / f"step-{step}"
+
+    def step_dirs(self) -> list[Path]:
+        """Checkpoint directories (complete or not; see ftl.checkpoint.verify)."""
+        if not self.checkpoints.is_dir():
+            return []
+        return [p for p in self.checkpoints.iterdir() if p.is_dir() and STEP_DIR.match(p.name)]
+
+    @classmethod
+    def of_checkpoint(cls, checkpoint: Path) -> RunDir | None:
+        """The run directory a checkpoint lies in (``<run>/checkpoints/step-N``), if it lies in one."""
+        checkpoint = Path(checkpoint).resolve()
+        if STEP_DIR.match(checkpoint.name) and checkpoint.parent.name == "checkpoints":
+            run = cls(checkpoint.parent.parent)
+            if run.recipe.is_file():
+                return run
+        return None
+
+    # ------------------------------------------------------------------------- writing
+
+    def write(self, path: Path, text: str) -> None:
+        write_atomic(path, text)
+
+    def write_stopped(self, reason: str, step: int, checkpoint: str) -> None:
+        write_atomic(self.stopped, json.dumps({"reason": reason, "step": step, "checkpoint": checkpoint}))
+
+    def move_aside(self, paths: list[Path]) -> Path | None:
+        """Move what cannot be used out of the way, never deleting it: into ``set-aside/<time>/``
+        under its own name, where a user can inspect or delete it."""
+        present = [p for p in paths if p.exists() or p.is_symlink()]
+        if not present:
+            return None
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        target, n = self.root / "set-aside" / stamp, 1
+        while target.exists():
+            n += 1
+            target = self.root / "set-aside" / f"{stamp}-{n}"
+        target.mkdir(parents=True)
+        for path in present:
+            os.replace(path, target / path.name)
+        return target
+
+    def prepare(self, recipe_yaml: str, resume: str, overwrite: bool, checkpoint: Path | None, step: int | None) -> None:
+        """Make the directory continue ``checkpoint`` (at ``step``) or start fresh, and write the recipe.
+
+        Checkpoints that do not verify (or are newer than the one resumed) and files or directories
+        where ftl writes its own are moved aside; only ``resume: never`` with ``overwrite`` deletes
+        an earlier run's checkpoints, as the recipe then asks.
+        """
+        from ftl.metrics import read_metrics
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        files = [self.recipe, self.metrics, self.data_stats, self.stopped, self.loss_plot, self.latest]
+        dirs = [self.checkpoints, self.tensorboard]
+        misplaced = [p for p in files if p.exists() and not p.is_file()] + [p for p in dirs if p.exists() and not p.is_dir()]
+        if misplaced:
+            log.warning("moved %s to %s: ftl writes its own there", ", ".join(p.name for p in misplaced), self.move_aside(misplaced))
+        held = self.checkpoints.is_dir() and any(self.checkpoints.iterdir())
+        if checkpoint is None and held:
+            if resume == "never" and overwrite:
+                log.warning("output.overwrite: deleting the earlier run's checkpoints in %s", self.checkpoints)
+                shutil.rmtree(self.checkpoints)
+                self.metrics.unlink(missing_ok=True)
+            else:
+                names = ", ".join(sorted(p.name for p in self.step_dirs())) or "no step-N"
+                aside = self.move_aside([self.checkpoints, self.metrics])
+                log.warning("%s holds no checkpoint that verifies (%s): moved it and metrics.jsonl to %s; starting from step 0",
+                            self.checkpoints, names, aside)
+        elif checkpoint is None and self.metrics.exists():  # an attempt that never saved: its records are not this run's
+            self.move_aside([self.metrics])
+        self.stopped.unlink(missing_ok=True)
+        if checkpoint is not None and step is not None:
+            if checkpoint.parent == self.checkpoints:
+                newer = [p for p in self.step_dirs() if int(STEP_DIR.match(p.name).group(1)) > step]
+                if newer:
+                    log.warning("checkpoints after step %d that do not verify were moved to %s", step, self.move_aside(newer))
+            # Records after the checkpoint belong to steps that will run again.
+            if self.metrics.exists():
+                kept = [r for r in read_metrics(self.metrics) if r["step"] <= step]
+                write_atomic(self.metrics, "".join(json.dumps(r) + "\n" for r in kept))
+        write_atomic(self.recipe, recipe_yaml)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write, fsync, rename: readers see the old file or the new one. The temporary name is per
+    process, since several machines may write the same file into a shared run directory."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
