@@ -114,7 +114,7 @@ def supported(model: torch.nn.Module) -> list[str]:
 
 def decoder(model: torch.nn.Module) -> torch.nn.Module:
     """The decoder stack whose output is the final (normed) hidden state."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
     stack = base.get_decoder() if hasattr(base, "get_decoder") else None
     if not isinstance(stack, torch.nn.Module) or stack is base:
         raise KernelError(f"kernels: fused_ce: {type(base).__name__} has no separate decoder (get_decoder); leave fused_ce out")

@@ -44,6 +44,7 @@ from accelerate import Accelerator
 from ftl.errors import UserError
 from ftl.rundir import STEP_DIR as _STEP_DIR
 from ftl.rundir import RunDir, write_atomic
+from ftl.strategies import Single
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +67,12 @@ def save_checkpoint(
     scheduler: Any,
     run_dir: Path,
     state: dict[str, Any],
+    strategy: Single,
     keep_last: int | None = None,
     data_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Save everything needed to continue; every rank must call this (it synchronises)."""
+    """Save everything needed to continue; every rank must call this (it synchronises). The
+    strategy decides the format: consolidated weights always, its sharded state where it has one."""
     step = state["step"]
     run = RunDir(run_dir)
     final = run.checkpoint(step)
@@ -79,13 +82,13 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    weights = _full_state_dict(accelerator, model)  # collective under ZeRO-3 and FSDP2
-    _save_sharded_state(model, optimizer, tmp)  # collective; no-op for one process and DDP
+    weights = strategy.full_state_dict(accelerator, model)  # collective under ZeRO-3 and FSDP2
+    strategy.save_state(model, optimizer, tmp)  # collective; nothing for one process and DDP
     if accelerator.is_main_process:
         if weights is not False:
             accelerator.unwrap_model(model).save_pretrained(tmp, safe_serialization=True, state_dict=weights)
         tokenizer.save_pretrained(tmp)
-        if not _is_sharded(model):
+        if not strategy.owns_optimizer_state:
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / STATE).write_text(json.dumps(state, indent=2))
@@ -105,76 +108,6 @@ def save_checkpoint(
             _prune(run_dir, keep_last, keep=final)
     accelerator.wait_for_everyone()
     return final
-
-
-def _is_sharded(model: Any) -> bool:
-    return hasattr(model, "zero_optimization_stage") or _is_fsdp(model)
-
-
-def _is_fsdp(model: Any) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
-def _is_peft(model: Any) -> bool:
-    return hasattr(model, "peft_config") or hasattr(getattr(model, "module", None), "peft_config")
-
-
-def _full_state_dict(accelerator: Accelerator, model: Any) -> dict[str, torch.Tensor] | None | bool:
-    """The whole model's weights on the main process (None: the model's own state_dict will do;
-    False: not available, ZeRO-3 without gathering)."""
-    if _is_fsdp(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if hasattr(model, "zero_optimization_stage"):
-        if model.zero_optimization_stage() == 3 and not model.zero_gather_16bit_weights_on_model_save():
-            if not _is_peft(model):
-                return False
-            # An adapter is small: gather just the trainable parameters.
-            import deepspeed
-
-            trainable = {n: p for n, p in model.module.named_parameters() if p.requires_grad}
-            with deepspeed.zero.GatheredParameters(list(trainable.values())):
-                return {n: p.detach().cpu().clone() for n, p in trainable.items()}
-        return accelerator.get_state_dict(model)
-    return None
-
-
-def _save_sharded_state(model: Any, optimizer: Any, directory: Path) -> None:
-    if hasattr(model, "zero_optimization_stage"):
-        # LoRA: the frozen base is in the model files already (and in model.path).
-        model.save_checkpoint(str(directory), tag="deepspeed", exclude_frozen_parameters=_is_peft(model))
-    elif _is_fsdp(model):
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        model_state, optim_state = get_state_dict(model, optimizer)
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(directory / "dcp"))
-
-
-def _load_sharded_state(model: Any, optimizer: Any, checkpoint: Path) -> None:
-    if hasattr(model, "zero_optimization_stage"):
-        if not (checkpoint / "deepspeed").is_dir():
-            raise CheckpointError(f"{checkpoint}: no deepspeed/ state; resume with the strategy it was saved under")
-        check_deepspeed_pickles(checkpoint)
-        path, _ = model.load_checkpoint(
-            str(checkpoint), tag="deepspeed", load_module_strict=not _is_peft(model),
-            load_optimizer_states=True, load_lr_scheduler_states=False,
-        )
-        if path is None:
-            raise CheckpointError(f"{checkpoint}: DeepSpeed could not load deepspeed/")
-    else:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-        if not (checkpoint / "dcp").is_dir():
-            raise CheckpointError(f"{checkpoint}: no dcp/ state; resume with the strategy it was saved under")
-        model_state, optim_state = get_state_dict(model, optimizer)
-        state = {"model": model_state, "optim": optim_state}
-        dcp.load(state, checkpoint_id=str(checkpoint / "dcp"))
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
 def check_deepspeed_pickles(checkpoint: Path) -> None:
@@ -296,12 +229,12 @@ def _step_of(path: Path) -> int:
 
 
 def load_training_state(
-    checkpoint: Path, accelerator: Accelerator, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any
+    checkpoint: Path, accelerator: Accelerator, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any, strategy: Single
 ) -> dict[str, Any]:
     """Load weights, optimizer, scheduler and this rank's RNG from a verified checkpoint."""
     rank = accelerator.process_index
-    if _is_sharded(model):
-        _load_sharded_state(model, optimizer, checkpoint)
+    if strategy.owns_optimizer_state:
+        strategy.load_state(model, optimizer, checkpoint)
     else:
         if not (checkpoint / "optimizer.pt").is_file():
             raise CheckpointError(f"{checkpoint}: no optimizer.pt (saved under ZeRO or FSDP2); resume with the strategy it was saved under")

@@ -181,7 +181,7 @@ def _wrap_lora(model: PreTrainedModel, method: MethodSection) -> PreTrainedModel
 def _enable_checkpointing(model: PreTrainedModel) -> None:
     """Non-reentrant activation checkpointing (transformers 5 renamed the method; 4.x has the old name)."""
     kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
+    if callable(getattr(model, "activation_checkpointing_enable", None)):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
@@ -189,7 +189,7 @@ def _enable_checkpointing(model: PreTrainedModel) -> None:
 
 
 def _is_checkpointing(model: PreTrainedModel) -> bool:
-    if hasattr(model, "is_activation_checkpointing"):
+    if getattr(model, "is_activation_checkpointing", None) is not None:
         return bool(model.is_activation_checkpointing)
     return bool(getattr(model, "is_gradient_checkpointing", False))
 

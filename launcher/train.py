@@ -26,7 +26,7 @@ from transformers import get_scheduler
 from ftl.checkpoint import find_resumable, load_training_state, read_state, restore_rng, save_checkpoint, verify
 from ftl.config import Recipe, load_recipe, uses_fused_ce
 from ftl.console import console, setup_logging
-from ftl import distributed
+from ftl import distributed, strategies
 from ftl.data import batch_indices, build_dataset, collate, load_source
 from ftl.errors import UserError, exit_on_user_error, first_line
 from ftl.flops import flops_counter, peak_flops, peak_memory_gib
@@ -53,6 +53,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
     recipe = recipe.resolved()
     cfg = recipe.train
     plan = make_plan(recipe)
+    strategy = strategies.for_plan(plan)
     accelerator = distributed.build_accelerator(recipe, plan)
     distributed.check_process_group(accelerator, plan)
     run_dir = Path(recipe.output.dir)
@@ -94,9 +95,9 @@ def train(recipe: Recipe) -> dict[str, Any]:
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * total_steps)
 
     fused = _apply_kernels(recipe, model, plan, accelerator.device)
-    model = distributed.shard(model, recipe, plan, accelerator.device)
-    optimizer = build_optimizer(model, cfg, cpu_adam=recipe.distributed.zero.offload_optimizer and plan.zero_stage is not None)
-    model, optimizer = distributed.prepare(accelerator, plan, model, optimizer)
+    model = strategy.shard(model, recipe, accelerator.device)
+    optimizer = build_optimizer(model, cfg, cpu_adam=recipe.distributed.zero.offload_optimizer and strategy.zero_stage is not None)
+    model, optimizer = strategy.prepare(accelerator, model, optimizer)
     # On the wrapped optimizer (ZeRO regroups parameters), not prepared: Accelerate would step it once per process.
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
@@ -104,7 +105,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
     step, epoch, position = 0, 0, 0
     resumed: dict[str, Any] = {}
     if checkpoint is not None:
-        resumed = load_training_state(checkpoint, accelerator, model, optimizer, scheduler)
+        resumed = load_training_state(checkpoint, accelerator, model, optimizer, scheduler, strategy)
         step, epoch, position = resumed["step"], resumed["epoch"], resumed["position"]
     stream = RowStream(recipe, tokenizer, rank, world, **resumed.get("_data", {})) if recipe.data.streaming else None
 
@@ -134,7 +135,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
             "method": recipe.method.type, "bits": recipe.quantization.bits,
             "initial_eval_loss": summary.get("initial_eval_loss"), "final_eval_loss": summary.get("final_eval_loss"),
         }
-        path = save_checkpoint(accelerator, model, tokenizer, optimizer, scheduler, run_dir, state, recipe.output.keep_last,
+        path = save_checkpoint(accelerator, model, tokenizer, optimizer, scheduler, run_dir, state, strategy, recipe.output.keep_last,
                                data_state=stream.state() if stream else None)
         summary["checkpoint"] = str(path)
         return path
@@ -157,7 +158,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
                     continue
                 micro = [collate([train_set[i] for i in idx], tokenizer.pad_token_id) for idx in batches[position : position + accum]]
             micro = [{k: v.to(accelerator.device) for k, v in mb.items()} for mb in micro]
-            step_loss, step_tokens, grad_norm, stepped = _optimizer_step(accelerator, model, optimizer, micro, cfg.max_grad_norm, fused)
+            step_loss, step_tokens, grad_norm, stepped = _optimizer_step(accelerator, strategy, model, optimizer, micro, cfg.max_grad_norm, fused)
             if not stepped:
                 path = save()  # the weights from before the step that was not taken
                 raise TrainError(
@@ -256,8 +257,8 @@ def preflight(recipe: Recipe) -> None:
 
 
 def _optimizer_step(
-    accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, micro: list[dict], max_grad_norm: float | None,
-    fused: Callable | None = None,
+    accelerator: Accelerator, strategy: strategies.Single, model: torch.nn.Module, optimizer: Any, micro: list[dict],
+    max_grad_norm: float | None, fused: Callable | None = None,
 ) -> tuple[float, int, float, bool]:
     """One optimizer step over ``micro``; returns (loss per trainable token, trainable tokens, grad norm,
     whether the step was taken: not when the loss or the gradient norm is not finite)."""
@@ -268,17 +269,17 @@ def _optimizer_step(
     model.train()
     for k, mb in enumerate(micro):
         last = k == len(micro) - 1
-        with distributed.gradient_sync(accelerator, model, sync=last):
+        with strategy.gradient_sync(accelerator, model, sync=last):
             with accelerator.autocast():
                 loss = causal_lm_loss_sum(model, mb, fused)
             # Every strategy averages gradients over ranks; multiplying by world turns that into a sum.
-            distributed.backward(accelerator, model, loss * world / step_tokens, last)
+            strategy.backward(accelerator, model, loss * world / step_tokens, last)
         loss_sum += loss.detach().float()
     step_loss = (accelerator.reduce(loss_sum, reduction="sum") / step_tokens).item()  # the same on every rank
     if not math.isfinite(step_loss):
-        distributed.discard_gradients(model, optimizer)
+        strategy.discard_gradients(model, optimizer)
         return step_loss, int(step_tokens), float("nan"), False
-    grad_norm, stepped = distributed.optimizer_step(accelerator, model, optimizer, max_grad_norm)
+    grad_norm, stepped = strategy.optimizer_step(accelerator, model, optimizer, max_grad_norm)
     return step_loss, int(step_tokens), grad_norm, stepped
 
 

@@ -13,7 +13,7 @@ import yaml
 from accelerate.commands.config.config_args import ClusterConfig
 
 from ftl.config import RecipeError, load_recipe, validate_recipe
-from ftl.distributed import DistributedError, check_wrapped
+from ftl.strategies import DistributedError, for_plan
 from ftl.plan import make_plan, write_launch_files
 from conftest import make_recipe
 
@@ -109,7 +109,7 @@ def test_impossible_distributed_settings_fail_at_validation(tmp_path, sections, 
 def test_guard_rejects_an_unwrapped_model(tmp_path):
     plan = plan_for(tmp_path, distributed={"strategy": "ddp", "num_processes": 2})
     with pytest.raises(DistributedError, match="strategy ddp should have wrapped the model, but it is Linear"):
-        check_wrapped(torch.nn.Linear(2, 2), plan)
+        for_plan(plan).check_wrapped(torch.nn.Linear(2, 2))
 
 
 def test_ftl_plan_json(tmp_path):
