@@ -45,6 +45,7 @@ from ftl.errors import UserError
 from ftl.rundir import STEP_DIR as _STEP_DIR
 from ftl.rundir import RunDir, write_atomic
 from ftl.strategies import Single
+from ftl.weights import safetensors_files
 
 log = logging.getLogger(__name__)
 
@@ -287,12 +288,8 @@ def _load_weights(model: Any, checkpoint: Path) -> None:
         if getattr(result, "unexpected_keys", None):
             raise CheckpointError(f"{checkpoint}: adapter does not fit this model ({result.unexpected_keys[:3]})")
         return
-    index = checkpoint / "model.safetensors.index.json"
-    files = sorted({checkpoint / f for f in json.loads(index.read_text())["weight_map"].values()}) if index.exists() else [
-        checkpoint / "model.safetensors"
-    ]
     state: dict[str, torch.Tensor] = {}
-    for path in files:
+    for path in safetensors_files(checkpoint):
         state.update(load_file(path))
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()

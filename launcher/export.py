@@ -29,7 +29,8 @@ from ftl.checkpoint import STATE, find_resumable, read_state, verify, zero_fp32_
 from ftl.config import ExportSection, Recipe, load_recipe
 from ftl.errors import UserError
 from ftl.rundir import RunDir
-from ftl.merge import DTYPES, Adapter, Quantizer, TensorSource, write_merged
+from ftl.merge import Adapter, Quantizer, TensorSource, write_merged
+from ftl.weights import DTYPES
 
 log = logging.getLogger(__name__)
 

@@ -43,7 +43,7 @@ def _proxy(recipe: Recipe, layers: int, out: Path) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ftl.model import DTYPES, load_tokenizer
+    from ftl.model import DTYPES, load_tokenizer  # with "auto"
 
     config = AutoConfig.from_pretrained(recipe.model.path, local_files_only=True)
     config.num_hidden_layers = layers

@@ -31,10 +31,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ftl.errors import UserError
+from ftl.weights import INDEX, safetensors_files
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _LORA_KEY = re.compile(r"^base_model\.model\.(.+)\.(lora_A|lora_B|lora_magnitude_vector)(?:\.default)?(?:\.weight)?$")
 
 
@@ -51,16 +51,12 @@ class TensorSource:
 
     @classmethod
     def from_dir(cls, directory: Path) -> TensorSource:
-        index = directory / "model.safetensors.index.json"
-        if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        elif (directory / "model.safetensors").is_file():
-            files = ["model.safetensors"]
-        else:
-            raise MergeError(f"{directory}: no model.safetensors or model.safetensors.index.json (export needs safetensors weights)")
+        try:
+            files = safetensors_files(directory)
+        except UserError as err:
+            raise MergeError(f"{err} (export needs safetensors weights)") from None
         source = cls()
-        for name in files:
-            path = directory / name
+        for path in files:
             with safe_open(str(path), "pt") as f:
                 for key in f.keys():
                     source.shapes[key] = tuple(f.get_slice(key).get_shape())
@@ -196,5 +192,5 @@ def write_merged(
         log.info("wrote %s (%d tensors)", filename, len(tensors))
         del tensors
     if index is not None:
-        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        (out_dir / INDEX).write_text(json.dumps(index, indent=2))
     return sorted(shards)

@@ -18,10 +18,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from ftl.config import MethodSection, ModelSection, QuantizationSection, Recipe
 from ftl.errors import UserError, first_line
+from ftl.weights import DTYPES as WEIGHT_DTYPES
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+DTYPES = {**WEIGHT_DTYPES, "auto": "auto"}  # model.dtype may also be auto (the checkpoint's own)
 
 
 class ModelError(UserError):

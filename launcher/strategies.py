@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 
 from ftl.errors import UserError
+from ftl.weights import DTYPES
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -29,7 +30,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class DistributedError(UserError):
