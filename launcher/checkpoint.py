@@ -41,9 +41,8 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from ftl.errors import UserError
-from ftl.rundir import STEP_DIR as _STEP_DIR
-from ftl.rundir import RunDir, write_atomic
+from ftl.errors import UserError, first_line
+from ftl.rundir import RunDir, step_of, write_atomic
 from ftl.strategies import Single
 from ftl.weights import safetensors_files
 
@@ -141,9 +140,9 @@ def zero_fp32_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 
 def _first_line(err: Exception) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    refused = [line for line in lines if "Unsupported global" in line or "Unsupported operand" in line]
-    return (refused or lines or [type(err).__name__])[0][:200]
+    """The unpickler's refusal, which its message buries under advice; else the first line."""
+    refused = [line.strip() for line in str(err).splitlines() if "Unsupported global" in line or "Unsupported operand" in line]
+    return refused[0][:200] if refused else first_line(err)
 
 
 def write_manifest(directory: Path) -> None:
@@ -157,7 +156,7 @@ def write_manifest(directory: Path) -> None:
 
 
 def _prune(run_dir: Path, keep_last: int, keep: Path) -> None:
-    complete = sorted(RunDir(run_dir).step_dirs(), key=_step_of)
+    complete = sorted(RunDir(run_dir).step_dirs(), key=step_of)
     for old in complete[: max(0, len(complete) - keep_last)]:
         if old != keep:
             shutil.rmtree(old, ignore_errors=True)
@@ -205,13 +204,13 @@ def read_state(checkpoint: Path) -> dict[str, Any]:
 def find_resumable(run_dir: Path) -> Path | None:
     """The newest checkpoint that verifies; broken newer ones are skipped with a warning."""
     run = RunDir(run_dir)
-    candidates = sorted(run.step_dirs(), key=_step_of, reverse=True)
+    candidates = sorted(run.step_dirs(), key=step_of, reverse=True)
     pointer = run.latest
     if pointer.is_file():
         named = pointer.read_bytes().decode("utf-8", "replace").strip()
         # Anything newer than `latest` was never declared complete.
-        if _STEP_DIR.match(named):
-            candidates = [c for c in candidates if _step_of(c) <= int(_STEP_DIR.match(named).group(1))]
+        if step_of(named) >= 0:
+            candidates = [c for c in candidates if step_of(c) <= step_of(named)]
     for candidate in candidates:
         try:
             verify(candidate)
@@ -219,11 +218,6 @@ def find_resumable(run_dir: Path) -> Path | None:
         except CheckpointError as err:
             log.warning("skipping broken checkpoint: %s", err)
     return None
-
-
-def _step_of(path: Path) -> int:
-    match = _STEP_DIR.match(path.name)
-    return int(match.group(1)) if match else -1
 
 
 # ----------------------------------------------------------------------------- loading

@@ -28,8 +28,12 @@ class RecipeError(UserError):
         super().__init__("\n".join(problems))
 
 
+# What must never reach a path or a shell line: a newline ends a comment or #SBATCH line.
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def _plain_path(value: str) -> str:
-    if re.search(r"[\x00-\x1f\x7f]", value):
+    if CONTROL_CHARS.search(value):
         raise ValueError("control characters (newlines, tabs) are not allowed in a path")
     return value
 

@@ -71,7 +71,7 @@ def load_source(source: DataSource, streaming: bool = False) -> datasets.Dataset
 def _load(kind: str, data_files: Any, where: str, streaming: bool = False) -> datasets.Dataset | datasets.IterableDataset:
     for name in [data_files] if isinstance(data_files, str) else data_files:
         if kind == "json":
-            check_json_rows(Path(name), limit=100 if streaming else None)
+            _check_json_rows_once(Path(name), limit=100 if streaming else None)
     try:
         dataset = datasets.load_dataset(kind, data_files=data_files, split="train", streaming=streaming)
     except Exception as err:  # parquet/csv parsers raise many kinds; the user needs the file and the gist
@@ -79,6 +79,19 @@ def _load(kind: str, data_files: Any, where: str, streaming: bool = False) -> da
     if not streaming and len(dataset) == 0:
         raise DataError(f"{where}: no rows")
     return dataset
+
+
+_CHECKED: set[tuple] = set()
+
+
+def _check_json_rows_once(path: Path, limit: int | None) -> None:
+    """:func:`check_json_rows` once per version of a file in this process: training loads each
+    source twice (a fail-fast check before the model loads, then to tokenize)."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, limit)
+    if key not in _CHECKED:
+        check_json_rows(path, limit)
+        _CHECKED.add(key)
 
 
 def check_json_rows(path: Path, limit: int | None = None) -> None:

@@ -76,9 +76,13 @@ def evaluate_path(
     model_path: str | Path, data: DataSource, limit: int | None = None, trust_remote_code: bool = False
 ) -> tuple[float, int, list]:
     """Load a model or checkpoint and measure exact match on ``data``."""
+    from ftl.checkpoint import MANIFEST, STATE, verify
     from ftl.model import load_for_inference
 
-    model, tokenizer = load_for_inference(model_path, trust_remote_code=trust_remote_code)
+    path = Path(model_path)
+    if (path / STATE).exists() or (path / MANIFEST).exists():
+        verify(path)  # a checkpoint: only an intact one is evaluated (export verifies its own)
+    model, tokenizer = load_for_inference(path, trust_remote_code=trust_remote_code)
     pairs = prompts_and_answers(data, tokenizer, limit)
     accuracy, examples = exact_match(model, tokenizer, pairs)
     return accuracy, len(pairs), examples

@@ -231,10 +231,6 @@ def load_for_inference(
     """
     path = Path(path)
     _check_local(str(path), str(path))
-    if (path / "trainer_state.json").exists() or (path / "manifest.json").exists():
-        from ftl.checkpoint import verify
-
-        verify(path)  # a checkpoint: only an intact one is evaluated
     try:
         if (path / "adapter_config.json").exists():
             from peft import PeftModel

@@ -26,6 +26,10 @@ class RecipeYamlError(ValueError):
     """The text is not a recipe's YAML; the message names the place."""
 
 
+class YamlSyntaxError(RecipeYamlError):
+    """Not YAML at all (as opposed to YAML a recipe refuses: aliases, keys, size)."""
+
+
 def read_text(path: Path) -> str:
     """The recipe file's text (UTF-8), or an error naming the file."""
     try:
@@ -52,7 +56,7 @@ def parse(text: str, source: str) -> tuple[Any, LineMap]:
             mark = getattr(err, "problem_mark", None)
             where = f"{source}:{mark.line + 1}" if mark else source
             problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-            raise RecipeYamlError(f"{where}: invalid YAML: {problem}") from None
+            raise YamlSyntaxError(f"{where}: invalid YAML: {problem}") from None
         if root is None:
             return None, lines
         _Walk(source, lines).node(root, (), ())
@@ -61,7 +65,7 @@ def parse(text: str, source: str) -> tuple[Any, LineMap]:
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f"{source}:{mark.line + 1}" if mark else source
-            raise RecipeYamlError(f"{where}: invalid YAML: {getattr(err, 'problem', None) or err}") from None
+            raise YamlSyntaxError(f"{where}: invalid YAML: {getattr(err, 'problem', None) or err}") from None
     finally:
         loader.dispose()
 
@@ -108,8 +112,6 @@ def override_value(text: str, override: str) -> Any:
         return None
     try:
         value, _ = parse(text, f"override '{override}'")
-    except RecipeYamlError as err:
-        if "invalid YAML" in str(err):
-            return text
-        raise
+    except YamlSyntaxError:
+        return text
     return value

@@ -28,6 +28,12 @@ log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
+def step_of(path: Path | str) -> int:
+    """N of a ``step-N`` name (a checkpoint directory or the text of ``latest``); -1 for anything else."""
+    match = STEP_DIR.match(Path(path).name)
+    return int(match.group(1)) if match else -1
+
+
 @dataclass(frozen=True)
 class RunDir:
     root: Path
@@ -157,7 +163,7 @@ class RunDir:
         self.stopped.unlink(missing_ok=True)
         if checkpoint is not None and step is not None:
             if checkpoint.parent == self.checkpoints:
-                newer = [p for p in self.step_dirs() if int(STEP_DIR.match(p.name).group(1)) > step]
+                newer = [p for p in self.step_dirs() if step_of(p) > step]
                 if newer:
                     log.warning("checkpoints after step %d that do not verify were moved to %s", step, self.move_aside(newer))
             # Records after the checkpoint belong to steps that will run again.

@@ -5,14 +5,14 @@ node's ``machine_rank`` and the first node as rendezvous, so each node starts it
 exactly as on a single machine. ``--signal=B:USR1@grace`` warns the batch shell before the time
 limit; it forwards the signal to the training step, which checkpoints and exits with 75, and the
 script requeues the job (up to ``max_restarts``), which resumes from ``latest``. Every value from
-the recipe that reaches the script is checked in :func:`render` (no control characters, environment
-names are names) and quoted by :func:`shell_quote`, so no recipe value can run as a command;
+the recipe that reaches the script is checked in :func:`render` (no control characters; the
+schema, which render re-applies, admits only variable names as ``slurm.env`` keys) and quoted by
+:func:`shell_quote`, so no recipe value can run as a command;
 ``slurm.setup`` lines are the one exception, by design: they are shell lines the recipe's author writes.
 """
 
 from __future__ import annotations
 
-import re
 import shlex
 import subprocess
 import sys
@@ -20,13 +20,11 @@ from pathlib import Path
 
 import jinja2
 
-from ftl.config import Recipe
+from ftl.config import CONTROL_CHARS, Recipe
 from ftl.errors import UserError
 from ftl.rundir import RunDir, write_atomic
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "slurm"
-_UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
-ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class SlurmError(UserError):
@@ -55,9 +53,6 @@ def render(recipe: Recipe, mode: str = "train") -> str:
              "python": "the Python interpreter path"}
     for key, value in values.items():
         _check_safe(value, names.get(key, f"slurm.{key}"))
-    for key in values["env"]:
-        if not ENV_NAME.fullmatch(key):
-            raise SlurmError(f"slurm.env: '{key}' is not an environment variable name (letters, digits, _; not starting with a digit)")
     container = ""
     if slurm.container_image:
         container = f"--container-image={shell_quote(slurm.container_image)} "
@@ -71,7 +66,7 @@ def render(recipe: Recipe, mode: str = "train") -> str:
 def shell_quote(value: object) -> str:
     """The one way a user value enters the script: one shell word, never a line break."""
     text = str(value)
-    if _UNSAFE.search(text):  # render() names the field first; this is the backstop
+    if CONTROL_CHARS.search(text):  # render() names the field first; this is the backstop
         raise SlurmError(f"{text[:40]!r}: control characters are not allowed in values rendered into the Slurm script")
     return shlex.quote(text)
 
@@ -84,7 +79,7 @@ def _check_safe(values: object, path: str) -> None:
     elif isinstance(values, list):
         for i, value in enumerate(values):
             _check_safe(value, f"{path}[{i}]")
-    elif isinstance(values, str) and _UNSAFE.search(values):
+    elif isinstance(values, str) and CONTROL_CHARS.search(values):
         raise SlurmError(f"{path}: control characters (newlines, tabs) are not allowed in values rendered into the Slurm script")
 
 
