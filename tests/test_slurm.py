@@ -26,9 +26,10 @@ CLUSTER = ROOT / "tests" / "slurm" / "cluster.sh"
 SLURM_CONF = os.environ.get("FTL_SLURM_DIR", "/tmp/ftl-slurm") + "/slurm.conf"
 
 
-# Optimizer steps: ~6 s of training, and ~90 s, which outlasts the first time-limit warning (each
-# attempt spends 20-40 s starting its processes on the 2-core test machine).
-SHORT, LONG = 200, 3000
+# Optimizer steps: ~6 s of training, and ~150 s, which outlasts the first time-limit warning (each
+# attempt spends 20-40 s starting its processes on the 2-core test machine; 3,000 steps once
+# finished on an idle machine before the warning arrived).
+SHORT, LONG = 200, 5000
 
 
 def slurm_recipe(tiny_llama, demo_data, run_dir: Path, steps: int = SHORT, **slurm) -> dict:
