@@ -32,18 +32,17 @@ import hashlib
 import json
 import logging
 import os
-import random
 import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 
 from ftl.errors import UserError, first_line
 from ftl.rundir import RunDir, step_of, write_atomic
-from ftl.strategies import Single
+from ftl.strategies import Strategy
+from ftl.train_state import TrainState, rng_state
 from ftl.weights import safetensors_files
 
 log = logging.getLogger(__name__)
@@ -66,14 +65,13 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     run_dir: Path,
-    state: dict[str, Any],
-    strategy: Single,
+    state: TrainState,
+    strategy: Strategy,
     keep_last: int | None = None,
-    data_state: dict[str, Any] | None = None,
 ) -> Path:
     """Save everything needed to continue; every rank must call this (it synchronises). The
     strategy decides the format: consolidated weights always, its sharded state where it has one."""
-    step = state["step"]
+    step = state.step
     run = RunDir(run_dir)
     final = run.checkpoint(step)
     tmp = final.with_name(final.name + ".tmp")
@@ -91,11 +89,11 @@ def save_checkpoint(
         if not strategy.owns_optimizer_state:
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / STATE).write_text(json.dumps(state, indent=2))
+        (tmp / STATE).write_text(json.dumps(state.shared(), indent=2))
     accelerator.wait_for_everyone()
-    torch.save(_rng_state(), tmp / f"rng_state_rank{accelerator.process_index}.pt")
-    if data_state is not None:  # streaming: this rank's position in its part of the stream
-        (tmp / f"data_state_rank{accelerator.process_index}.json").write_text(json.dumps(data_state))
+    torch.save(rng_state(), tmp / f"rng_state_rank{accelerator.process_index}.pt")
+    if state.data is not None:
+        (tmp / f"data_state_rank{accelerator.process_index}.json").write_text(json.dumps(state.data))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_manifest(tmp)
@@ -224,9 +222,10 @@ def find_resumable(run_dir: Path) -> Path | None:
 
 
 def load_training_state(
-    checkpoint: Path, accelerator: Accelerator, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any, strategy: Single
-) -> dict[str, Any]:
-    """Load weights, optimizer, scheduler and this rank's RNG from a verified checkpoint."""
+    checkpoint: Path, accelerator: Accelerator, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any, strategy: Strategy
+) -> TrainState:
+    """Load weights, optimizer and scheduler from a verified checkpoint; return its TrainState
+    (with this rank's RNG and data position)."""
     rank = accelerator.process_index
     if strategy.owns_optimizer_state:
         strategy.load_state(model, optimizer, checkpoint)
@@ -239,36 +238,12 @@ def load_training_state(
     rng_file = checkpoint / f"rng_state_rank{rank}.pt"
     if not rng_file.exists():
         raise CheckpointError(f"{checkpoint}: no RNG state for rank {rank}; resume with the same number of processes")
-    state = read_state(checkpoint)
-    state["_rng"] = torch.load(rng_file, weights_only=True)
+    state = TrainState.from_shared(read_state(checkpoint))
+    state.rng = torch.load(rng_file, weights_only=True)
     data_file = checkpoint / f"data_state_rank{rank}.json"
     if data_file.exists():
-        state["_data"] = json.loads(data_file.read_text())
+        state.data = json.loads(data_file.read_text())
     return state
-
-
-def restore_rng(rng: dict[str, Any]) -> None:
-    """Restore the RNG streams saved by :func:`_rng_state` (call right before training continues)."""
-    version, internal, gauss = rng["python"]
-    random.setstate((version, tuple(internal), gauss))
-    np_state = rng["numpy"]
-    np.random.set_state(
-        (np_state["kind"], np.array(np_state["keys"], dtype=np.uint32), np_state["pos"], np_state["has_gauss"], np_state["cached_gaussian"])
-    )
-    torch.set_rng_state(rng["torch"])
-    if torch.cuda.is_available() and rng.get("cuda"):
-        torch.cuda.set_rng_state_all(rng["cuda"])
-
-
-def _rng_state() -> dict[str, Any]:
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        # numpy arrays would need pickle; plain lists load with weights_only=True
-        "numpy": {"kind": kind, "keys": keys.tolist(), "pos": pos, "has_gauss": has_gauss, "cached_gaussian": cached},
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
 
 
 def _load_weights(model: Any, checkpoint: Path) -> None:

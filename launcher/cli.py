@@ -90,9 +90,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ftl.train import train  # only here: the launcher process stays light
 
     summary = train(recipe)
-    if summary.get("stopped"):
+    if summary.stopped:
         return EXIT_STOPPED
-    console.print(f"[green]done[/]: {summary['steps']} steps in {summary['elapsed_s']:.1f}s, checkpoint {escape(str(summary['checkpoint']))}", markup=True)
+    console.print(f"[green]done[/]: {summary.steps} steps in {summary.elapsed_s:.1f}s, checkpoint {escape(str(summary.checkpoint))}", markup=True)
     return 0
 
 
@@ -168,7 +168,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from ftl.config import parse_size
+    from ftl.units import parse_size
     from ftl.export import ExportError, export
 
     if args.max_shard_size is not None and parse_size(args.max_shard_size) is None:

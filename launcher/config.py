@@ -8,7 +8,6 @@ distributed, slurm, export) slot in as new sub-models of :class:`Recipe`.
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -16,8 +15,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
-from ftl import recipe_yaml
+from ftl import recipe_errors, recipe_yaml, rules
 from ftl.errors import UserError
+from ftl.units import parse_size
 
 
 class RecipeError(UserError):
@@ -343,11 +343,9 @@ def validate_recipe(raw: dict, source: str = "<recipe>", lines: dict[tuple, int 
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as err:
-        raise RecipeError([_describe(e, source, lines) for e in err.errors()]) from None
+        raise RecipeError([recipe_errors.describe(e, source, lines, Recipe) for e in err.errors()]) from None
     recipe = with_implied(recipe)
-    problems = []
-    for key, message in check_combinations(recipe):
-        problems.append(f"{_where(source, _nearest_line(key, lines))}: {'.'.join(key)}: {message}")
+    problems = [f"{recipe_errors.locate(source, lines, key)}: {'.'.join(key)}: {message}" for key, message in rules.check(recipe)]
     if problems:
         raise RecipeError(problems)
     return recipe
@@ -356,7 +354,7 @@ def validate_recipe(raw: dict, source: str = "<recipe>", lines: dict[tuple, int 
 def with_implied(recipe: Recipe) -> Recipe:
     """A copy with what the recipe implies filled in: ``method.type: qlora`` means a 4-bit base, a
     Slurm job's nodes are its machines and its GPUs per node its processes per machine (unless
-    those are set otherwise, which :func:`check_combinations` reports)."""
+    those are set otherwise, which ``ftl.rules`` reports)."""
     quant, dist, slurm = recipe.quantization, recipe.distributed, recipe.slurm
     updates: dict[str, Any] = {}
     if recipe.method.type == "qlora" and quant.bits is None:
@@ -366,134 +364,6 @@ def with_implied(recipe: Recipe) -> Recipe:
     if (machines, processes) != (dist.num_machines, dist.num_processes):
         updates["distributed"] = dist.model_copy(update={"num_machines": machines, "num_processes": processes})
     return recipe.model_copy(update=updates) if updates else recipe
-
-
-def check_combinations(recipe: Recipe) -> list[tuple[tuple, str]]:
-    """Settings that are each valid but cannot work together, found before any model is loaded.
-
-    Pure: reads the recipe (after :func:`with_implied`) and returns (key path, message) pairs;
-    every cross-section rule of the schema lives here, and rules that depend on the strategy
-    check the one the run will use (``strategy: auto`` resolved by :attr:`Recipe.strategy`).
-    """
-    method, quant = recipe.method, recipe.quantization
-    problems: list[tuple[tuple, str]] = []
-    if method.freeze and method.type != "full":
-        problems.append((("method", "freeze"), "applies to method.type: full; LoRA already freezes the base model"))
-    if method.type == "qlora":
-        if quant.bits != 4:
-            problems.append(
-                (("quantization", "bits"), "method.type: qlora means a 4-bit base; for an 8-bit base use method.type: lora")
-            )
-    if method.type == "full" and quant.bits is not None:
-        problems.append(
-            (("quantization", "bits"), "full fine-tuning cannot train quantized weights; use method.type: lora or qlora, or remove quantization.bits")
-        )
-    if quant.bits == 8 and quant.quant_storage != "uint8":
-        problems.append((("quantization", "quant_storage"), "applies to 4-bit quantization only"))
-    data = recipe.data
-    if data.streaming:
-        if recipe.train.max_steps is None:
-            problems.append((("train", "max_steps"), "data.streaming needs train.max_steps (a stream has no length to count epochs by)"))
-        for key, bad in (("packing", data.packing), ("eval_fraction", data.eval_fraction), ("train", len(data.train) > 1),
-                         ("train", any(s.weight != 1.0 or s.samples for s in data.train))):
-            if bad:
-                problems.append((("data", key), "not available with data.streaming: one train source, no packing, mixing or eval_fraction; preprocess instead"))
-    if recipe.data.eval_fraction and recipe.data.eval:
-        problems.append((("data", "eval_fraction"), "set either data.eval (a separate eval source) or data.eval_fraction, not both"))
-    if "wandb" in recipe.output.report_to and importlib.util.find_spec("wandb") is None:
-        problems.append((("output", "report_to"), "wandb is not installed; pip install wandb, or remove it from report_to"))
-    problems += _check_distributed(recipe)
-    problems += check_kernels(recipe)  # after _check_distributed: it settles the world size auto depends on
-    return problems
-
-
-# They shard lm_head's weight outside its forward, where the fused cross-entropy reads it.
-SHARDED_HEAD_STRATEGIES = ("zero3", "fsdp2")
-
-
-def uses_fused_ce(kernels: str | list[str], strategy: str) -> bool:
-    """Whether the fused cross-entropy runs: listed, or ``auto`` where lm_head is not sharded."""
-    if kernels == "auto":
-        return strategy not in SHARDED_HEAD_STRATEGIES
-    return isinstance(kernels, list) and "fused_ce" in kernels
-
-
-def check_kernels(recipe: Recipe) -> list[tuple[tuple, str]]:
-    """A listed fused_ce under the strategy the recipe resolves to (``auto`` included)."""
-    strategy = recipe.strategy
-    if isinstance(recipe.kernels, list) and "fused_ce" in recipe.kernels and strategy in SHARDED_HEAD_STRATEGIES:
-        return [(("kernels",), f"fused_ce reads lm_head's weight outside its forward, which {strategy} keeps sharded "
-                 "there; leave fused_ce out (kernels: auto does)")]
-    return []
-
-
-def _check_distributed(recipe: Recipe) -> list[tuple[tuple, str]]:
-    dist, quant, slurm = recipe.distributed, recipe.quantization, recipe.slurm
-    problems: list[tuple[tuple, str]] = []
-    # A Slurm job's nodes are its machines, and GPUs per node its processes per machine (with_implied).
-    if slurm.nodes > 1 and dist.num_machines != slurm.nodes:
-        problems.append((("distributed", "num_machines"), f"is {dist.num_machines} but slurm.nodes is {slurm.nodes}; set one of them"))
-    if slurm.gpus_per_node and dist.num_processes != slurm.gpus_per_node:
-        problems.append((("distributed", "num_processes"), f"is {dist.num_processes} but slurm.gpus_per_node is {slurm.gpus_per_node}; set one of them"))
-    limit = slurm_seconds(slurm.time)
-    if limit is None:
-        problems.append((("slurm", "time"), f"'{slurm.time}' is not a Slurm time (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS)"))
-    elif slurm.signal_grace >= limit:
-        problems.append((("slurm", "signal_grace"), f"{slurm.signal_grace}s is not less than the time limit ({limit}s); the job would stop at once"))
-    if dist.gpu_memory is not None and not parse_gib(dist.gpu_memory):
-        problems.append((("distributed", "gpu_memory"), f"'{dist.gpu_memory}' is not a size; write e.g. 80GB, 24G or 40960MB"))
-    world, strategy = recipe.world_size, recipe.strategy
-    # Rules about the strategy name the one auto resolved to, so a user sees why.
-    named = f"strategy auto (here {strategy})" if dist.strategy == "auto" else f"strategy {strategy}"
-    if dist.machine_rank >= dist.num_machines:
-        problems.append((("distributed", "machine_rank"), f"must be below num_machines ({dist.num_machines})"))
-    if dist.strategy == "single" and world > 1:
-        problems.append((("distributed", "strategy"), f"single means one process, but num_processes x num_machines = {world}; use ddp, zero1/2/3, fsdp2 or auto"))
-    if dist.strategy in ("ddp", "zero1", "zero2", "zero3", "fsdp2") and world == 1:
-        problems.append((("distributed", "num_processes"), f"strategy {dist.strategy} needs 2 or more processes; set num_processes (per machine) or strategy: single"))
-    zero = dist.zero
-    if zero.offload_params and strategy != "zero3":
-        problems.append((("distributed", "zero", "offload_params"), f"parameter offload needs strategy zero3, not {named}"))
-    if zero.offload_optimizer and strategy not in ("zero1", "zero2", "zero3"):
-        problems.append((("distributed", "zero", "offload_optimizer"), f"needs strategy zero1, zero2 or zero3, not {named} "
-                         "(for fsdp2 use distributed.fsdp.cpu_offload)"))
-    if strategy.startswith("zero") and recipe.train.optimizer != "adamw_torch":
-        problems.append((("train", "optimizer"), f"DeepSpeed ({named}) runs its own partitioned AdamW; use adamw_torch"))
-    if strategy in ("zero3", "fsdp2") and quant.bits is not None and quant.quant_storage == "uint8":
-        problems.append((("quantization", "quant_storage"), f"{named} shards only floating-point tensors; set quant_storage: bfloat16 (the compute dtype)"))
-    if strategy in ("zero3", "fsdp2") and quant.bits == 8:
-        problems.append((("quantization", "bits"), f"8-bit bases cannot be sharded by {named}; use 4 bits with quant_storage, or ddp"))
-    return problems
-
-
-def parse_size(text: str) -> float | None:
-    """A shard size as huggingface_hub's sharding accepts it ('5GB', '500MB') in bytes; None if it is not one."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT])B\s*", str(text), re.IGNORECASE)
-    if not match or float(match.group(1)) <= 0:
-        return None
-    return float(match.group(1)) * 1000 ** " KMGT".index(match.group(2).upper())
-
-
-def parse_gib(text: str) -> float | None:
-    """'80GB', '80G', '80GiB', '24000MB' -> GiB (None if not a size). Units are binary, as in Slurm (an '80GB' card is 80 GiB)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT])?i?B?\s*", str(text), re.IGNORECASE)
-    if not match:
-        return None
-    scale = {"K": 2**-20, "M": 2**-10, "G": 1, "T": 2**10}[(match.group(2) or "G").upper()]
-    return float(match.group(1)) * scale
-
-
-def slurm_seconds(value: str) -> int | None:
-    """Seconds in a Slurm time limit: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS."""
-    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", value.strip())
-    if not match:
-        return None
-    days, a, b, c = match.groups()
-    if days is not None:  # D-HH[:MM[:SS]]
-        return int(days) * 86400 + int(a) * 3600 + int(b or 0) * 60 + int(c or 0)
-    if c is not None:  # HH:MM:SS
-        return int(a) * 3600 + int(b) * 60 + int(c)
-    return int(a) * 60 + int(b or 0)  # MM or MM:SS
 
 
 def _apply_override(raw: dict, override: str) -> tuple:
@@ -516,95 +386,3 @@ def _apply_override(raw: dict, override: str) -> tuple:
     return tuple(parts)
 
 
-def _describe(error: dict, source: str, lines: dict[tuple, int | str]) -> str:
-    loc = tuple(error["loc"])
-    # Errors raised by model validators end their loc at the section; strip pydantic's internals.
-    loc = tuple(p for p in loc if not (isinstance(p, str) and p.startswith("function-")))
-    dotted = ".".join(str(p) for p in loc) or "(recipe)"
-    where = _where(source, _nearest_line(loc, lines))
-    kind = error["type"]
-    if kind == "extra_forbidden":
-        valid = _valid_keys(loc[:-1])
-        hint = _suggest(str(loc[-1]), valid)
-        tip = f"did you mean {hint}?" if hint else f"valid keys here: {', '.join(valid)}"
-        return f"{where}: unknown key '{loc[-1]}' at {dotted}; {tip}"
-    if kind == "missing":
-        return f"{where}: missing required key {dotted}"
-    message = error["msg"].removeprefix("Value error, ")
-    got = error.get("input")
-    shown = "" if isinstance(got, (dict, list)) or kind.startswith("value_error") else f" (got {got!r})"
-    return f"{where}: {dotted}: {message}{shown}"
-
-
-def _where(source: str, line: int | str | None) -> str:
-    """``file:line`` for a YAML key, ``file (command-line override)`` for an override."""
-    if isinstance(line, int):
-        return f"{source}:{line}"
-    return f"{source} ({line})" if line else source
-
-
-def _nearest_line(loc: tuple, lines: dict[tuple, int | str]) -> int | str | None:
-    for end in range(len(loc), 0, -1):
-        if loc[:end] in lines:
-            return lines[loc[:end]]
-    return None
-
-
-def _valid_keys(section_loc: tuple) -> list[str]:
-    """Field names (and aliases) of the schema section at ``section_loc``."""
-    model: Any = Recipe
-    for part in section_loc:
-        if isinstance(part, int):
-            continue
-        field = model.model_fields.get(part)
-        if field is None:
-            return []
-        model = _section_type(field.annotation)
-        if model is None:
-            return []
-    names: list[str] = []
-    for name, field in model.model_fields.items():
-        names.append(name)
-        alias = field.validation_alias
-        if isinstance(alias, AliasChoices):
-            names.extend(a for a in alias.choices if isinstance(a, str) and a != name)
-    return names
-
-
-def _section_type(annotation: Any) -> Any:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()):
-        found = _section_type(arg)
-        if found is not None:
-            return found
-    return None
-
-
-def _suggest(word: str, candidates: list[str]) -> str | None:
-    """Closest valid key by edit distance (transpositions count as one edit)."""
-    scored = sorted((_edit_distance(word.lower(), c.lower()), c) for c in candidates)
-    close = [c for d, c in scored if d <= max(1, len(word) // 3)]
-    if not close:
-        return None
-    best = close[0]
-    # Name the alias target too, e.g. 'rank' is an alias of 'r'.
-    model_names = [c for c in candidates if c != best and _edit_distance(best, c) > 0 and best.startswith(c)]
-    extra = f" (or '{model_names[0]}')" if model_names else ""
-    return f"'{best}'{extra}"
-
-
-def _edit_distance(a: str, b: str) -> int:
-    """Optimal string alignment distance (Levenshtein + adjacent transpositions)."""
-    d = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
-    for i in range(len(a) + 1):
-        d[i][0] = i
-    for j in range(len(b) + 1):
-        d[0][j] = j
-    for i in range(1, len(a) + 1):
-        for j in range(1, len(b) + 1):
-            cost = 0 if a[i - 1] == b[j - 1] else 1
-            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + cost)
-            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
-                d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
-    return d[len(a)][len(b)]

@@ -6,6 +6,8 @@ demo recipe with LoRA, and measures again. The demo fails (exit 1) unless accura
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +44,7 @@ def run_demo(recipe_path: str | Path, workdir: Path) -> dict[str, Any]:
     summary = train(recipe)
 
     console.rule("4. held-out exact match after training")
-    after, n, examples = evaluate_path(summary["checkpoint"], recipe.data.eval[0])
+    after, n, examples = evaluate_path(summary.checkpoint, recipe.data.eval[0])
     for example in examples:
         console.print(f"  expected {example['expected']!r:<10} generated {example['generated']!r}")
 
@@ -50,11 +52,11 @@ def run_demo(recipe_path: str | Path, workdir: Path) -> dict[str, Any]:
     table.add_column("")
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
-    table.add_row("eval loss", f"{summary['initial_eval_loss']:.4f}", f"{summary['final_eval_loss']:.4f}")
+    table.add_row("eval loss", f"{summary.initial_eval_loss:.4f}", f"{summary.final_eval_loss:.4f}")
     table.add_row(f"held-out exact match ({n} rows)", f"{before:.1%}", f"{after:.1%}")
     console.print(table)
     console.print(f"run directory: {recipe.output.dir} (metrics.jsonl, checkpoints/)")
-    return {**summary, "accuracy_before": before, "accuracy_after": after}
+    return {**dataclasses.asdict(summary), "accuracy_before": before, "accuracy_after": after}
 
 
 def _rows(path: Path) -> int:

@@ -16,10 +16,10 @@ from accelerate.utils import DeepSpeedPlugin, DistributedType, InitProcessGroupK
 
 from ftl.config import Recipe
 from ftl.plan import Plan
-from ftl.strategies import DistributedError
+from ftl.strategies import DistributedError, Strategy
 
 
-def build_accelerator(recipe: Recipe, plan: Plan) -> Accelerator:
+def build_accelerator(recipe: Recipe, plan: Plan, strategy: Strategy) -> Accelerator:
     handlers = []
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         backend = "nccl" if plan.device == "cuda" else "gloo"
@@ -28,13 +28,13 @@ def build_accelerator(recipe: Recipe, plan: Plan) -> Accelerator:
     deepspeed = DeepSpeedPlugin(hf_ds_config=plan.deepspeed) if plan.deepspeed is not None else None
     return Accelerator(
         cpu=plan.device == "cpu" and deepspeed is None,  # Accelerate turns DeepSpeed off under cpu=True
-        mixed_precision=recipe.train.mixed_precision,
+        mixed_precision=strategy.accelerator_mixed_precision,
         deepspeed_plugin=deepspeed,
         kwargs_handlers=handlers,
     )
 
 
-def check_process_group(accelerator: Accelerator, plan: Plan) -> None:
+def check_process_group(accelerator: Accelerator, plan: Plan, strategy: Strategy) -> None:
     """Every rank: the world size and strategy the launcher produced are the ones planned."""
     found = accelerator.num_processes
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -46,7 +46,7 @@ def check_process_group(accelerator: Accelerator, plan: Plan) -> None:
             f"{accelerator.process_index} of {found} (WORLD_SIZE={launched}); {hint}"
         )
     is_deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-    if (plan.zero_stage is not None) != is_deepspeed:
+    if strategy.uses_deepspeed != is_deepspeed:
         raise DistributedError(
             f"distributed: the recipe plans {plan.strategy}, but Accelerate runs {accelerator.distributed_type.value}; {hint}"
         )

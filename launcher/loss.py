@@ -1,4 +1,4 @@
-"""Causal-LM loss as a *sum* over trainable tokens.
+"""Causal-LM loss as a *sum* over trainable tokens, and the objective that uses it.
 
 The training loop divides by the number of trainable tokens of the whole optimizer step (all
 micro-batches, all ranks), so gradient accumulation and data parallelism give the same update as
@@ -31,3 +31,21 @@ def causal_lm_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], f
     logits = logits[:, :-1].float()
     labels = batch["labels"][:, 1:]
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+class CausalLM:
+    """The supervised fine-tuning objective, as the training step and evaluation call it.
+
+    An objective gives, for a micro-batch, the loss summed over its targets and the number of
+    targets; the step divides the sum by the targets of the whole optimizer step. A preference
+    objective is another class with the same two methods.
+    """
+
+    def __init__(self, fused: Callable | None = None):
+        self.fused = fused  # the fused cross-entropy (kernels), used in training steps only
+
+    def targets(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return count_trainable_tokens(batch["labels"])
+
+    def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], training: bool = True) -> torch.Tensor:
+        return causal_lm_loss_sum(model, batch, self.fused if training else None)

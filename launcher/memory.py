@@ -12,7 +12,7 @@ N = data-parallel ranks, T = tokens per micro-batch = micro_batch_size x data.ma
 - optimizer: AdamW keeps two states per trainable parameter in its dtype (8-bit AdamW: 1 byte
   each). DeepSpeed with bf16/fp16 keeps an fp32 master copy and fp32 states: 12 bytes, so a
   full fine-tune costs the ZeRO paper's 16 bytes/parameter (2 weight + 2 gradient + 12).
-- sharding: ZeRO-1 divides the optimizer by N, ZeRO-2 also the gradients, ZeRO-3 and FSDP2
+- sharding (each strategy's ``place``, see ``ftl.strategies``): ZeRO-1 divides the optimizer by N, ZeRO-2 also the gradients, ZeRO-3 and FSDP2
   everything (plus two layers gathered at a time); offloaded parts move to CPU memory.
 - activations: per layer and token, the tensors kept for backward by a Llama-style block in the
   compute dtype: 4 x hidden (norm in/out twice) + 3 x (q + kv widths) (projections, RoPE,
@@ -31,7 +31,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ftl.config import Recipe, _check_distributed, check_kernels, parse_gib, uses_fused_ce
+from ftl import strategies
+from ftl.config import Recipe
+from ftl.units import parse_gib
 from ftl.errors import UserError
 
 GIB = 2**30
@@ -143,18 +145,15 @@ def _lora_targets(recipe: Recipe) -> list[str]:
 
 def estimate(recipe: Recipe, shape: Shape, strategy: str | None = None, micro_batch_size: int | None = None) -> Estimate:
     """Peak GPU memory per device of ``recipe`` (optionally with another strategy or micro-batch)."""
-    from ftl.plan import resolve_strategy
-
-    strategy = strategy or resolve_strategy(recipe)
+    plan = strategies.build(strategy or recipe.strategy, recipe)
     mb = micro_batch_size or recipe.train.micro_batch_size
-    method, quant, train, dist = recipe.method, recipe.quantization, recipe.train, recipe.distributed
-    world = dist.num_processes * dist.num_machines
+    method, quant, train = recipe.method, recipe.quantization, recipe.train
     model_bytes = BYTES.get(recipe.model.dtype, 2)
     mixed = train.mixed_precision != "no"
     compute_bytes = 2 if mixed or model_bytes == 2 else 4
-    deepspeed = strategy.startswith("zero")
-    if deepspeed and mixed:
-        model_bytes = 2  # DeepSpeed's bf16/fp16 mode casts the module; fp32 lives in its optimizer
+    master = plan.fp32_master and mixed
+    if master:
+        model_bytes = 2  # e.g. DeepSpeed's bf16/fp16 mode casts the module; fp32 lives in its optimizer
 
     # Parameters: how many are trained, and the bytes of trainable and frozen weights.
     if method.type == "full":
@@ -164,7 +163,7 @@ def estimate(recipe: Recipe, shape: Shape, strategy: str | None = None, micro_ba
         linears = shape.linears()
         trainable = shape.layers * sum(lora.r * (linears[n][0] + linears[n][1]) + (linears[n][1] if lora.use_dora else 0)
                                        for n in _lora_targets(recipe))
-        trainable_bytes = trainable * (model_bytes if deepspeed and mixed else 4.0)  # peft keeps adapters in fp32
+        trainable_bytes = trainable * (model_bytes if master else 4.0)  # peft keeps adapters in fp32
         kept_bytes = model_bytes
         if quant.bits == 4:
             bits = 4 + (8 / 64 + 32 / (64 * 256) if quant.double_quant else 32 / 64)
@@ -182,7 +181,7 @@ def estimate(recipe: Recipe, shape: Shape, strategy: str | None = None, micro_ba
             trainable_bytes += copy * kept_bytes
     weights = trainable_bytes + frozen_bytes
     gradients = trainable_bytes
-    if deepspeed and mixed:
+    if master:
         optimizer = trainable * 12.0  # fp32 master weights + fp32 Adam m and v
     elif train.optimizer in ("adamw_8bit", "paged_adamw_8bit"):
         optimizer = trainable * 2.0
@@ -191,31 +190,15 @@ def estimate(recipe: Recipe, shape: Shape, strategy: str | None = None, micro_ba
     else:
         optimizer = 2.0 * trainable_bytes  # m and v in the parameters' dtype
 
-    # Sharding and offload.
-    cpu = 0.0
+    # Sharding and offload: the strategy's terms.
     layer_bytes = shape.linear_params / shape.layers * (0.5 if quant.bits == 4 else model_bytes)
-    zero = dist.zero
-    if strategy in ("zero1", "zero2", "zero3", "fsdp2"):
-        optimizer /= world
-        if strategy != "zero1":
-            gradients /= world
-        if strategy in ("zero3", "fsdp2") and not (strategy == "fsdp2" and not dist.fsdp.reshard_after_forward):
-            weights = weights / world + 2 * layer_bytes  # two layers gathered at a time (one prefetched)
-    if deepspeed and zero.offload_optimizer:
-        cpu += optimizer
-        optimizer = 0.0
-    if strategy == "zero3" and zero.offload_params:
-        cpu += weights - 2 * layer_bytes
-        weights = 2 * layer_bytes
-    if strategy == "fsdp2" and dist.fsdp.cpu_offload:
-        cpu += weights - 2 * layer_bytes + gradients + optimizer
-        weights, gradients, optimizer = 2 * layer_bytes, 0.0, 0.0
+    weights, gradients, optimizer, cpu = plan.place(weights, gradients, optimizer, layer_bytes)
 
-    activations = _activation_bytes(recipe, shape, mb, compute_bytes, strategy)
+    activations = _activation_bytes(recipe, shape, mb, compute_bytes, plan.uses_fused_ce())
     return Estimate(weights / GIB, gradients / GIB, optimizer / GIB, activations / GIB, cpu / GIB)
 
 
-def _activation_bytes(recipe: Recipe, shape: Shape, micro_batch_size: int, compute_bytes: int, strategy: str) -> float:
+def _activation_bytes(recipe: Recipe, shape: Shape, micro_batch_size: int, compute_bytes: int, fused_ce: bool) -> float:
     seq = recipe.data.max_length
     tokens = micro_batch_size * seq
     d, q, kv, i = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim, shape.intermediate
@@ -230,7 +213,7 @@ def _activation_bytes(recipe: Recipe, shape: Shape, micro_batch_size: int, compu
         blocks = shape.layers * d * tokens * compute_bytes + layer
     else:
         blocks = shape.layers * layer
-    if uses_fused_ce(recipe.kernels, strategy):  # kernels/fused_ce.py: one chunk of logits, and the stored input gradient
+    if fused_ce:  # kernels/fused_ce.py: one chunk of logits, and the stored input gradient
         from ftl.kernels.fused_ce import chunk_size
 
         logits = chunk_size(tokens, d, shape.vocab) * shape.vocab * (compute_bytes + 4 + 4) + tokens * d * compute_bytes
@@ -247,17 +230,15 @@ def micro_batch_options(recipe: Recipe) -> list[int]:
 
 def strategy_options(recipe: Recipe) -> list[Recipe]:
     """``recipe`` with each strategy valid for it, cheapest (least communication or offload) first."""
-    world = recipe.distributed.num_processes * recipe.distributed.num_machines
-    options = [("single", {})] if world == 1 else [
+    options = [("single", {})] if recipe.world_size == 1 else [
         ("ddp", {}), ("zero1", {}), ("zero2", {}), ("zero3", {}), ("zero3", {"offload_optimizer": True}),
         ("zero3", {"offload_optimizer": True, "offload_params": True})]
     valid = []
     for strategy, offload in options:
-        trial = recipe.model_copy(deep=True)
-        trial.distributed.strategy = strategy
-        for key, value in offload.items():
-            setattr(trial.distributed.zero, key, value)
-        if not _check_distributed(trial) and not check_kernels(trial):
+        dist = recipe.distributed
+        trial = recipe.model_copy(update={"distributed": dist.model_copy(update={
+            "strategy": strategy, "zero": dist.zero.model_copy(update=offload)})})
+        if not strategies.for_recipe(trial).check():
             valid.append(trial)
     return valid
 
@@ -271,7 +252,8 @@ def autofit(recipe: Recipe, gpu_gib: float, shape: Shape) -> tuple[Recipe, Estim
     batch = recipe.train.micro_batch_size * recipe.train.gradient_accumulation_steps
     sizes = micro_batch_options(recipe)
     mb = next((m for m in sizes if estimate(chosen, shape, micro_batch_size=m).fits(gpu_gib)), 1)
-    chosen.train.micro_batch_size, chosen.train.gradient_accumulation_steps = mb, batch // mb
+    chosen = chosen.model_copy(update={"train": chosen.train.model_copy(update={
+        "micro_batch_size": mb, "gradient_accumulation_steps": batch // mb})})
     result = estimate(chosen, shape)
     return chosen, result, result.fits(gpu_gib)
 

@@ -12,13 +12,16 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from rich.table import Table
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ftl.console import console
 from ftl.rundir import RunDir
+
+if TYPE_CHECKING:
+    from ftl.trainer import RunSummary
 
 
 log = logging.getLogger(__name__)
@@ -102,12 +105,12 @@ def plot_losses(records: list[dict[str, Any]], out: Path) -> None:
     plt.close(fig)
 
 
-def summary_table(records: list[dict[str, Any]], summary: dict[str, Any]) -> Table:
+def summary_table(records: list[dict[str, Any]], summary: RunSummary) -> Table:
     """The one-screen end-of-run summary, from the run's whole metrics history."""
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]
-    rows: list[tuple[str, str]] = [("steps", f"{summary['steps']} of {summary['total_steps']}"),
-                                   ("time", f"{summary['elapsed_s']:.1f}s this session")]
+    rows: list[tuple[str, str]] = [("steps", f"{summary.steps} of {summary.total_steps}"),
+                                   ("time", f"{summary.elapsed_s:.1f}s this session")]
     if train:
         rows.append(("train loss", f"{train[0]['loss']:.4f} -> {train[-1]['loss']:.4f}"))
         rows.append(("tokens/s", f"{sum(r['tokens_per_s'] for r in train) / len(train):,.0f} (mean of logged steps, all devices)"))
@@ -117,8 +120,8 @@ def summary_table(records: list[dict[str, Any]], summary: dict[str, Any]) -> Tab
         rows.append(("peak memory", f"{max(r['peak_memory_gib'] for r in train):.2f} GiB per device"))
     if evals:
         rows.append(("eval loss", f"{evals[0]['eval_loss']:.4f} -> {evals[-1]['eval_loss']:.4f}"))
-    if summary.get("checkpoint"):
-        rows.append(("checkpoint", str(summary["checkpoint"])))
+    if summary.checkpoint:
+        rows.append(("checkpoint", summary.checkpoint))
     table = Table(title="run summary", show_header=False, box=None, title_justify="left")
     for key, value in rows:
         table.add_row(key, value)

@@ -2,12 +2,8 @@
 
 The plan is a pure function of the recipe (and whether this machine has CUDA), so ``ftl plan``
 prints exactly what ``ftl train`` launches, and every rank recomputes it to check that the
-process group it finds is the one the recipe asked for (see ``ftl.distributed``).
-
-``distributed.strategy: auto`` picks, from the world size and the method: one process ->
-``single``; LoRA/QLoRA (few trainable parameters, the frozen base fits each device) -> ``ddp``;
-full fine-tuning (weights, gradients and Adam states of every parameter: 16 bytes/parameter in
-mixed precision) -> ``zero3``, which shards all of them.
+process group it finds is the one the recipe asked for (see ``ftl.distributed``). The strategy
+(``Recipe.strategy`` resolves ``auto``) writes its own part of the launch files.
 """
 
 from __future__ import annotations
@@ -23,11 +19,9 @@ from typing import Any
 import torch
 import yaml
 
+from ftl import strategies
 from ftl.config import Recipe
 from ftl.rundir import RunDir, write_atomic
-
-DEEPSPEED_STAGES = {"zero1": 1, "zero2": 2, "zero3": 3}
-
 
 @dataclass
 class Plan:
@@ -46,10 +40,6 @@ class Plan:
     def world_size(self) -> int:
         return self.num_processes * self.num_machines
 
-    @property
-    def zero_stage(self) -> int | None:
-        return DEEPSPEED_STAGES.get(self.strategy)
-
     def shell_command(self) -> str:
         """The launch as a user would type it (environment first)."""
         env = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.env.items())
@@ -67,27 +57,22 @@ class Plan:
         }
 
 
-def resolve_strategy(recipe: Recipe) -> str:
-    """The strategy the run uses (``Recipe.strategy`` decides ``auto``)."""
-    return recipe.strategy
-
-
 def make_plan(recipe: Recipe, device: str | None = None) -> Plan:
     """The plan for ``recipe`` (resolve paths first: every rank must read the same files)."""
     dist = recipe.distributed
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    strategy = strategies.for_recipe(recipe)
     plan = Plan(
-        strategy=resolve_strategy(recipe),
+        strategy=strategy.name,
         num_processes=dist.num_processes,
         num_machines=dist.num_machines,
         machine_rank=dist.machine_rank,
         device=device,
         launch_dir=launch_dir(recipe),
     )
-    if plan.zero_stage is not None:
-        plan.deepspeed = deepspeed_config(recipe, plan.zero_stage, plan.world_size)
-    plan.accelerate = accelerate_config(recipe, plan)
-    plan.env = launch_env(plan)
+    plan.deepspeed = strategy.deepspeed_config(device)
+    plan.accelerate = strategy.accelerate_config(accelerate_config(recipe, plan), plan.launch_dir)
+    plan.env = {**launch_env(plan), **strategy.launch_env(device)}
     recipe_file = str(plan.launch_dir / "recipe.yaml")
     if plan.world_size == 1:
         plan.command = [sys.executable, "-m", "ftl.train", recipe_file]  # `ftl train` runs it in-process
@@ -104,49 +89,12 @@ def launch_dir(recipe: Recipe) -> Path:
     return root / f"machine-{dist.machine_rank}" if dist.num_machines > 1 else root
 
 
-def deepspeed_config(recipe: Recipe, stage: int, world_size: int) -> dict[str, Any]:
-    """DeepSpeed JSON for ZeRO ``stage``; the training loop owns accumulation and the LR schedule."""
-    train, zero = recipe.train, recipe.distributed.zero
-    optimization: dict[str, Any] = {
-        "stage": stage,
-        "overlap_comm": zero.overlap_comm,
-        "contiguous_gradients": zero.contiguous_gradients,
-        "reduce_bucket_size": zero.reduce_bucket_size,
-    }
-    if stage < 3:
-        optimization["allgather_bucket_size"] = zero.allgather_bucket_size
-    else:
-        optimization.update(
-            stage3_prefetch_bucket_size=zero.stage3_prefetch_bucket_size,
-            stage3_param_persistence_threshold=zero.stage3_param_persistence_threshold,
-            stage3_gather_16bit_weights_on_model_save=zero.gather_16bit_weights_on_model_save,
-        )
-    if zero.offload_optimizer:
-        optimization["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    if zero.offload_params:
-        optimization["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    precision = train.mixed_precision
-    return {
-        "train_micro_batch_size_per_gpu": train.micro_batch_size,
-        "gradient_accumulation_steps": train.gradient_accumulation_steps,
-        "train_batch_size": train.micro_batch_size * train.gradient_accumulation_steps * world_size,
-        "gradient_clipping": train.max_grad_norm or 0.0,
-        "zero_optimization": optimization,
-        "bf16": {"enabled": precision == "bf16"},
-        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
-        # Our AdamW (torch's, or DeepSpeed's CPU Adam when offloading) is built by ftl.optim.
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 1_000_000_000,
-        "wall_clock_breakdown": False,
-    }
-
-
 def accelerate_config(recipe: Recipe, plan: Plan) -> dict[str, Any]:
-    """What ``accelerate launch --config_file`` reads; num_processes there is the total over machines."""
+    """What ``accelerate launch --config_file`` reads (the strategy adds its part); num_processes
+    there is the total over machines."""
     dist = recipe.distributed
     config: dict[str, Any] = {
         "compute_environment": "LOCAL_MACHINE",
-        "distributed_type": "DEEPSPEED" if plan.zero_stage else ("MULTI_GPU" if plan.world_size > 1 else "NO"),
         "num_processes": plan.world_size,
         "num_machines": plan.num_machines,
         "machine_rank": plan.machine_rank,
@@ -161,15 +109,6 @@ def accelerate_config(recipe: Recipe, plan: Plan) -> dict[str, Any]:
         "downcast_bf16": "no",
         "debug": False,
     }
-    if plan.zero_stage:
-        del config["mixed_precision"]  # Accelerate refuses it next to a DeepSpeed JSON, which has it
-        config["deepspeed_config"] = {
-            "deepspeed_config_file": str(plan.launch_dir / "deepspeed.json"),
-            # The default (pdsh) starts only this node's processes with a wrong world view;
-            # "standard" is torchrun on every machine, which is what Slurm and users start.
-            "deepspeed_multinode_launcher": "standard",
-            "zero3_init_flag": False,
-        }
     return config
 
 
@@ -182,10 +121,6 @@ def launch_env(plan: Plan) -> dict[str, str]:
            # A working directory holding folders named like packages (a checkout of ftl has `kernels/`)
            # must not shadow installed ones.
            "PYTHONSAFEPATH": "1"}
-    if plan.device == "cpu" and not plan.zero_stage:
-        # `accelerate launch --cpu` starts one process whatever --num_processes says; this does not.
-        # (DeepSpeed must not see it: Accelerate then turns DeepSpeed off.)
-        env["ACCELERATE_USE_CPU"] = "true"
     return env
 
 

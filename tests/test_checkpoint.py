@@ -68,17 +68,17 @@ def _sigterm_at(run_dir: Path, step: int) -> threading.Thread:
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_stopped_and_resumed_run_is_bitwise_identical(tiny_llama: Path, small_data, tmp_path: Path, variant: str) -> None:
     straight = train(_recipe(tiny_llama, small_data, tmp_path / "straight", variant))
-    assert straight["steps"] == 40
+    assert straight.steps == 40
 
     watcher = _sigterm_at(tmp_path / "stopped", 17)
     first = train(_recipe(tiny_llama, small_data, tmp_path / "stopped", variant))
     watcher.join(timeout=5)
-    assert first["stopped"] == "SIGTERM"
-    assert 17 <= first["steps"] < 40
+    assert first.stopped == "SIGTERM"
+    assert 17 <= first.steps < 40
     assert (tmp_path / "stopped/STOPPED").exists()
     second = train(_recipe(tiny_llama, small_data, tmp_path / "stopped", variant))
-    assert second["resumed_from"].endswith(f"step-{first['steps']}")
-    assert second["steps"] == 40 and "stopped" not in second
+    assert second.resumed_from.endswith(f"step-{first.steps}")
+    assert second.steps == 40 and second.stopped is None
     assert not (tmp_path / "stopped/STOPPED").exists()
 
     assert _losses(tmp_path / "stopped") == _losses(tmp_path / "straight")  # exact, not approximate
@@ -92,7 +92,7 @@ def test_rerunning_a_finished_run_does_nothing(tiny_llama: Path, small_data, tmp
     train(_recipe(tiny_llama, small_data, tmp_path, "full", max_steps=3))
     before = (tmp_path / "metrics.jsonl").read_text()
     again = train(_recipe(tiny_llama, small_data, tmp_path, "full", max_steps=3))
-    assert again["steps"] == 3 and again["resumed_from"].endswith("step-3")
+    assert again.steps == 3 and again.resumed_from.endswith("step-3")
     assert (tmp_path / "metrics.jsonl").read_text() == before
 
 
@@ -107,9 +107,9 @@ def test_corrupt_newest_checkpoint_falls_back_with_warning(tiny_llama: Path, sma
     warnings = [r.getMessage() for r in caplog.records if "broken checkpoint" in r.getMessage()]
     assert len(warnings) == 1 and "step-8" in warnings[0] and "optimizer.pt" in warnings[0]
     assert "\n" not in warnings[0]
-    assert resumed["resumed_from"].endswith("step-6") and resumed["steps"] == 8
+    assert resumed.resumed_from.endswith("step-6") and resumed.steps == 8
     straight = train(_recipe(tiny_llama, small_data, tmp_path / "straight", "full", max_steps=8, save_steps=3))
-    assert straight["steps"] == 8
+    assert straight.steps == 8
     assert _losses(tmp_path / "run") == _losses(tmp_path / "straight")
 
 
@@ -123,7 +123,7 @@ def test_keep_last_and_explicit_resume_path(tiny_llama: Path, small_data, tmp_pa
         verify(tmp_path / "run/checkpoints" / name)
     other = _recipe(tiny_llama, small_data, tmp_path / "other", "full", max_steps=10, resume=str(tmp_path / "run/checkpoints/step-6"))
     summary = train(other)
-    assert summary["resumed_from"].endswith("step-6") and summary["steps"] == 10
+    assert summary.resumed_from.endswith("step-6") and summary.steps == 10
 
 
 def test_resume_path_that_is_not_a_checkpoint(tiny_llama: Path, small_data, tmp_path: Path) -> None:

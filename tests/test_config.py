@@ -159,12 +159,13 @@ def test_strategy_rules_apply_to_what_auto_resolves_to():
 
 
 def test_validation_does_not_change_the_recipe_it_checks():
-    from ftl.config import Recipe, check_combinations
+    from ftl import rules
+    from ftl.config import Recipe
 
     raw = make_recipe(Path("m"), Path("d.jsonl"), Path("runs/x"), method={"type": "qlora"}, slurm={"nodes": 2, "gpus_per_node": 4})
     recipe = Recipe.model_validate(raw)
     before = recipe.model_dump()
-    check_combinations(recipe)
+    rules.check(recipe)
     assert recipe.model_dump() == before
     resolved = validate_recipe(raw)
     assert (resolved.quantization.bits, resolved.distributed.num_machines, resolved.distributed.num_processes) == (4, 2, 4)

@@ -13,16 +13,19 @@ import yaml
 from accelerate.commands.config.config_args import ClusterConfig
 
 from ftl.config import RecipeError, load_recipe, validate_recipe
-from ftl.strategies import DistributedError, for_plan
+from ftl.strategies import DistributedError, for_recipe
 from ftl.plan import make_plan, write_launch_files
 from conftest import make_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def recipe_for(tmp_path: Path, **sections):
+    return validate_recipe(make_recipe(tmp_path / "model", tmp_path / "train.jsonl", tmp_path / "run", **sections))
+
+
 def plan_for(tmp_path: Path, device: str = "cpu", **sections):
-    recipe = validate_recipe(make_recipe(tmp_path / "model", tmp_path / "train.jsonl", tmp_path / "run", **sections))
-    return make_plan(recipe, device=device)
+    return make_plan(recipe_for(tmp_path, **sections), device=device)
 
 
 @pytest.mark.parametrize(
@@ -107,9 +110,9 @@ def test_impossible_distributed_settings_fail_at_validation(tmp_path, sections, 
 
 
 def test_guard_rejects_an_unwrapped_model(tmp_path):
-    plan = plan_for(tmp_path, distributed={"strategy": "ddp", "num_processes": 2})
+    recipe = recipe_for(tmp_path, distributed={"strategy": "ddp", "num_processes": 2})
     with pytest.raises(DistributedError, match="strategy ddp should have wrapped the model, but it is Linear"):
-        for_plan(plan).check_wrapped(torch.nn.Linear(2, 2))
+        for_recipe(recipe).check_wrapped(torch.nn.Linear(2, 2))
 
 
 def test_ftl_plan_json(tmp_path):

@@ -71,7 +71,7 @@ def test_training_on_packed_data(tiny_llama, demo_data, tmp_path):
     stats = json.loads((tmp_path / "run" / "data_stats.json").read_text())
     assert stats["packing_efficiency"] > 0.9
     losses = [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
-    assert len(losses) == 6 and summary["steps"] == 6 and losses[-1] < losses[0]
+    assert len(losses) == 6 and summary.steps == 6 and losses[-1] < losses[0]
 
 
 def test_ftl_preprocess_prints_statistics(tiny_llama, demo_data, tmp_path):

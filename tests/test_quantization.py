@@ -72,7 +72,7 @@ def test_qlora_thirty_steps_lower_eval_loss(tiny_llama: Path, demo_data, tmp_pat
         train={"max_steps": 30, "micro_batch_size": 8, "learning_rate": 5e-3, "eval_steps": 15},
     )
     summary = train(recipe)
-    assert summary["final_eval_loss"] < summary["initial_eval_loss"] - 0.5
+    assert summary.final_eval_loss < summary.initial_eval_loss - 0.5
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
@@ -98,13 +98,13 @@ def _eval_loss(model, tokenizer, dataset) -> float:
 def test_saved_adapter_on_fresh_4bit_base_reproduces_training(tiny_llama: Path, demo_data, tmp_path: Path) -> None:
     recipe = _recipe(tiny_llama, demo_data, tmp_path / "run", with_eval=True, train={"max_steps": 5, "learning_rate": 1e-2})
     summary = train(recipe)
-    model, tokenizer = load_for_inference(summary["checkpoint"])
+    model, tokenizer = load_for_inference(summary.checkpoint)
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     eval_set = build_dataset(recipe.data.eval, tokenizer, recipe.data)
-    assert _eval_loss(model, tokenizer, eval_set) == pytest.approx(summary["final_eval_loss"], abs=1e-5)
+    assert _eval_loss(model, tokenizer, eval_set) == pytest.approx(summary.final_eval_loss, abs=1e-5)
 
     batch = collate([eval_set[i] for i in range(4)], tokenizer.pad_token_id)
-    again, _ = load_for_inference(summary["checkpoint"])
+    again, _ = load_for_inference(summary.checkpoint)
     with torch.no_grad():
         a = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         b = again(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -135,7 +135,7 @@ def test_eight_bit_base_with_lora(tiny_llama: Path, demo_data, tmp_path: Path) -
     model, _ = build_model(recipe)
     assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in model.modules())
     summary = train(recipe)
-    assert torch.isfinite(torch.tensor(summary["final_train_loss"]))
+    assert torch.isfinite(torch.tensor(summary.final_train_loss))
 
 
 @pytest.mark.parametrize("switch", ["use_dora", "use_rslora"])
@@ -152,7 +152,7 @@ def test_dora_and_rslora(tiny_llama: Path, demo_data, tmp_path: Path, switch: st
     else:
         layer = model.base_model.model.model.layers[0].self_attn.q_proj
         assert layer.scaling["default"] == pytest.approx(16 / 8**0.5)
-    assert train(recipe)["steps"] == 2
+    assert train(recipe).steps == 2
 
 
 @pytest.mark.slow

@@ -68,7 +68,7 @@ def test_unverifiable_checkpoints_are_moved_aside_with_user_files(tiny_llama, de
     old_metrics = (run / "metrics.jsonl").read_text()
     with caplog.at_level("WARNING"):
         summary = train(_recipe(tiny_llama, demo_data, run, train={"max_steps": 2}))
-    assert summary["resumed_from"] is None and summary["steps"] == 2
+    assert summary.resumed_from is None and summary.steps == 2
     [aside] = list((run / "set-aside").iterdir())
     assert (aside / "checkpoints/notes.txt").read_text() == "mine"
     assert (aside / "checkpoints/step-1").is_dir() and (aside / "metrics.jsonl").read_text() == old_metrics
@@ -81,7 +81,7 @@ def test_a_broken_newer_checkpoint_is_moved_aside_not_overwritten(tiny_llama, de
     broken.write_bytes(broken.read_bytes()[:-10])
     damaged = broken.read_bytes()
     summary = train(_recipe(tiny_llama, demo_data, run, train={"max_steps": 2, "save_steps": 1}))
-    assert summary["resumed_from"].endswith("step-1")
+    assert summary.resumed_from.endswith("step-1")
     [aside] = list((run / "set-aside").iterdir())
     assert (aside / "step-2/adapter_model.safetensors").read_bytes() == damaged
     assert (run / "checkpoints/step-2/manifest.json").is_file()  # saved again by the resumed run
@@ -91,7 +91,7 @@ def test_a_torn_metrics_line_does_not_stop_a_resume(tiny_llama, demo_data, run):
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 3, "lo')
     summary = train(_recipe(tiny_llama, demo_data, run, train={"max_steps": 3}))
-    assert summary["steps"] == 3 and summary["resumed_from"].endswith("step-2")
+    assert summary.steps == 3 and summary.resumed_from.endswith("step-2")
     steps = [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
     assert steps == [1, 2, 3]
 
@@ -117,4 +117,4 @@ def test_resuming_with_another_method_is_refused(tiny_llama, demo_data, run, cha
 def test_damaged_checkpoint_files_give_a_clear_fallback(tiny_llama, demo_data, run, damage):
     damage(run / "checkpoints/step-2")
     summary = train(_recipe(tiny_llama, demo_data, run, train={"max_steps": 2}))
-    assert summary["steps"] == 2 and summary["resumed_from"] is not None
+    assert summary.steps == 2 and summary.resumed_from is not None

@@ -11,8 +11,7 @@ from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM
 
 from ftl.config import validate_recipe
-from ftl.strategies import for_plan
-from ftl.plan import Plan
+from ftl import strategies
 from ftl.slurm import render
 from conftest import make_recipe
 
@@ -31,8 +30,7 @@ def process_group():
 def test_fsdp_options(process_group, tiny_llama, demo_data, tmp_path, reshard, param_dtype, expected_dtype):
     recipe = validate_recipe(make_recipe(tiny_llama, demo_data[0], tmp_path / "run", method={"type": "full"},
                                          distributed={"fsdp": {"reshard_after_forward": reshard, "param_dtype": param_dtype}}))
-    plan = Plan(strategy="fsdp2", num_processes=1, num_machines=1, machine_rank=0, device="cpu", launch_dir=tmp_path)
-    model = for_plan(plan).shard(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32), recipe, torch.device("cpu"))
+    model = strategies.build("fsdp2", recipe).shard(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32), torch.device("cpu"))
     logits = model(input_ids=torch.tensor([[1, 2, 3]])).logits
     assert logits.dtype == expected_dtype  # the mixed-precision policy's compute dtype
     layer_weight = model.model.layers[0].self_attn.q_proj.weight

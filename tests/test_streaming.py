@@ -43,13 +43,13 @@ def test_ranks_read_disjoint_parts_and_epochs_restart(tiny_llama, small_train, t
 
 def test_resume_mid_stream_continues_exactly(tiny_llama, small_train, tmp_path):
     whole = train(streaming_recipe(tiny_llama, small_train, tmp_path / "whole"))
-    assert whole["steps"] == 12
+    assert whole.steps == 12
     reference = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "whole" / "metrics.jsonl") if "loss" in r]
     watcher = _sigterm_at(tmp_path / "parts", 6)
     first = train(streaming_recipe(tiny_llama, small_train, tmp_path / "parts"))
     watcher.join()
-    assert first.get("stopped") and first["steps"] < 12
-    state = json.loads((tmp_path / "parts" / "checkpoints" / f"step-{first['steps']}" / "data_state_rank0.json").read_text())
+    assert first.stopped and first.steps < 12
+    state = json.loads((tmp_path / "parts" / "checkpoints" / f"step-{first.steps}" / "data_state_rank0.json").read_text())
     assert state["consumed"] > 0  # 40 rows, 4 per step: the stop fell inside an epoch or two
     train(streaming_recipe(tiny_llama, small_train, tmp_path / "parts"))
     resumed = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "parts" / "metrics.jsonl") if "loss" in r]

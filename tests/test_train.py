@@ -27,9 +27,9 @@ def test_thirty_steps_lower_eval_loss(tiny_llama: Path, demo_data, tmp_path: Pat
         method={"type": method}, train={"max_steps": 30, "micro_batch_size": 8, "learning_rate": lr, "eval_steps": 10},
     )
     # A random base limits what LoRA alone reaches in 30 steps (its output layer stays random).
-    assert summary["final_eval_loss"] < summary["initial_eval_loss"] - (0.5 if method == "lora" else 1.0)
+    assert summary.final_eval_loss < summary.initial_eval_loss - (0.5 if method == "lora" else 1.0)
     evals = [r["eval_loss"] for r in read_metrics(tmp_path / method / "metrics.jsonl") if "eval_loss" in r]
-    assert len(evals) == 4 and evals[-1] == pytest.approx(summary["final_eval_loss"])
+    assert len(evals) == 4 and evals[-1] == pytest.approx(summary.final_eval_loss)
 
 
 def test_gradient_accumulation_equals_one_big_batch(tiny_llama: Path, demo_data, tmp_path: Path) -> None:
@@ -60,7 +60,7 @@ def test_lora_checkpoint_is_a_peft_adapter(tiny_llama: Path, demo_data, tmp_path
     ckpts = tmp_path / "run/checkpoints"
     assert (ckpts / "latest").read_text() == "step-2"
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-1", "step-2"]
-    step = Path(summary["checkpoint"])
+    step = Path(summary.checkpoint)
     assert (step / "adapter_config.json").exists() and (step / "adapter_model.safetensors").exists()
     assert (step / "tokenizer.json").exists() and (step / "trainer_state.json").exists()
     assert not (step / "model.safetensors").exists()
@@ -74,7 +74,7 @@ def test_lora_checkpoint_is_a_peft_adapter(tiny_llama: Path, demo_data, tmp_path
 def test_full_finetune_with_frozen_layers(tiny_llama: Path, demo_data, tmp_path: Path) -> None:
     frozen = ["model.embed_tokens.*", "model.layers.0.*"]
     summary = _train(tiny_llama, demo_data, tmp_path / "run", method={"type": "full", "freeze": frozen})
-    after = load_file(Path(summary["checkpoint"]) / "model.safetensors")
+    after = load_file(Path(summary.checkpoint) / "model.safetensors")
     before = load_file(tiny_llama / "model.safetensors")
     assert torch.equal(after["model.embed_tokens.weight"], before["model.embed_tokens.weight"])
     assert torch.equal(after["model.layers.0.self_attn.q_proj.weight"], before["model.layers.0.self_attn.q_proj.weight"])
@@ -101,7 +101,7 @@ def test_resume_never_refuses_run_dir_with_earlier_checkpoints(tiny_llama: Path,
 def test_other_architectures_train(arch: str, demo_data, tmp_path: Path) -> None:
     model = write_tiny_model(tmp_path / arch, arch, hidden_size=64)
     summary = _train(model, demo_data, tmp_path / "run", train={"max_steps": 2, "gradient_checkpointing": True})
-    assert summary["steps"] == 2 and summary["final_train_loss"] > 0
+    assert summary.steps == 2 and summary.final_train_loss > 0
 
 
 def test_bf16_mixed_precision_and_gradient_checkpointing(tiny_llama: Path, demo_data, tmp_path: Path) -> None:
@@ -109,4 +109,4 @@ def test_bf16_mixed_precision_and_gradient_checkpointing(tiny_llama: Path, demo_
         tiny_llama, demo_data, tmp_path / "run",
         train={"max_steps": 2, "mixed_precision": "bf16", "gradient_checkpointing": True},
     )
-    assert torch.isfinite(torch.tensor(summary["final_train_loss"]))
+    assert torch.isfinite(torch.tensor(summary.final_train_loss))

@@ -1,0 +1,31 @@
+"""DDP: every process holds the whole model; gradients are averaged after each optimizer step's
+last micro-batch."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Iterator
+
+from ftl.strategies.base import Single
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+
+class DDP(Single):
+    multi_process = True
+    distributed_type = "MULTI_GPU"
+
+    def check_wrapped(self, model: Any) -> None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        if not isinstance(model, DistributedDataParallel):
+            self._wrong(type(model).__name__)
+
+    @contextmanager
+    def gradient_sync(self, accelerator: Accelerator, model: Any, sync: bool) -> Iterator[None]:
+        if sync:
+            yield
+        else:
+            with accelerator.no_sync(model):
+                yield
