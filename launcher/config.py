@@ -44,7 +44,7 @@ PathText = Annotated[str, StringConstraints(min_length=1), AfterValidator(_plain
 
 class _Section(BaseModel):
     # Every float must be finite: inf or nan trains on nonsense and exits 0.
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False, frozen=True)
 
 
 # ----------------------------------------------------------------------------- sections
@@ -349,6 +349,19 @@ def validate_recipe(raw: dict, source: str = "<recipe>", lines: dict[tuple, int 
     if problems:
         raise RecipeError(problems)
     return recipe
+
+
+def with_values(recipe: Recipe, values: dict[str, Any]) -> Recipe:
+    """A new recipe with dotted keys set (``output.dir``, ``data.train.0.path``), validated again:
+    recipes are frozen, so a change goes through the same rules as the file."""
+    raw = recipe.model_dump(mode="json")
+    for key, value in values.items():
+        *parents, last = key.split(".")
+        node: Any = raw
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        node[int(last) if isinstance(node, list) else last] = value
+    return validate_recipe(raw, source="<recipe>")
 
 
 def with_implied(recipe: Recipe) -> Recipe:

@@ -13,7 +13,7 @@ from typing import Any
 
 from rich.table import Table
 
-from ftl.config import load_recipe
+from ftl.config import load_recipe, with_values
 from ftl.console import console
 from ftl.demo_data import write_demo_data
 from ftl.evaluate import evaluate_path
@@ -22,15 +22,13 @@ from ftl.train import train
 
 
 def run_demo(recipe_path: str | Path, workdir: Path) -> dict[str, Any]:
-    recipe = load_recipe(recipe_path)
     model_dir, data_dir = workdir / "tiny-llama", workdir / "data"
-    recipe.model.path = str(model_dir)
     train_path, eval_path = write_demo_data(data_dir)
-    recipe.data.train[0].path = str(train_path)
-    recipe.data.eval[0].path = str(eval_path)
-    recipe.output.dir = str(workdir / "run")
-    recipe.train.resume = "never"  # the demo's own run directory, rebuilt each time
-    recipe.output.overwrite = True
+    recipe = with_values(load_recipe(recipe_path), {
+        "model.path": str(model_dir), "data.train.0.path": str(train_path), "data.eval.0.path": str(eval_path),
+        "output.dir": str(workdir / "run"),
+        "train.resume": "never", "output.overwrite": True,  # the demo's own run directory, rebuilt each time
+    })
 
     console.rule("1. tiny model and data")
     write_tiny_model(model_dir, "llama")

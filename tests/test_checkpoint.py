@@ -115,7 +115,7 @@ def test_corrupt_newest_checkpoint_falls_back_with_warning(tiny_llama: Path, sma
 
 def test_keep_last_and_explicit_resume_path(tiny_llama: Path, small_data, tmp_path: Path) -> None:
     recipe = _recipe(tiny_llama, small_data, tmp_path / "run", "full", max_steps=8, save_steps=2)
-    recipe.output.keep_last = 2
+    recipe = recipe.model_copy(update={"output": recipe.output.model_copy(update={"keep_last": 2})})
     train(recipe)
     names = sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir())
     assert names == ["latest", "step-6", "step-8"]

@@ -169,3 +169,18 @@ def test_validation_does_not_change_the_recipe_it_checks():
     assert recipe.model_dump() == before
     resolved = validate_recipe(raw)
     assert (resolved.quantization.bits, resolved.distributed.num_machines, resolved.distributed.num_processes) == (4, 2, 4)
+
+
+def test_a_recipe_is_frozen_and_changes_go_through_validation():
+    from pydantic import ValidationError
+
+    from ftl.config import with_values
+
+    recipe = validate_recipe(make_recipe(Path("m"), Path("d.jsonl"), Path("runs/x")))
+    with pytest.raises(ValidationError, match="frozen"):
+        recipe.train.max_steps = 3
+    changed = with_values(recipe, {"train.max_steps": 3, "data.train.0.path": "other.jsonl"})
+    assert (changed.train.max_steps, changed.data.train[0].path) == (3, "other.jsonl")
+    assert recipe.train.max_steps == 4  # the original is unchanged
+    with pytest.raises(RecipeError, match="train.optimizer: DeepSpeed"):
+        with_values(changed, {"method.type": "full", "distributed.num_processes": 8, "train.optimizer": "adamw_8bit"})

@@ -89,7 +89,7 @@ def test_activations_by_hand(tmp_path):
     per_token_layer = 4 * 64 + 3 * (64 + 32) + 4 * 128  # norms, q/k/v/rope/attention output, MLP = 1,056
     logits = tokens * 100 * (2 + 4 + 4)  # bf16 logits, their fp32 copy and its gradient
     assert estimate(recipe, SHAPE).activations * GIB == pytest.approx(2 * per_token_layer * tokens * 2 + logits)
-    recipe.train.gradient_checkpointing = True  # each layer's input, plus one layer recomputed
+    recipe = recipe.model_copy(update={"train": recipe.train.model_copy(update={"gradient_checkpointing": True})})  # each layer's input, plus one layer recomputed
     assert estimate(recipe, SHAPE).activations * GIB == pytest.approx(2 * 64 * tokens * 2 + per_token_layer * tokens * 2 + logits)
 
 
@@ -175,12 +175,12 @@ def test_fused_cross_entropy_keeps_one_chunk_of_logits(tmp_path):
     recipe = recipe_for(tmp_path, method={"type": "full"}, model={"path": "x", "dtype": "bfloat16"},
                         data={"train": {"path": "x"}, "max_length": 2048}, train={"micro_batch_size": 2})
     naive = estimate(recipe, SHAPE).activations * GIB
-    recipe.kernels = ["fused_ce"]
+    recipe = recipe.model_copy(update={"kernels": ["fused_ce"]})
     fused = estimate(recipe, SHAPE).activations * GIB
     tokens = 2 * 2048
     chunk = 1024  # T x hidden / vocab = 2,621 tokens, capped at 1,024
     assert naive - fused == pytest.approx((tokens - chunk) * 100 * (2 + 4 + 4) - tokens * 64 * 2)
-    recipe.kernels = "auto"
+    recipe = recipe.model_copy(update={"kernels": "auto"})
     assert estimate(recipe, SHAPE, strategy="zero3").activations * GIB == pytest.approx(naive)  # auto leaves it out there
 
 
@@ -188,6 +188,6 @@ def test_auto_never_picks_a_strategy_that_shards_the_head_a_listed_fused_ce_read
     recipe = load_recipe(ROOT / "recipes/llama3.1-8b-full-zero3.yaml", ["distributed.strategy=auto"]).resolved()
     shape = model_shape(recipe.model.path)
     assert autofit(recipe, 24, shape)[0].distributed.strategy == "zero3"
-    recipe.kernels = ["fused_ce"]
+    recipe = recipe.model_copy(update={"kernels": ["fused_ce"]})
     chosen, _, _ = autofit(recipe, 24, shape)
     assert chosen.distributed.strategy not in ("zero3", "fsdp2")

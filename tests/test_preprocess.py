@@ -10,7 +10,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from ftl import preprocess
-from ftl.config import validate_recipe
+from ftl.config import validate_recipe, with_values
 from ftl.data import batch_indices
 from ftl.metrics import read_metrics
 from ftl.train import train
@@ -35,8 +35,7 @@ def test_cache_is_reused_and_keyed_by_the_data(tiny_llama, demo_data, tmp_path, 
     # Other data settings or another file are another cache entry.
     assert preprocess.cache_key(recipe_for(tiny_llama, demo_data, tmp_path / "run", packing=False), tokenizer) != preprocess.cache_key(recipe, tokenizer)
     copy = write_jsonl(tmp_path / "copy.jsonl", [json.loads(line) for line in demo_data[0].read_text().splitlines()[:100]])
-    other = recipe.model_copy(deep=True)
-    other.data.train[0].path = str(copy)
+    other = with_values(recipe, {"data.train.0.path": str(copy)})
     assert preprocess.cache_key(other, tokenizer) != preprocess.cache_key(recipe, tokenizer)
 
 

@@ -110,3 +110,7 @@ def test_bf16_mixed_precision_and_gradient_checkpointing(tiny_llama: Path, demo_
         train={"max_steps": 2, "mixed_precision": "bf16", "gradient_checkpointing": True},
     )
     assert torch.isfinite(torch.tensor(summary.final_train_loss))
+    # Another precision in the same process (notebooks, the demo): Accelerate's process-wide state
+    # is not asked for it, the strategy's autocast is.
+    plain = _train(tiny_llama, demo_data, tmp_path / "run2", train={"max_steps": 2})
+    assert plain.steps == 2 and plain.final_train_loss != summary.final_train_loss
