@@ -2,13 +2,17 @@
 VENV ?= .venv
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast
+.PHONY: install artifacts demo test test-fast
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml scripts/install.sh scripts/constraints.txt scripts/build_ops.py
+$(VENV)/.installed: pyproject.toml scripts/install.sh scripts/constraints.txt scripts/build_ops.py scripts/fetch_artifacts.py
 	bash scripts/install.sh $(VENV)
 	touch $@
+
+# Real SmolLM2-135M-Instruct, tokenizers and chat templates ($$FTL_ARTIFACTS, default ~/.cache/ftl/artifacts).
+artifacts: install
+	$(VENV)/bin/python scripts/fetch_artifacts.py
 
 demo: install
 	$(VENV)/bin/ftl demo

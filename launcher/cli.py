@@ -352,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="exact-match accuracy of a model or checkpoint by greedy generation")
     p.add_argument("model", help="model directory or checkpoint (full model or PEFT adapter)")
     p.add_argument("--data", required=True, help="alpaca or chat data file with reference answers")
-    p.add_argument("--format", default="alpaca", choices=["alpaca", "chat"])
+    p.add_argument("--format", default="alpaca", choices=["alpaca", "chat", "sharegpt"])
     p.add_argument("--limit", type=_count(1), help="only the first N rows")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a run whose recipe sets model.trust_remote_code to import its model's Python files")
     p.set_defaults(fn=cmd_eval)

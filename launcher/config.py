@@ -60,7 +60,9 @@ class ModelSection(_Section):
 
 class DataSource(_Section):
     path: PathText = Field(description="A local .json/.jsonl/.parquet file or directory, or a datasets name.")
-    format: Literal["alpaca", "chat", "completion"] = "alpaca"
+    format: Literal["alpaca", "chat", "sharegpt", "completion"] = Field(
+        "alpaca", description="alpaca (instruction/input/output), chat (OpenAI messages, tool calls, a tools column), "
+        "sharegpt (conversations of from/value), completion (text).")
     split: str = "train"
     subset: str | None = Field(None, description="datasets configuration name (for hub datasets).")
     weight: float = Field(1.0, gt=0, le=1000, description="Mixing: rows drawn per epoch = weight x the source's rows (repeats above 1).")
@@ -70,6 +72,12 @@ class DataSource(_Section):
         description="Map from the format's field names to the columns of this source, "
         "e.g. {instruction: question, output: answer}.",
     )
+
+    roles_to_train: list[Literal["system", "user", "assistant", "tool"]] = Field(
+        default_factory=lambda: ["assistant"], description="chat/sharegpt: whose messages are trained.")
+    train_eot: bool = Field(True, description="chat/sharegpt: train each trained message's end-of-turn token "
+                            "(without it the model never learns to stop).")
+    mask_history: bool = Field(False, description="chat/sharegpt: train only the last assistant turn of each conversation.")
 
     @field_validator("fields")
     @classmethod
@@ -345,7 +353,7 @@ def validate_recipe(raw: dict, source: str = "<recipe>", lines: dict[tuple, int 
     except ValidationError as err:
         raise RecipeError([recipe_errors.describe(e, source, lines, Recipe) for e in err.errors()]) from None
     recipe = with_implied(recipe)
-    problems = [f"{recipe_errors.locate(source, lines, key)}: {'.'.join(key)}: {message}" for key, message in rules.check(recipe)]
+    problems = [f"{recipe_errors.locate(source, lines, key)}: {'.'.join(map(str, key))}: {message}" for key, message in rules.check(recipe)]
     if problems:
         raise RecipeError(problems)
     return recipe

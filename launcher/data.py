@@ -1,9 +1,9 @@
-"""Training data: load sources, render them (alpaca | chat | completion), tokenize, mask, collate.
+"""Training data: load sources, render them (alpaca | chat | sharegpt | completion), tokenize, mask, collate.
 
 Every example becomes ``input_ids`` and ``labels`` of equal length, with ``-100`` wherever the
-model must not be trained (the prompt, unless ``data.mask_prompt`` is off). An example is
-rendered as a list of (text, trainable) segments that are tokenized one by one, so the prompt is
-tokenized exactly as it will be at inference time and the mask is exact, whatever the tokenizer.
+model must not be trained (the prompt, unless ``data.mask_prompt`` is off). An alpaca or completion
+example is rendered as (text, trainable) segments tokenized one by one, so the prompt is tokenized
+exactly as it will be at inference time; conversations are rendered and masked by ``ftl.chat``.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ import datasets
 import numpy as np
 import torch
 
+from ftl.chat import check_tokenizer, tokenize_conversation
 from ftl.config import DataSection, DataSource
-from ftl.errors import UserError, first_line
+from ftl.errors import DataError, first_line
 from ftl.loss import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -32,14 +33,7 @@ ALPACA_PROMPT_WITH_INPUT = (
     "Write a response that completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
-ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
-# Roles chat templates know; anything else is a typo that would silently never be trained.
-ROLES = ("system", "user", "assistant", "tool", "developer", "ipython", "function")
 FILE_TYPES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
-
-
-class DataError(UserError):
-    """A data problem the user can fix: names the file, the row and the field."""
 
 
 # ----------------------------------------------------------------------------- loading
@@ -142,17 +136,15 @@ def check_json_rows(path: Path, limit: int | None = None) -> None:
 # ----------------------------------------------------------------------------- rendering
 
 
-def render_segments(row: dict, source: DataSource, tokenizer: Any, where: str) -> list[tuple[str, bool]]:
-    """Render one row as (text, is_response) segments in the source's format."""
+def render_segments(row: dict, source: DataSource, where: str) -> list[tuple[str, bool]]:
+    """Render one alpaca or completion row as (text, is_response) segments."""
     if source.format == "alpaca":
         instruction = _field(row, source, "instruction", where)
         extra = _field(row, source, "input", where, required=False)
         output = _field(row, source, "output", where)
         template = ALPACA_PROMPT_WITH_INPUT if extra else ALPACA_PROMPT
         return [(template.format(instruction=instruction, input=extra), False), (output, True)]
-    if source.format == "completion":
-        return [(_field(row, source, "text", where), True)]
-    return _chat_segments(parse_messages(row, source, where), tokenizer, where)
+    return [(_field(row, source, "text", where), True)]
 
 
 def _field(row: dict, source: DataSource, name: str, where: str, required: bool = True) -> str | None:
@@ -165,63 +157,6 @@ def _field(row: dict, source: DataSource, name: str, where: str, required: bool 
     if not isinstance(value, str):
         raise DataError(f"{where}: field '{column}' must be a string, got {type(value).__name__}")
     return value
-
-
-def parse_messages(row: dict, source: DataSource, where: str) -> list[dict[str, str]]:
-    column = source.fields.get("messages", "messages")
-    role_key = source.fields.get("role", "role")
-    content_key = source.fields.get("content", "content")
-    raw = row.get(column)
-    if not isinstance(raw, list) or not raw:
-        raise DataError(f"{where}: field '{column}' must be a non-empty list of messages")
-    messages = []
-    for i, message in enumerate(raw):
-        if not isinstance(message, dict) or not isinstance(message.get(role_key), str):
-            raise DataError(f"{where}: {column}[{i}] needs a string '{role_key}'")
-        if not isinstance(message.get(content_key), str):
-            raise DataError(f"{where}: {column}[{i}] needs a string '{content_key}'")
-        role = ROLE_ALIASES.get(message[role_key], message[role_key])
-        if role not in ROLES:
-            raise DataError(f"{where}: {column}[{i}] has role '{message[role_key]}'; known roles: {', '.join(ROLES)} "
-                            f"(and {', '.join(ROLE_ALIASES)})")
-        messages.append({"role": role, "content": message[content_key]})
-    return messages
-
-
-def _chat_segments(messages: list[dict[str, str]], tokenizer: Any, where: str) -> list[tuple[str, bool]]:
-    """Split the rendered conversation into assistant turns (trainable) and everything else.
-
-    The template is rendered for growing prefixes of the conversation; each assistant turn is the
-    text between the prefix that ends with the generation prompt and the prefix that includes the
-    turn, so its end-of-turn token is trained and the role header is not.
-    """
-    if tokenizer.chat_template is None:
-        raise DataError(f"{where}: chat format needs a tokenizer with a chat template (tokenizer_config.json)")
-
-    def render(msgs: list[dict[str, str]], generation_prompt: bool) -> str:
-        try:
-            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
-        except Exception as err:
-            raise DataError(f"{where}: the chat template failed to render this conversation: {first_line(err)}") from None
-
-    full = render(messages, False)
-    segments: list[tuple[str, bool]] = []
-    done = 0
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        start = len(render(messages[:i], True)) if i else 0
-        through_turn = render(messages[: i + 1], False)
-        end = len(through_turn)
-        if not (done <= start <= end <= len(full)) or not full.startswith(through_turn):
-            raise DataError(
-                f"{where}: this tokenizer's chat template does not render conversations prefix by prefix, "
-                "so assistant turns cannot be located; use data.mask_prompt: false"
-            )
-        segments += [(full[done:start], False), (full[start:end], True)]
-        done = end
-    segments.append((full[done:], False))
-    return [(text, trainable) for text, trainable in segments if text]
 
 
 # ----------------------------------------------------------------------------- tokenizing
@@ -241,11 +176,14 @@ def tokenize_segments(
 
 def tokenize_row(row: dict, source: DataSource, tokenizer: Any, cfg: DataSection, where: str) -> dict[str, Any]:
     """Tokenize one row into ``input_ids``/``labels`` truncated to ``cfg.max_length``."""
-    segments = render_segments(row, source, tokenizer, where)
-    if source.format != "chat" and cfg.add_eos and tokenizer.eos_token:
-        segments.append((tokenizer.eos_token, True))
-    # Chat templates write their own BOS into the text; the other formats get the tokenizer's.
-    input_ids, labels = tokenize_segments(segments, tokenizer, cfg.mask_prompt, source.format != "chat")
+    if source.format in ("chat", "sharegpt"):
+        input_ids, targets = tokenize_conversation(row, source, tokenizer, where)
+        labels = [t if (on or not cfg.mask_prompt) else IGNORE_INDEX for t, on in zip(input_ids, targets)]
+    else:
+        segments = render_segments(row, source, where)
+        if cfg.add_eos and tokenizer.eos_token:
+            segments.append((tokenizer.eos_token, True))
+        input_ids, labels = tokenize_segments(segments, tokenizer, cfg.mask_prompt, add_special_tokens=True)
     if all(label == IGNORE_INDEX for label in labels):
         raise DataError(f"{where}: no trainable token (empty response or no assistant turn)")
     truncated = len(input_ids) > cfg.max_length
@@ -265,6 +203,8 @@ def build_dataset(
     for number, source in enumerate(sources):
         raw = load_source(source)
         name = source.path
+        if source.format in ("chat", "sharegpt"):
+            check_tokenizer(tokenizer, source)
 
         def encode(row: dict, index: int, source: DataSource = source, name: str = name) -> dict[str, Any]:
             return tokenize_row(row, source, tokenizer, cfg, where=f"{name}: row {index}")

@@ -21,6 +21,10 @@ class UserError(Exception):
     """A problem with the recipe, the data, the model files or the run directory."""
 
 
+class DataError(UserError):
+    """A data problem the user can fix: names the file, the row and the field."""
+
+
 def first_line(err: BaseException) -> str:
     """The first non-empty line of a library's exception, for a one-line message that names our context."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]

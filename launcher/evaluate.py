@@ -13,7 +13,8 @@ from typing import Any
 import torch
 
 from ftl.config import DataSource
-from ftl.data import DataError, load_source, parse_messages, render_segments
+from ftl.chat import parse_conversation, render
+from ftl.data import DataError, load_source, render_segments
 
 
 def prompts_and_answers(source: DataSource, tokenizer: Any, limit: int | None = None) -> list[tuple[list[int], str]]:
@@ -27,14 +28,14 @@ def prompts_and_answers(source: DataSource, tokenizer: Any, limit: int | None = 
             break
         where = f"{source.path}: row {index}"
         if source.format == "alpaca":
-            prompt, answer = render_segments(row, source, tokenizer, where)
+            prompt, answer = render_segments(row, source, where)
             ids = tokenizer(prompt[0], add_special_tokens=True)["input_ids"]
             pairs.append((ids, answer[0]))
         else:
-            messages = parse_messages(row, source, where)
+            messages, tools = parse_conversation(row, source, where)
             if messages[-1]["role"] != "assistant":
                 raise DataError(f"{where}: for exact match, the conversation must end with an assistant turn")
-            text = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+            text = render(tokenizer, messages[:-1], tools, True, where)
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             pairs.append((ids, messages[-1]["content"]))
     return pairs

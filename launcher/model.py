@@ -58,11 +58,35 @@ def load_tokenizer(cfg: ModelSection) -> Any:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
     except LOAD_ERRORS as err:
         raise ModelError(f"model.tokenizer: cannot load a tokenizer from '{source}': {first_line(err)}") from None
-    if tokenizer.pad_token is None:
-        # Padding is masked out of attention and loss, so any existing token serves.
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-        log.info("tokenizer has no pad token; using %r", tokenizer.pad_token)
+    set_pad_token(tokenizer)
     return tokenizer
+
+
+# Tokens that vocabularies keep for padding, or reserve unused, in the order they are preferred.
+PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|finetune_right_pad|>", "<pad>", "<|pad|>", "[PAD]",
+                  "<|reserved_special_token_0|>", "<|reserved_special_token_2|>")
+
+
+def set_pad_token(tokenizer: Any) -> None:
+    """Give a tokenizer without a pad token one that is not EOS where its vocabulary has one.
+
+    Padding is masked out of attention and loss, so any token would do for ftl; but a pad equal to
+    EOS makes collators and inference code that mask by pad id also mask EOS (the model never learns
+    to stop), the best-known way Llama 3 fine-tunes break.
+    """
+    if tokenizer.pad_token is not None:
+        return
+    vocab = tokenizer.get_vocab()
+    choice = next((t for t in PAD_CANDIDATES if t in vocab), None)
+    if choice is None and tokenizer.unk_token is not None and tokenizer.unk_token != tokenizer.eos_token:
+        choice = tokenizer.unk_token
+    if choice is None:
+        choice = tokenizer.eos_token
+        log.warning("tokenizer has no pad token and no unused token to pad with; padding with EOS %r (ftl masks "
+                    "padding by position, so training is unaffected)", choice)
+    else:
+        log.warning("tokenizer has no pad token; padding with %r (id %d), not EOS", choice, vocab[choice])
+    tokenizer.pad_token = choice
 
 
 def quantization_config(quant: QuantizationSection) -> BitsAndBytesConfig | None:
@@ -260,6 +284,5 @@ def load_for_inference(
         tokenizer = AutoTokenizer.from_pretrained(path)
     except LOAD_ERRORS as err:
         raise ModelError(f"{path}: cannot load a model for inference: {first_line(err)}") from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    set_pad_token(tokenizer)
     return model.eval(), tokenizer

