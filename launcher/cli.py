@@ -271,7 +271,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from ftl.demo import run_demo
 
-    result = run_demo(args.recipe, Path(args.workdir))
+    recipe = args.recipe or ("recipes/demo-tiny.yaml" if args.tiny else "recipes/demo.yaml")
+    result = run_demo(recipe, Path(args.workdir), tiny=args.tiny)
     return 0 if result["accuracy_after"] > result["accuracy_before"] else 1
 
 
@@ -357,8 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true", help="allow a run whose recipe sets model.trust_remote_code to import its model's Python files")
     p.set_defaults(fn=cmd_eval)
 
-    p = sub.add_parser("demo", help="build a tiny model and data, train, and compare held-out accuracy")
-    p.add_argument("--recipe", default="recipes/demo.yaml")
+    p = sub.add_parser("demo", help="fine-tune the real SmolLM2-135M-Instruct with LoRA, export it, and compare held-out accuracy")
+    p.add_argument("--tiny", action="store_true", help="a tiny random Llama instead (no artifacts needed)")
+    p.add_argument("--recipe", help="default recipes/demo.yaml (recipes/demo-tiny.yaml with --tiny)")
     p.add_argument("--workdir", default="runs/demo")
     p.set_defaults(fn=cmd_demo)
     return parser

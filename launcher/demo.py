@@ -1,13 +1,16 @@
 """``ftl demo``: the whole product on CPU in a few minutes.
 
-Builds a tiny random Llama and the word-category task, measures held-out exact match, trains the
-demo recipe with LoRA, and measures again. The demo fails (exit 1) unless accuracy improved.
+By default on the real SmolLM2-135M-Instruct (built from PyPI packages by
+``scripts/fetch_artifacts.py``, which the install step runs): held-out exact match of the base
+model, LoRA training on a JSON extraction task, ``ftl export`` of the merged model, and exact match
+again by generating from the export. ``--tiny``: a tiny random Llama on a word-category task, for
+machines without the artifacts. The demo fails (exit 1) unless accuracy improved.
 """
 
 from __future__ import annotations
 
 import dataclasses
-
+import os
 from pathlib import Path
 from typing import Any
 
@@ -15,36 +18,60 @@ from rich.table import Table
 
 from ftl.config import load_recipe, with_values
 from ftl.console import console
-from ftl.demo_data import write_demo_data
+from ftl.demo_data import write_demo_data, write_extraction_data
+from ftl.errors import UserError
 from ftl.evaluate import evaluate_path
 from ftl.tiny import write_tiny_model
 from ftl.train import train
 
 
-def run_demo(recipe_path: str | Path, workdir: Path) -> dict[str, Any]:
-    model_dir, data_dir = workdir / "tiny-llama", workdir / "data"
-    train_path, eval_path = write_demo_data(data_dir)
+def artifacts_dir() -> Path:
+    return Path(os.environ.get("FTL_ARTIFACTS", "~/.cache/ftl/artifacts")).expanduser()
+
+
+def run_demo(recipe_path: str | Path, workdir: Path, tiny: bool = False) -> dict[str, Any]:
+    data_dir = workdir / "data"
+    if tiny:
+        model_dir = workdir / "tiny-llama"
+        train_path, eval_path = write_demo_data(data_dir)
+    else:
+        model_dir = artifacts_dir() / "models" / "smollm2-135m-instruct"
+        if not (model_dir / "config.json").is_file():
+            raise UserError(f"{model_dir}: the real SmolLM2-135M-Instruct is not built; run `make artifacts` "
+                            "(python scripts/fetch_artifacts.py), or `ftl demo --tiny` for a tiny random model")
+        train_path, eval_path = write_extraction_data(data_dir)
     recipe = with_values(load_recipe(recipe_path), {
         "model.path": str(model_dir), "data.train.0.path": str(train_path), "data.eval.0.path": str(eval_path),
         "output.dir": str(workdir / "run"),
         "train.resume": "never", "output.overwrite": True,  # the demo's own run directory, rebuilt each time
     })
 
-    console.rule("1. tiny model and data")
-    write_tiny_model(model_dir, "llama")
+    console.rule("1. model and data")
+    if tiny:
+        write_tiny_model(model_dir, "llama")
     console.print(f"model {model_dir}, data {train_path} ({_rows(train_path)} rows) and {eval_path} ({_rows(eval_path)} held out)")
 
     console.rule("2. held-out exact match before training")
-    before, n, _ = evaluate_path(model_dir, recipe.data.eval[0])
+    before, n, examples = evaluate_path(model_dir, recipe.data.eval[0])
+    _show(examples[:2])
     console.print(f"exact match before: {before:.1%} of {n}")
 
     console.rule("3. LoRA training")
     summary = train(recipe)
 
-    console.rule("4. held-out exact match after training")
-    after, n, examples = evaluate_path(summary.checkpoint, recipe.data.eval[0])
-    for example in examples:
-        console.print(f"  expected {example['expected']!r:<10} generated {example['generated']!r}")
+    after_path = Path(summary.checkpoint)
+    if not tiny:
+        from ftl.export import export
+
+        console.rule("4. export: merged safetensors, verified against the trained model")
+        report = export(Path(recipe.output.dir), Path(recipe.output.dir) / "export")
+        console.print(f"exported to {report['out']} ({report['mode']}, {report['dtype']}; max logit difference "
+                      f"{report.get('max_abs_logit_diff', float('nan')):.2e})")
+        after_path = Path(report["out"])
+
+    console.rule(f"{4 if tiny else 5}. held-out exact match after training (generating from {after_path.name})")
+    after, n, examples = evaluate_path(after_path, recipe.data.eval[0])
+    _show(examples)
 
     table = Table(title="demo result")
     table.add_column("")
@@ -53,8 +80,13 @@ def run_demo(recipe_path: str | Path, workdir: Path) -> dict[str, Any]:
     table.add_row("eval loss", f"{summary.initial_eval_loss:.4f}", f"{summary.final_eval_loss:.4f}")
     table.add_row(f"held-out exact match ({n} rows)", f"{before:.1%}", f"{after:.1%}")
     console.print(table)
-    console.print(f"run directory: {recipe.output.dir} (metrics.jsonl, checkpoints/)")
+    console.print(f"run directory: {recipe.output.dir} (metrics.jsonl, checkpoints/{'' if tiny else ', export/'})")
     return {**dataclasses.asdict(summary), "accuracy_before": before, "accuracy_after": after}
+
+
+def _show(examples: list[dict[str, str]]) -> None:
+    for example in examples:
+        console.print(f"  expected {example['expected']!r:<10} generated {example['generated']!r}", highlight=False)
 
 
 def _rows(path: Path) -> int:

@@ -74,3 +74,47 @@ def corpus() -> Iterator[str]:
     yield "### Instruction:\n### Input:\n### Response:\n system user assistant"
     yield "Below is an instruction that describes a task. Write a response that completes the request."
     yield "The quick brown fox jumps over the lazy dog. 0 1 2 3 4 5 6 7 8 9 Hello, world! What is 2 + 2?"
+
+
+# ----------------------------------------------------------------------------- the real-model demo
+
+NAMES = ("Alice Bruno Chen Dana Emeka Fatima Goran Hana Ivan Jomo Kenji Lena Mateo Nadia Omar Priya Quinn Rosa Sami "
+         "Tariq Uma Viktor Wen Ximena Yusuf Zara").split()
+CITIES = "Paris Lagos Lima Oslo Hanoi Quito Dakar Porto Riga Tunis Kyoto Perth Cairo Delhi Seoul Accra Minsk Sofia Bern Rabat".split()
+SENTENCES = ("{name} moved to {city} last year.", "Yesterday {name} flew to {city} for work.", "{name} has lived in {city} since 2019.",
+             "After the conference in {city}, {name} stayed a week.", "The new office of {name} is in {city}.", "{name} was born in {city}.")
+EXTRACT = "Extract the person and the city as JSON: "
+
+
+def extraction_examples(n: int, seed: int, exclude: set[tuple[str, str]] | None = None) -> list[dict]:
+    """``n`` chat rows asking for the person and city of a sentence as one-line JSON, with distinct
+    (person, city) pairs; pairs in ``exclude`` are never produced.
+
+    A pretrained instruct model answers in its own style (prose, or JSON of another shape), so
+    exact match measures whether fine-tuning taught the format the data asks for."""
+    rng = random.Random(seed)
+    rows: list[dict] = []
+    seen = set(exclude or ())
+    while len(rows) < n:
+        name, city, sentence = rng.choice(NAMES), rng.choice(CITIES), rng.choice(SENTENCES)
+        if (name, city) in seen:
+            continue
+        seen.add((name, city))
+        rows.append({"messages": [{"role": "user", "content": EXTRACT + sentence.format(name=name, city=city)},
+                                  {"role": "assistant", "content": json.dumps({"name": name, "city": city})}]})
+    return rows
+
+
+def write_extraction_data(out_dir: str | Path, n_train: int = 400, n_eval: int = 40, seed: int = 0) -> tuple[Path, Path]:
+    """``train.jsonl`` and a held-out ``eval.jsonl`` (chat format) whose (person, city) pairs never occur in training."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    held_out = extraction_examples(n_eval, seed + 1)
+    pairs = {(json.loads(r["messages"][1]["content"])["name"], json.loads(r["messages"][1]["content"])["city"]) for r in held_out}
+    train = extraction_examples(n_train, seed, exclude=pairs)
+    paths = []
+    for name, rows in (("train.jsonl", train), ("eval.jsonl", held_out)):
+        path = out / name
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        paths.append(path)
+    return paths[0], paths[1]

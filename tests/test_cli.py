@@ -27,14 +27,14 @@ def test_validate_every_recipe() -> None:
 
 
 def test_validate_prints_resolved_recipe() -> None:
-    result = ftl("validate", "recipes/demo.yaml", "train.learning_rate=5e-4")
+    result = ftl("validate", "recipes/demo-tiny.yaml", "train.learning_rate=5e-4")
     assert result.returncode == 0, result.stderr
     assert "learning_rate: 0.0005" in result.stdout
     assert "adam_beta2: 0.999" in result.stdout  # defaults are shown
 
 
 def test_misspelt_key_is_one_line_without_traceback(tmp_path: Path) -> None:
-    text = (ROOT / "recipes/demo.yaml").read_text().replace("    r: 32", "    rnak: 32")
+    text = (ROOT / "recipes/demo-tiny.yaml").read_text().replace("    r: 32", "    rnak: 32")
     (tmp_path / "bad.yaml").write_text(text)
     result = ftl("validate", str(tmp_path / "bad.yaml"))
     assert result.returncode == 2
