@@ -54,6 +54,10 @@ def write_demo_data(out_dir: str | Path, n_train: int = 2000, n_eval: int = 200,
     out.mkdir(parents=True, exist_ok=True)
     held_out = examples(n_eval, seed + 1)
     train = examples(n_train, seed, exclude={r["instruction"] + "|" + r["input"] for r in held_out})
+    return _write_split(out, train, held_out)
+
+
+def _write_split(out: Path, train: list[dict], held_out: list[dict]) -> tuple[Path, Path]:
     paths = []
     for name, rows in (("train.jsonl", train), ("eval.jsonl", held_out)):
         path = out / name
@@ -110,11 +114,6 @@ def write_extraction_data(out_dir: str | Path, n_train: int = 400, n_eval: int =
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     held_out = extraction_examples(n_eval, seed + 1)
-    pairs = {(json.loads(r["messages"][1]["content"])["name"], json.loads(r["messages"][1]["content"])["city"]) for r in held_out}
-    train = extraction_examples(n_train, seed, exclude=pairs)
-    paths = []
-    for name, rows in (("train.jsonl", train), ("eval.jsonl", held_out)):
-        path = out / name
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        paths.append(path)
-    return paths[0], paths[1]
+    answers = [json.loads(r["messages"][1]["content"]) for r in held_out]
+    train = extraction_examples(n_train, seed, exclude={(a["name"], a["city"]) for a in answers})
+    return _write_split(out, train, held_out)

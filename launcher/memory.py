@@ -145,13 +145,13 @@ def _lora_targets(recipe: Recipe) -> list[str]:
 
 def estimate(recipe: Recipe, shape: Shape, strategy: str | None = None, micro_batch_size: int | None = None) -> Estimate:
     """Peak GPU memory per device of ``recipe`` (optionally with another strategy or micro-batch)."""
-    plan = strategies.build(strategy or recipe.strategy, recipe)
+    chosen = strategies.build(strategy or recipe.strategy, recipe)
     mb = micro_batch_size or recipe.train.micro_batch_size
     method, quant, train = recipe.method, recipe.quantization, recipe.train
     model_bytes = BYTES.get(recipe.model.dtype, 2)
     mixed = train.mixed_precision != "no"
     compute_bytes = 2 if mixed or model_bytes == 2 else 4
-    master = plan.fp32_master and mixed
+    master = chosen.fp32_master and mixed
     if master:
         model_bytes = 2  # e.g. DeepSpeed's bf16/fp16 mode casts the module; fp32 lives in its optimizer
 
@@ -192,9 +192,9 @@ def estimate(recipe: Recipe, shape: Shape, strategy: str | None = None, micro_ba
 
     # Sharding and offload: the strategy's terms.
     layer_bytes = shape.linear_params / shape.layers * (0.5 if quant.bits == 4 else model_bytes)
-    weights, gradients, optimizer, cpu = plan.place(weights, gradients, optimizer, layer_bytes)
+    weights, gradients, optimizer, cpu = chosen.place(weights, gradients, optimizer, layer_bytes)
 
-    activations = _activation_bytes(recipe, shape, mb, compute_bytes, plan.uses_fused_ce())
+    activations = _activation_bytes(recipe, shape, mb, compute_bytes, chosen.uses_fused_ce())
     return Estimate(weights / GIB, gradients / GIB, optimizer / GIB, activations / GIB, cpu / GIB)
 
 

@@ -30,7 +30,9 @@ def artifacts() -> Path:
     import subprocess
     import sys
 
-    root = Path(os.environ.get("FTL_ARTIFACTS", "~/.cache/ftl/artifacts")).expanduser()
+    from ftl.demo import artifacts_dir
+
+    root = artifacts_dir()
     script = Path(__file__).resolve().parent.parent / "scripts" / "fetch_artifacts.py"
     subprocess.run([sys.executable, str(script), "--dir", str(root)], check=True, capture_output=True)
     return root
