@@ -268,5 +268,12 @@ def tokenize_conversation(row: dict, source: DataSource, tokenizer: Any, where: 
     full, spans = conversation_spans(messages, tools, tokenizer, source, where)
     encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
-    targets = [any(s <= a < e for s, e in spans) for a, _ in offsets]
+    targets = [any(_overlaps(token, span) for span in spans) for token in offsets]
     return ids, targets
+
+
+def _overlaps(token: tuple[int, int], span: tuple[int, int]) -> bool:
+    """A token that straddles the start of a reply is the reply's: SentencePiece writes the space
+    before ``It`` into ``▁It``, and the model has to generate that token."""
+    (a, b), (s, e) = token, span
+    return a < e and (b > s if b > a else a >= s)

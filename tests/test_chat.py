@@ -4,7 +4,8 @@ For each template: multi-turn conversations with a system prompt and (where the 
 them) tool calls and tool results. Exactly the replies and their end-of-turn token are targets; the
 tokens before each reply are the tokens of the prompt the template builds at inference time
 (``add_generation_prompt=True``); BOS appears once. transformers' ``return_assistant_tokens_mask``
-on a template with ``{% generation %}`` markers is the independent oracle.
+on a template with ``{% generation %}`` markers and mistral-common's own tokenization of Mistral
+conversations are the independent oracles.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from ftl.chat import ChatError, tokenize_conversation
 from ftl.config import DataSource
 
 END_OF_TURN = {"llama3.1": "<|eot_id|>", "llama3.2": "<|eot_id|>", "qwen2.5": "<|im_end|>", "qwen3": "<|im_end|>",
-               "gemma": "<turn|>", "phi3.5": "<|end|>", "mistral-nemo": "</s>", "smollm2": "<|im_end|>"}
-WITH_TOOLS = {"llama3.1", "llama3.2", "qwen2.5", "qwen3", "gemma", "mistral-nemo"}  # templates that render tool calls
+               "gemma": "<turn|>", "phi3.5": "<|end|>", "mistral-nemo": "</s>", "mistral-v3": "</s>", "smollm2": "<|im_end|>"}
+WITH_TOOLS = {"llama3.1", "llama3.2", "qwen2.5", "qwen3", "gemma", "mistral-nemo", "mistral-v3"}  # templates that render tool calls
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
 CALL = {"id": "call12345", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
@@ -117,6 +118,29 @@ def test_mask_equals_transformers_assistant_mask(tokenizers, artifacts):
     expected = [bool(m) and not (ids[k] in newline and ids[k - 1] == tokenizer.convert_tokens_to_ids("<|im_end|>"))
                 for k, m in enumerate(hf["assistant_masks"])]
     assert sum(expected) > 10 and targets == expected
+
+
+@pytest.mark.parametrize("vocab, name, template", [
+    ("mistral_instruct_tokenizer_240323.model.v3", "mistral-v3", None),
+    ("tekken_240718.json", "mistral-nemo", "mistral-v3-tekken.jinja"),
+])
+def test_tokens_equal_mistral_commons_fine_tuning_tokens(artifacts, vocab, name, template):
+    """mistral-common (Mistral's reference tokenizer) encodes these conversations in fine-tuning mode
+    (scripts/mistral_reference.py); ftl must produce exactly those ids from the Hugging Face tokenizer
+    and mistral-common's generated chat template. (Mistral Nemo's Hub template renders tool results
+    unquoted, unlike mistral-common, so the Tekken check uses mistral-common's template.)"""
+    tokenizer = AutoTokenizer.from_pretrained(artifacts / "tokenizers" / name)
+    if template:
+        tokenizer.chat_template = (artifacts / "mistral" / template).read_text()
+    conversations = json.loads((artifacts / "mistral" / "mistral-reference.json").read_text())[vocab]
+    assert len(conversations) == 3
+    for n, c in enumerate(conversations):
+        ids, targets = tokenize_conversation({"messages": c["messages"], "tools": c["tools"]},
+                                             DataSource(path="x", format="chat"), tokenizer, f"x: row {n}")
+        assert ids == c["ids"], (tokenizer.decode(ids), tokenizer.decode(c["ids"]))
+        replies = [m["content"] for m in c["messages"] if m["role"] == "assistant" and m["content"]]
+        trained = tokenizer.decode([t for t, on in zip(ids, targets) if on])
+        assert [r.strip() for r in trained.split("</s>")[:-1] if "get_weather" not in r] == replies
 
 
 def test_roles_history_and_per_message_switches(tokenizers):
