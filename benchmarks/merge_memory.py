@@ -54,12 +54,12 @@ def run(mode: str, workdir: Path) -> dict:
     from transformers import AutoModelForCausalLM
 
     from ftl.flops import proc_status_gib
-    from ftl.merge import Adapter, TensorSource, write_merged
+    from ftl.merge import Adapter, Merge, TensorSource, write_merged
 
     baseline = proc_status_gib("VmRSS") * 1024  # the interpreter with torch, transformers and peft imported
     start = time.perf_counter()
     if mode == "stream":
-        write_merged(TensorSource.from_dir(workdir / "base"), out, torch.bfloat16, SHARD, Adapter.load(workdir / "adapter"))
+        write_merged(Merge(TensorSource.from_dir(workdir / "base"), Adapter.load(workdir / "adapter")), out, torch.bfloat16, SHARD)
     else:
         model = AutoModelForCausalLM.from_pretrained(workdir / "base", dtype=torch.bfloat16)
         merged = PeftModel.from_pretrained(model, workdir / "adapter").merge_and_unload()

@@ -174,19 +174,25 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.max_shard_size is not None and parse_size(args.max_shard_size) is None:
         raise UserError(f"--max-shard-size: '{args.max_shard_size}' is not a size; write e.g. 5GB or 500MB")
     updates = {k: v for k, v in {"dtype": args.dtype, "max_shard_size": args.max_shard_size,
-                                 "qlora_merge": args.qlora_merge}.items() if v is not None}
+                                 "qlora_merge": args.qlora_merge, "gguf": args.gguf}.items() if v is not None}
     if args.no_verify:
         updates["verify"] = False
     report = export(Path(args.source), Path(args.out) if args.out else None, adapter_only=args.adapter_only, updates=updates,
                     trust_remote_code=args.trust_remote_code)
     if report.get("verified"):
         console.print(
-            f"verification ({report['sequences']} sequences, {report['positions']} positions): max |logit diff| "
-            f"{report['max_abs_logit_diff']:.3g} (tolerance {report['tolerance']:.3g}), mean {report['mean_abs_logit_diff']:.3g}, "
-            f"greedy agreement {report['greedy_agreement']:.1%}"
-        )
+            f"verification ({report['sequences']} sequences, {report['positions']} positions): the float32 merge matches the "
+            f"trained model to {report['merge_max_abs_logit_diff']:.3g} max |logit diff| (tolerance {report['merge_tolerance']:.3g}); "
+            f"the files {'are' if report['weights_equal_rounded_merge'] else 'are NOT'} that merge rounded to {report['dtype']}, "
+            f"which moves logits by up to {report['rounding_max_abs_logit_diff']:.3g} (greedy agreement "
+            f"{report['rounding_greedy_agreement']:.1%})", highlight=False)
+    if "gguf_max_abs_logit_diff" in report:
+        console.print(f"{report['gguf']} ({report['gguf_bytes'] / 2**20:.0f} MiB, llama.cpp's converter) read back by transformers: "
+                      f"max |logit diff| {report['gguf_max_abs_logit_diff']:.3g} from the export, greedy agreement "
+                      f"{report['gguf_greedy_agreement']:.1%}", highlight=False)
     if not report["passed"]:
-        raise ExportError(f"{report['out']}: verification failed (see verify.json); the export does not reproduce the trained model")
+        raise ExportError(f"verification failed: the export does not reproduce the trained model; it is kept for inspection at "
+                          f"{report['out']} (see verify.json), not at the output directory")
     console.print(f"[green]exported[/] {report.get('mode', 'adapter')} model to {escape(str(report['out']))}", markup=True)
     return 0
 
@@ -318,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", help="e.g. 5GB, 500MB")
     p.add_argument("--qlora-merge", choices=["dequantized", "original"])
     p.add_argument("--adapter-only", action="store_true", help="write the PEFT adapter directory instead")
+    p.add_argument("--gguf", nargs="?", const="f16", choices=["f32", "f16", "bf16", "q8_0"],
+                   help="also write a GGUF file (default type f16) with llama.cpp's converter, read back and compared")
     p.add_argument("--no-verify", action="store_true", help="skip reloading and comparing logits (very large models)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a run whose recipe sets model.trust_remote_code to import its model's Python files")
     p.set_defaults(fn=cmd_export)

@@ -240,6 +240,8 @@ class ExportSection(_Section):
     )
     verify: bool = Field(True, description="Reload the export and compare its logits with the trained model.")
     verify_prompts: int = Field(8, ge=1, le=100_000, description="Sequences (eval rows) compared by verification.")
+    gguf: Literal["f32", "f16", "bf16", "q8_0"] | None = Field(
+        None, description="Also write a GGUF file of this type (llama.cpp's converter), checked against the export.")
 
 
 class SlurmSection(_Section):

@@ -10,12 +10,12 @@ machines without the artifacts. The demo fails (exit 1) unless accuracy improved
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
+from ftl.artifacts import artifacts_dir
 from ftl.config import load_recipe, with_values
 from ftl.console import console
 from ftl.demo_data import write_demo_data, write_extraction_data
@@ -23,10 +23,6 @@ from ftl.errors import UserError
 from ftl.evaluate import evaluate_path
 from ftl.tiny import write_tiny_model
 from ftl.train import train
-
-
-def artifacts_dir() -> Path:
-    return Path(os.environ.get("FTL_ARTIFACTS", "~/.cache/ftl/artifacts")).expanduser()
 
 
 def run_demo(recipe_path: str | Path, workdir: Path, tiny: bool = False) -> dict[str, Any]:
@@ -65,8 +61,8 @@ def run_demo(recipe_path: str | Path, workdir: Path, tiny: bool = False) -> dict
 
         console.rule("4. export: merged safetensors, verified against the trained model")
         report = export(Path(recipe.output.dir), Path(recipe.output.dir) / "export")
-        console.print(f"exported to {report['out']} ({report['mode']}, {report['dtype']}; max logit difference "
-                      f"{report.get('max_abs_logit_diff', float('nan')):.2e})")
+        console.print(f"exported to {report['out']} ({report['mode']}, {report['dtype']}; the merge matches the trained "
+                      f"model to {report['merge_max_abs_logit_diff']:.2e} max |logit diff|)")
         after_path = Path(report["out"])
 
     console.rule(f"{4 if tiny else 5}. held-out exact match after training (generating from {after_path.name})")

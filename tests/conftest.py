@@ -30,7 +30,7 @@ def artifacts() -> Path:
     import subprocess
     import sys
 
-    from ftl.demo import artifacts_dir
+    from ftl.artifacts import artifacts_dir
 
     root = artifacts_dir()
     script = Path(__file__).resolve().parent.parent / "scripts" / "fetch_artifacts.py"

@@ -52,8 +52,10 @@ def runs(tiny_llama, demo_data, tmp_path_factory):
 @pytest.mark.parametrize("variant", ["lora", "lora-head", "dora", "rslora", "full"])
 def test_float32_export_reproduces_the_trained_model(runs, variant, tmp_path):
     report = export(runs(variant), tmp_path / "out", FP32)
-    assert report["passed"] and report["verified"] and report["greedy_agreement"] == 1.0
-    assert report["max_abs_logit_diff"] < 1e-5, report
+    assert report["passed"] and report["verified"] and report["merge_greedy_agreement"] == 1.0
+    assert report["merge_max_abs_logit_diff"] < 1e-5, report
+    # float32 files are the float32 merge itself: nothing is rounded
+    assert report["weights_equal_rounded_merge"] and report["rounding_max_abs_logit_diff"] == 0.0
     assert json.loads((tmp_path / "out" / "verify.json").read_text())["passed"] is True
 
 
@@ -76,8 +78,10 @@ def test_export_is_a_standard_sharded_model_directory(runs, tiny_llama, tmp_path
         assert torch.equal(f.get_tensor("lm_head.weight"), trained_head.get_tensor(head_key).to(torch.bfloat16))
     assert AutoTokenizer.from_pretrained(out).chat_template
     card = (out / "README.md").read_text()
-    assert f"base_model: {tiny_llama}" in card and "method: lora" in card and "greedy agreement" in card
-    assert report["passed"] and report["dtype"] == "bfloat16"
+    assert f"base_model: {tiny_llama.name}\n" in card and "method: lora" in card and "greedy agreement" in card
+    assert report["passed"] and report["dtype"] == "bfloat16" and report["weights_equal_rounded_merge"]
+    # The merge is judged in float32; bf16 rounding is reported beside it, and is far larger.
+    assert report["merge_max_abs_logit_diff"] < 1e-5 < report["rounding_max_abs_logit_diff"]
     # The shards read with safetensors alone hold exactly what from_pretrained loads.
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.dtype == torch.bfloat16
@@ -96,10 +100,11 @@ def test_qlora_merge_policies(runs, variant, tmp_path):
     faithful = export(runs(variant), tmp_path / "dequantized", FP32)
     original = export(runs(variant), tmp_path / "original", ExportSection(dtype="float32", qlora_merge="original"))
     assert faithful["mode"] == "qlora-dequantized" and original["mode"] == "qlora-original"
-    assert faithful["max_abs_logit_diff"] < 1e-5 and faithful["passed"]
-    assert original["max_abs_logit_diff"] > 100 * faithful["max_abs_logit_diff"]
+    assert faithful["merge_max_abs_logit_diff"] < 1e-5 and faithful["passed"]
+    assert original["merge_max_abs_logit_diff"] > 100 * faithful["merge_max_abs_logit_diff"]
     assert original["passed"]  # allowed, with the difference reported in verify.json
-    assert json.loads((tmp_path / "original" / "verify.json").read_text())["max_abs_logit_diff"] == original["max_abs_logit_diff"]
+    saved = json.loads((tmp_path / "original" / "verify.json").read_text())
+    assert saved["merge_max_abs_logit_diff"] == original["merge_max_abs_logit_diff"]
 
 
 def test_merge_reads_one_shard_at_a_time(runs, tmp_path, monkeypatch):
@@ -117,20 +122,60 @@ def test_merge_reads_one_shard_at_a_time(runs, tmp_path, monkeypatch):
         start = index + 1
 
 
-def test_adapter_only(runs, tmp_path):
-    report = export(runs("lora"), tmp_path / "adapter", adapter_only=True)
+def test_adapter_only_is_what_serving_engines_load(runs, tiny_llama, tmp_path):
+    """vLLM's LoRARequest and llama.cpp's LoRA converter read adapter_config.json and the weights;
+    tokenizer files draw vLLM warnings, local paths mean nothing elsewhere."""
+    from peft import PeftModel
+
+    out = tmp_path / "adapter"
+    report = export(runs("lora"), out, adapter_only=True)
     assert report["adapter_only"]
-    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= {p.name for p in (tmp_path / "adapter").iterdir()}
+    assert {p.name for p in out.iterdir()} == {"adapter_config.json", "adapter_model.safetensors", "README.md"}
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == tiny_llama.name
+    card = (out / "README.md").read_text()
+    assert "library_name: peft" in card and str(tmp_path.parent) not in card
+    # peft loads it onto the base and reproduces the checkpoint's adapter
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    loaded = PeftModel.from_pretrained(base, out)
+    trained = safe_open(str(runs("lora") / "checkpoints/step-6/adapter_model.safetensors"), "pt")
+    key = next(k for k in trained.keys() if "lora_B" in k)
+    assert torch.equal(dict(loaded.named_parameters())[key.replace(".weight", ".default.weight")], trained.get_tensor(key))
+    with pytest.raises(UserError, match=r"trains whole modules \(lm_head.*export the merged model"):
+        export(runs("lora-head"), tmp_path / "head-adapter", adapter_only=True)
+    assert not (tmp_path / "head-adapter").exists()
 
 
-def test_failed_verification_exits_non_zero(runs, tmp_path, monkeypatch, capsys):
-    """An export that does not reproduce the trained model (here: the adapter left out) fails."""
+def test_failed_verification_exits_non_zero_and_leaves_nothing_at_out(runs, tmp_path, monkeypatch, capsys):
+    """An export that does not reproduce the trained model (here: the adapter left out) fails, and a
+    serving job pointed at --out finds nothing there."""
     monkeypatch.setattr(merge.Adapter, "merge", lambda self, name, weight: weight)
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["export", str(runs("lora")), "--out", str(tmp_path / "out"), "--dtype", "float32"])
     assert exit_info.value.code == 2
     assert "verification failed" in capsys.readouterr().err
-    assert json.loads((tmp_path / "out" / "verify.json").read_text())["passed"] is False
+    assert not (tmp_path / "out").exists()
+    report = json.loads((tmp_path / "out.failed" / "verify.json").read_text())
+    assert report["passed"] is False and report["merge_max_abs_logit_diff"] > report["merge_tolerance"]
+    # the merge is caught even though the files are exactly what the (broken) merge computed
+    assert report["weights_equal_rounded_merge"]
+
+
+def test_files_are_readable_by_other_users_and_hold_no_local_paths(runs, tmp_path):
+    """safetensors writes 0600; a serving container running as another user must read the export."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        export(runs("lora"), tmp_path / "out", ExportSection(dtype="float32", max_shard_size="150KB"))
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "out").iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path.name
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
+    for name in ("README.md", "config.json", "verify.json"):
+        assert str(tmp_path.parent) not in (tmp_path / "out" / name).read_text(), name
 
 
 def test_bad_sources_give_one_line_errors(runs, tmp_path):
@@ -195,3 +240,102 @@ def test_export_refuses_a_planted_pickle_in_deepspeed_state(tiny_llama, demo_dat
 
     legit = _zero_checkpoint_with({"w": torch.ones(3), "scaler": LossScaler(1.0), "n": [1, "a"]}, tiny_llama, demo_data, tmp_path / "b")
     check_deepspeed_pickles(legit)
+
+
+@pytest.mark.parametrize("fmt", ["alpaca", "completion"])
+def test_export_ships_the_chat_template_the_model_was_trained_with(runs, demo_data, tiny_llama, fmt, tmp_path):
+    """A serving engine's chat API renders requests with the export's template: for alpaca data it must
+    produce the training prompt, token for token (ftl.data's tokenization is the oracle)."""
+    from ftl.data import tokenize_row
+
+    run = runs("lora")
+    if fmt == "completion":  # the same run, its recipe saying it trained on plain text
+        run = tmp_path / "completion-run"
+        import shutil
+
+        shutil.copytree(runs("lora"), run, ignore=shutil.ignore_patterns("export*"))
+        (run / "recipe.yaml").write_text((run / "recipe.yaml").read_text().replace("format: alpaca", "format: completion"))
+    export(run, tmp_path / "out", ExportSection(dtype="float32", verify=False))
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert tokenizer.chat_template != AutoTokenizer.from_pretrained(tiny_llama).chat_template
+    recipe = validate_recipe(make_recipe(tiny_llama, demo_data[0], tmp_path / "r"))
+    source = recipe.data.train[0].model_copy(update={"format": fmt})
+    row = json.loads(demo_data[0].read_text().splitlines()[0])
+    if fmt == "alpaca":
+        row = {**row, "input": None}
+        messages = [{"role": "user", "content": row["instruction"]}, {"role": "assistant", "content": row["output"]}]
+    else:
+        row = {"text": "Once upon a time"}
+        messages = [{"role": "user", "content": row["text"]}]
+    trained = tokenize_row(row, source, tokenizer, recipe.data, "row 0")
+    prompt_length = next((i for i, label in enumerate(trained["labels"]) if label != -100), len(trained["labels"]))
+    if fmt == "alpaca":
+        served_prompt = tokenizer.apply_chat_template(messages[:1], add_generation_prompt=True, tokenize=True, return_dict=False)
+        assert served_prompt == trained["input_ids"][:prompt_length]
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
+    assert ids == trained["input_ids"][: len(ids)] and len(ids) >= len(trained["input_ids"]) - (fmt == "completion")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"chat template: {fmt}" in card
+    with pytest.raises(Exception, match="trained without system messages"):
+        tokenizer.apply_chat_template([{"role": "system", "content": "x"}] + messages, tokenize=False)
+
+
+TRANSFORMERS4_READ = """
+import json, sys
+from transformers import AutoConfig
+c = AutoConfig.from_pretrained(sys.argv[1])
+print(json.dumps({"rope_theta": c.rope_theta, "rope_scaling": c.rope_scaling, "dtype": str(c.torch_dtype),
+                  "vocab_size": c.vocab_size, "tie_word_embeddings": c.tie_word_embeddings,
+                  "max_position_embeddings": c.max_position_embeddings, "eos_token_id": c.eos_token_id}))
+"""
+
+
+def read_with_transformers4(artifacts: Path, directory: Path) -> dict:
+    import subprocess
+
+    python = artifacts / "venvs" / "transformers4" / "bin" / "python"
+    done = subprocess.run([str(python), "-c", TRANSFORMERS4_READ, str(directory)], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+ROPES = {  # rope_parameters as transformers 5 writes them -> the legacy rope_scaling transformers 4 expects
+    "default": ({"rope_theta": 100000.0, "rope_type": "default"}, None),
+    "llama3": ({"rope_theta": 500000.0, "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+               {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}),
+}
+
+
+@pytest.mark.parametrize("rope", sorted(ROPES))
+def test_exported_config_reads_the_same_in_transformers_4(artifacts, tiny_llama, rope, tmp_path):
+    """transformers 5 saves RoPE only as rope_parameters; transformers 4.57 (vLLM and TGI stacks that pin
+    it) then reads RoPE base 10000 with no warning. The export's config reads the same in both."""
+    from transformers import AutoConfig
+
+    from ftl.export import serving_config
+
+    base = json.loads((tiny_llama / "config.json").read_text())
+    base["rope_parameters"], legacy_scaling = ROPES[rope]
+    for key in ("rope_theta", "rope_scaling"):
+        base.pop(key, None)
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text(json.dumps(base))
+    assert read_with_transformers4(artifacts, tmp_path / "base")["rope_theta"] == 10000.0  # the trap
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "config.json").write_text(json.dumps(serving_config(base, "bfloat16", untie=False)))
+    old = read_with_transformers4(artifacts, tmp_path / "export")
+    new = AutoConfig.from_pretrained(tmp_path / "export")
+    assert new.rope_parameters == ROPES[rope][0]  # transformers 5 reads what it wrote
+    assert old["rope_theta"] == ROPES[rope][0]["rope_theta"] and old["rope_scaling"] == legacy_scaling
+    assert old["dtype"] == "bfloat16" and str(new.dtype) == "torch.bfloat16"  # (no torch there: a name)
+    for key in ("vocab_size", "tie_word_embeddings", "max_position_embeddings", "eos_token_id"):
+        assert old[key] == getattr(new, key) == base[key], key
+
+
+def test_gguf_conversion_failure_is_one_line_and_leaves_nothing(runs, tmp_path, artifacts):
+    """llama.cpp's converter refuses a tokenizer it does not know (the tiny model's, trained on the
+    spot); the export fails with its reason and no directory is left at --out."""
+    with pytest.raises(UserError, match=r"--gguf: llama.cpp's convert_hf_to_gguf.py failed on the export: .*pre-tokenizer"):
+        export(runs("lora"), tmp_path / "out", ExportSection(dtype="float32", gguf="f32"))
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))

@@ -37,7 +37,7 @@ def test_real_model_trains_and_its_export_generates_the_same(artifacts, tmp_path
         model, train_path, tmp_path / "run", eval_path, method={"type": method, "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
         data={"train": {"path": str(train_path), "format": "chat"}, "eval": {"path": str(eval_path), "format": "chat"}, "max_length": 96},
         train={"max_steps": 3, "micro_batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1, "seed": 0},
-        quantization=quantization, export={"dtype": "float32"}))
+        quantization=quantization, export={"dtype": "float32", "gguf": "f32" if method == "lora" else None}))
     summary = train(recipe)
     assert summary.final_eval_loss < summary.initial_eval_loss
     report = export(tmp_path / "run", tmp_path / "export")
@@ -47,3 +47,25 @@ def test_real_model_trains_and_its_export_generates_the_same(artifacts, tmp_path
     trained = _greedy(Path(summary.checkpoint), prompts)
     assert _greedy(tmp_path / "export", prompts) == trained
     assert any(tokenizer.decode(t).startswith('{"name"') for t in trained)  # it learnt the format already
+    if method == "qlora":
+        return
+    # llama.cpp's conversion of the export, read back by transformers' GGUF loader: the same model
+    assert report["gguf"] == "model-f32.gguf" and (tmp_path / "export" / "model-f32.gguf").is_file()
+    assert report["gguf_greedy_agreement"] == 1.0 and report["gguf_max_abs_logit_diff"] < 1e-3, report
+    # the adapter alone, converted by llama.cpp's LoRA converter: every LoRA matrix is in the file
+    from gguf import GGUFReader
+    from safetensors import safe_open
+
+    adapter = export(tmp_path / "run", tmp_path / "adapter", adapter_only=True, updates={"gguf": "f16"})
+    tensors = GGUFReader(tmp_path / "adapter" / adapter["gguf"]).tensors
+    with safe_open(str(tmp_path / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        assert len(tensors) == len(list(f.keys())) > 0
+    # The default export (bf16) of the real model: the merge is verified in float32, the bf16 rounding
+    # (larger than any tolerance that would catch a merge bug on this model) is reported beside it.
+    bf16 = export(tmp_path / "run", tmp_path / "export-bf16", updates={"dtype": "bfloat16"})
+    assert bf16["passed"] and bf16["weights_equal_rounded_merge"]
+    assert bf16["merge_max_abs_logit_diff"] <= 1e-4 * bf16["reference_logit_std"] < bf16["rounding_max_abs_logit_diff"]
+    # transformers 4.x stacks read the same RoPE base as transformers 5 (100000, not their default 10000)
+    from test_export import read_with_transformers4
+
+    assert read_with_transformers4(artifacts, tmp_path / "export-bf16")["rope_theta"] == 100000.0
