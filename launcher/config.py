@@ -60,9 +60,10 @@ class ModelSection(_Section):
 
 class DataSource(_Section):
     path: PathText = Field(description="A local .json/.jsonl/.parquet file or directory, or a datasets name.")
-    format: Literal["alpaca", "chat", "sharegpt", "completion"] = Field(
+    format: Literal["alpaca", "chat", "sharegpt", "completion", "preference"] = Field(
         "alpaca", description="alpaca (instruction/input/output), chat (OpenAI messages, tool calls, a tools column), "
-        "sharegpt (conversations of from/value), completion (text).")
+        "sharegpt (conversations of from/value), completion (text), preference (prompt/chosen/rejected, for "
+        "method.objective dpo, ipo, simpo, orpo).")
     split: str = "train"
     subset: str | None = Field(None, description="datasets configuration name (for hub datasets).")
     weight: float = Field(1.0, gt=0, le=1000, description="Mixing: rows drawn per epoch = weight x the source's rows (repeats above 1).")
@@ -82,7 +83,7 @@ class DataSource(_Section):
     @field_validator("fields")
     @classmethod
     def _known_fields(cls, fields: dict[str, str]) -> dict[str, str]:
-        known = {"instruction", "input", "output", "messages", "text", "role", "content"}
+        known = {"instruction", "input", "output", "messages", "text", "role", "content", "prompt", "chosen", "rejected"}
         for key in fields:
             if key not in known:
                 raise ValueError(f"unknown field '{key}' in fields mapping; known: {', '.join(sorted(known))}")
@@ -99,6 +100,9 @@ class DataSection(_Section):
     eval_fraction: float | None = Field(None, gt=0, lt=1, description="Hold out this fraction of the train rows for eval.")
     cache_dir: PathText | None = Field(None, description="Where tokenized/packed data is cached; default <output.dir>/data.")
     streaming: bool = Field(False, description="Read and tokenize the train source lazily (data larger than memory).")
+    invalid_pairs: Literal["error", "drop"] = Field(
+        "error", description="preference rows whose chosen and rejected are the same tokens, or with no response token "
+        "left within max_length: an error naming file and row, or dropped with a counted warning.")
 
     @field_validator("train", "eval", mode="before")
     @classmethod
@@ -118,6 +122,9 @@ class LoraSection(_Section):
 
 class MethodSection(_Section):
     type: Literal["full", "lora", "qlora"] = "lora"
+    objective: Literal["sft", "dpo", "ipo", "simpo", "orpo"] = Field(
+        "sft", description="sft (next-token loss on responses) or a preference objective on chosen/rejected pairs "
+        "(data format preference; settings in the preference section).")
     lora: LoraSection = Field(default_factory=LoraSection)
     freeze: list[str] = Field(
         default_factory=list,
@@ -125,6 +132,20 @@ class MethodSection(_Section):
         "e.g. 'model.embed_tokens.*' or 'model.layers.0.*'.",
     )
 
+
+
+class PreferenceSection(_Section):
+    beta: float = Field(0.1, gt=0, le=1000, description="dpo/ipo/simpo: strength of the preference (IPO's tau); "
+                        "orpo: not used (see orpo_alpha).")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="dpo (sigmoid: conservative DPO; robust), simpo: "
+                                   "the assumed fraction of flipped labels.")
+    loss_type: Literal["sigmoid", "hinge", "robust"] = Field("sigmoid", description="dpo only: the DPO variant.")
+    simpo_gamma: float = Field(0.5, ge=0, le=1000, description="simpo only: the target reward margin gamma.")
+    orpo_alpha: float = Field(0.1, gt=0, le=1000, description="orpo only: weight of the odds-ratio term beside the NLL "
+                              "of the chosen response (the paper's lambda).")
+    reference: Literal["auto", "model"] = Field(
+        "auto", description="dpo/ipo: the reference model. auto: LoRA/QLoRA use the base with the adapter disabled (no "
+        "second copy), full fine-tuning a frozen copy of the starting model; model: that frozen copy.")
 
 
 class QuantizationSection(_Section):
@@ -277,6 +298,7 @@ class Recipe(_Section):
     model: ModelSection
     data: DataSection
     method: MethodSection = Field(default_factory=MethodSection)
+    preference: PreferenceSection = Field(default_factory=PreferenceSection)
     quantization: QuantizationSection = Field(default_factory=QuantizationSection)
     train: TrainSection = Field(default_factory=TrainSection)
     distributed: DistributedSection = Field(default_factory=DistributedSection)

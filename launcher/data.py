@@ -21,6 +21,7 @@ from ftl.chat import check_tokenizer, tokenize_conversation
 from ftl.config import DataSection, DataSource
 from ftl.errors import DataError, first_line
 from ftl.loss import IGNORE_INDEX
+from ftl.preference_data import INVALID, tokenize_pair
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +176,10 @@ def tokenize_segments(
 
 
 def tokenize_row(row: dict, source: DataSource, tokenizer: Any, cfg: DataSection, where: str) -> dict[str, Any]:
-    """Tokenize one row into ``input_ids``/``labels`` truncated to ``cfg.max_length``."""
+    """Tokenize one row into ``input_ids``/``labels`` truncated to ``cfg.max_length`` (preference rows:
+    the chosen side, and the rejected one beside it; see ``ftl.preference_data``)."""
+    if source.format == "preference":
+        return tokenize_pair(row, source, tokenizer, cfg, where)
     if source.format in ("chat", "sharegpt"):
         input_ids, targets = tokenize_conversation(row, source, tokenizer, where)
         labels = [t if (on or not cfg.mask_prompt) else IGNORE_INDEX for t, on in zip(input_ids, targets)]
@@ -211,6 +215,14 @@ def build_dataset(
 
         tokenized = raw.map(encode, with_indices=True, remove_columns=raw.column_names, desc=f"tokenizing {name}")
         n_truncated = sum(tokenized["truncated"])
+        reasons = {}
+        if INVALID in tokenized.column_names:  # preference rows (data.invalid_pairs: drop)
+            for reason in tokenized[INVALID]:
+                if reason:
+                    reasons[reason] = reasons.get(reason, 0) + 1
+            tokenized = tokenized.filter(lambda reason: not reason, input_columns=INVALID).remove_columns(INVALID)
+            for reason, count in reasons.items():
+                log.warning("%s: dropped %d rows: %s", name, count, reason)
         kept = tokenized.filter(lambda labels: any(label != IGNORE_INDEX for label in labels), input_columns="labels")
         dropped = len(tokenized) - len(kept)
         if n_truncated:
@@ -218,9 +230,10 @@ def build_dataset(
         if dropped:
             log.warning("%s: dropped %d rows whose response lies beyond data.max_length", name, dropped)
         kept = _draw(kept.remove_columns("truncated"), source, seed + number)
+        if dropped:
+            reasons["response beyond max_length"] = dropped
         if stats is not None:
-            stats.append({"path": name, "rows": len(raw), "truncated": n_truncated, "used": len(kept),
-                          "dropped": {"response beyond max_length": dropped} if dropped else {}})
+            stats.append({"path": name, "rows": len(raw), "truncated": n_truncated, "used": len(kept), "dropped": reasons})
         parts.append(kept)
     dataset = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     if len(dataset) == 0:
@@ -246,6 +259,10 @@ def collate(rows: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, to
     keep their examples apart; their padding is one more "example" whose labels are all ignored.
     ``token_mask`` marks real tokens either way.
     """
+    if "rejected_input_ids" in rows[0]:  # preference pairs: the chosen sides, then the rejected, in one batch
+        sides = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
+        sides += [{"input_ids": r["rejected_input_ids"], "labels": r["rejected_labels"]} for r in rows]
+        return collate(sides, pad_token_id)
     width = max(len(r["input_ids"]) for r in rows)
     if "position_ids" in rows[0]:
         batch = collate([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows], pad_token_id)

@@ -21,7 +21,8 @@ Problems = list[tuple[tuple, str]]
 
 def check(recipe: Recipe) -> Problems:
     """Every cross-section rule, on a recipe with what it implies filled in (``with_implied``)."""
-    return _method(recipe) + _data(recipe) + _output(recipe) + _machines(recipe) + strategies.for_recipe(recipe).check()
+    return (_method(recipe) + _preference(recipe) + _data(recipe) + _output(recipe) + _machines(recipe)
+            + strategies.for_recipe(recipe).check())
 
 
 def _method(recipe: Recipe) -> Problems:
@@ -36,6 +37,49 @@ def _method(recipe: Recipe) -> Problems:
                          "qlora, or remove quantization.bits"))
     if quant.bits == 8 and quant.quant_storage != "uint8":
         problems.append((("quantization", "quant_storage"), "applies to 4-bit quantization only"))
+    return problems
+
+
+PREFERENCE_OBJECTIVES = ("dpo", "ipo", "simpo", "orpo")
+# preference keys and the objectives they apply to
+_PREFERENCE_KEYS = {"beta": ("dpo", "ipo", "simpo"), "label_smoothing": ("dpo", "simpo"), "loss_type": ("dpo",),
+                    "simpo_gamma": ("simpo",), "orpo_alpha": ("orpo",), "reference": ("dpo", "ipo")}
+
+
+def _preference(recipe: Recipe) -> Problems:
+    """Preference objectives need preference data, and each preference key its objective."""
+    objective, pref, data = recipe.method.objective, recipe.preference, recipe.data
+    defaults = type(pref)()
+    problems: Problems = []
+    for key, objectives in _PREFERENCE_KEYS.items():
+        if getattr(pref, key) != getattr(defaults, key) and objective not in objectives:
+            problems.append((("preference", key), f"applies to method.objective {' or '.join(objectives)}, not {objective}"))
+    preference = objective in PREFERENCE_OBJECTIVES
+    for side, sources in (("train", data.train), ("eval", data.eval or [])):
+        for k, source in enumerate(sources):
+            if preference and source.format != "preference":
+                problems.append((("data", side, k, "format"), f"method.objective {objective} trains on chosen/rejected pairs: "
+                                 "use format: preference (rows with prompt, chosen, rejected)"))
+            if not preference and source.format == "preference":
+                problems.append((("data", side, k, "format"), "preference rows need method.objective dpo, ipo, simpo or orpo"))
+    if not preference:
+        if data.invalid_pairs != "error":
+            problems.append((("data", "invalid_pairs"), "applies to preference data (method.objective dpo, ipo, simpo or orpo)"))
+        return problems
+    if pref.label_smoothing and objective == "dpo" and pref.loss_type == "hinge":
+        problems.append((("preference", "label_smoothing"), "applies to loss_type sigmoid or robust, not hinge"))
+    if pref.reference == "model" and recipe.method.type != "full":
+        problems.append((("preference", "reference"), "LoRA and QLoRA use the base model with the adapter disabled as the "
+                         "reference; a frozen copy (model) is for method.type: full"))
+    for key, on in (("packing", data.packing), ("streaming", data.streaming)):
+        if on:
+            problems.append((("data", key), f"not available with method.objective {objective} yet; turn it off"))
+    if objective in ("dpo", "ipo") and recipe.method.type == "full" and strategies.for_recipe(recipe).shards_weights:
+        problems.append((("distributed", "strategy"), f"full fine-tuning with {objective} keeps a frozen reference copy, "
+                         "which is not sharded yet; use zero1, zero2 or ddp, or method.type: lora"))
+    if isinstance(recipe.kernels, list) and "fused_ce" in recipe.kernels:
+        problems.append((("kernels",), "fused_ce computes a summed loss; preference objectives need per-sequence "
+                         "log-probabilities: remove fused_ce"))
     return problems
 
 

@@ -92,7 +92,13 @@ class Trainer:
             self.run.write(self.run.data_stats, json.dumps(self.data_stats, indent=2))
         acc.wait_for_everyone()
 
-        self.objective = objective(_apply_kernels(recipe, self.model, self.strategy, acc.device))
+        fused = _apply_kernels(recipe, self.model, self.strategy, acc.device)
+        if recipe.method.objective != "sft" and objective is CausalLM:  # before sharding: a full run copies the model
+            from ftl.preference import Preference
+
+            self.objective = Preference(recipe, self.model)
+        else:
+            self.objective = objective(fused)
         model = self.strategy.shard(self.model, acc.device)
         optimizer = build_optimizer(model, cfg, cpu_adam=self.strategy.cpu_adam)
         self.model, self.optimizer = self.strategy.prepare(acc, model, optimizer)
@@ -176,6 +182,8 @@ class Trainer:
         """One optimizer step over ``micro``: every rank's losses summed, divided by every rank's targets."""
         acc, strategy, model, objective = self.accelerator, self.strategy, self.model, self.objective
         step_targets = acc.reduce(sum(objective.targets(mb) for mb in micro).clone(), reduction="sum").clamp(min=1)
+        if hasattr(objective, "begin_step"):
+            objective.begin_step(micro, lambda t: acc.reduce(t.clone(), reduction="sum"))
         loss_sum = torch.zeros((), device=acc.device)
         model.train()
         for k, mb in enumerate(micro):
@@ -234,6 +242,8 @@ class Trainer:
         }
         if self.peak:
             record["mfu"] = tflops * 1e12 / self.peak
+        if hasattr(self.objective, "take_metrics"):  # preference objectives: rewards, accuracy, margin, log-probs
+            record.update(self.objective.take_metrics(lambda t: acc.reduce(t.clone(), reduction="sum")))
         self.metrics.write(record)
         self.progress.update(state.step, record)
         self.window_tokens, self.window_rows, self.window_start = 0, 0, now

@@ -1,0 +1,244 @@
+"""Preference objectives: ftl's DPO, IPO, SimPO and ORPO against TRL's trainers (the oracle), the
+masks of preference rows, and preference runs through the real training loop."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ftl.config import DataSection, DataSource, validate_recipe
+from ftl.data import collate, tokenize_row
+from ftl.errors import DataError
+from ftl.loss import IGNORE_INDEX
+from ftl.preference import Preference
+from conftest import make_recipe, write_jsonl
+
+ROWS = [
+    {"prompt": "The sky is", "chosen": " blue and wide.", "rejected": " green."},
+    {"prompt": "Two plus two is", "chosen": " four.", "rejected": " five, or maybe six."},
+    {"prompt": "Write a word:", "chosen": " hello", "rejected": " goodbye forever"},
+    {"prompt": "Capital of France?", "chosen": " Paris.", "rejected": " Rome is the capital."},
+]
+# (ftl objective, preference settings) -> (TRL trainer, its config)
+CASES = {
+    "dpo-sigmoid": ("dpo", {"beta": 0.1}, "dpo", {"beta": 0.1, "loss_type": ["sigmoid"]}),
+    "dpo-hinge": ("dpo", {"beta": 0.3, "loss_type": "hinge"}, "dpo", {"beta": 0.3, "loss_type": ["hinge"]}),
+    "dpo-robust": ("dpo", {"beta": 0.2, "loss_type": "robust", "label_smoothing": 0.1}, "dpo",
+                   {"beta": 0.2, "loss_type": ["robust"], "label_smoothing": 0.1}),
+    "ipo": ("ipo", {"beta": 0.5}, "dpo", {"beta": 0.5, "loss_type": ["ipo"]}),
+    "simpo": ("simpo", {"beta": 2.0, "simpo_gamma": 0.7}, "cpo", {"beta": 2.0, "loss_type": "simpo", "cpo_alpha": 0.0, "simpo_gamma": 0.7}),
+    "orpo": ("orpo", {"orpo_alpha": 0.3}, "orpo", {"beta": 0.3}),
+}
+
+
+def _policy(tiny_llama: Path) -> torch.nn.Module:
+    """A fresh LoRA model (B = 0: the policy starts as the base, which is the reference)."""
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    return get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear"))
+
+
+def _move(model: torch.nn.Module) -> None:
+    """Train the adapter a little (B != 0), so the policy differs from the reference. (After TRL's
+    trainer is built: TRL keeps a copy of the starting adapter as its reference.)"""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name and ".default." in name:
+                p.normal_(0, 0.02)
+
+
+def _trl_trainer(kind: str, config: dict, model, tokenizer, tmp_path: Path):
+    common = {"output_dir": str(tmp_path / "trl"), "use_cpu": True, "report_to": [], "per_device_train_batch_size": len(ROWS),
+              "bf16": False, "max_length": 512}
+    data = Dataset.from_list(ROWS)
+    if kind == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        return DPOTrainer(model=model, args=DPOConfig(**common, **config), train_dataset=data, processing_class=tokenizer)
+    if kind == "cpo":
+        from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+        return CPOTrainer(model=model, args=CPOConfig(**common, **config), train_dataset=data, processing_class=tokenizer)
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    return ORPOTrainer(model=model, args=ORPOConfig(**common, **config), train_dataset=data, processing_class=tokenizer)
+
+
+def _as_ftl_batch(kind: str, batch: dict) -> dict[str, torch.Tensor]:
+    """TRL's collated pairs as ftl's batch: the chosen sequences, then the rejected, labels on the responses."""
+    if kind == "dpo":
+        labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, IGNORE_INDEX)
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels}
+    width = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
+    out = {}
+    for key, fill in (("input_ids", 0), ("attention_mask", 0), ("labels", IGNORE_INDEX)):
+        sides = [torch.nn.functional.pad(batch[f"{side}_{key}"], (0, width - batch[f"{side}_{key}"].shape[1]), value=fill)
+                 for side in ("chosen", "rejected")]
+        out[key] = torch.cat(sides)
+    return out
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_losses_and_gradients_equal_trls(tiny_llama, tmp_path, case):
+    """On the same model, adapter and batch, ftl's loss and gradients equal TRL's (float32, 1e-5)."""
+    objective, settings, kind, config = CASES[case]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    model = _policy(tiny_llama)
+    trainer = _trl_trainer(kind, config, model, tokenizer, tmp_path)
+    _move(model)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(ROWS))])
+    model.train()
+    model.zero_grad()
+    if kind == "orpo":
+        # TRL's ORPO takes its NLL term over prompt and response ("computed over the full prompt and response");
+        # ftl over the response, as the paper's L_SFT and every other ftl objective: TRL's odds-ratio term, and
+        # the response NLL by its definition.
+        chosen_logps, rejected_logps, chosen_logits = trainer.concatenated_forward(model, batch)[:3]
+        labels = _as_ftl_batch(kind, batch)["labels"][: len(ROWS), 1:]
+        response_nll = torch.nn.functional.cross_entropy(chosen_logits.reshape(-1, chosen_logits.shape[-1]), labels.reshape(-1))
+        trl_loss = response_nll - trainer.odds_ratio_loss(chosen_logps, rejected_logps)[0].mean()
+    else:
+        trl_loss = trainer.compute_loss(trainer.model, batch)
+    trl_loss.backward()
+    trl_grads = _grads(model)
+
+    recipe = validate_recipe(make_recipe(tiny_llama, tmp_path / "x.jsonl", tmp_path / "run",
+                                         data={"train": {"path": str(tmp_path / "x.jsonl"), "format": "preference"}},
+                                         method={"objective": objective}, preference=settings))
+    ours = Preference(recipe, model)
+    ftl_batch = _as_ftl_batch(kind, batch)
+    ours.begin_step([ftl_batch], lambda t: t)
+    model.zero_grad()
+    ftl_loss = ours.loss_sum(model, ftl_batch) / ours.targets(ftl_batch)
+    ftl_loss.backward()
+    ftl_grads = _grads(model)
+
+    assert abs(ftl_loss.item() - trl_loss.item()) <= 1e-5 * max(1.0, abs(trl_loss.item())), (ftl_loss.item(), trl_loss.item())
+    assert set(ftl_grads) == set(trl_grads) and ftl_grads
+    for name, grad in trl_grads.items():
+        torch.testing.assert_close(ftl_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+    # The comparison can fail: another beta (or alpha) gives another loss.
+    key = "orpo_alpha" if objective == "orpo" else "beta"
+    other = validate_recipe(make_recipe(tiny_llama, tmp_path / "x.jsonl", tmp_path / "run",
+                                        data={"train": {"path": str(tmp_path / "x.jsonl"), "format": "preference"}},
+                                        method={"objective": objective}, preference={**settings, key: settings.get(key, 0.1) * 3}))
+    changed = Preference(other, model)
+    changed.begin_step([ftl_batch], lambda t: t)
+    with torch.no_grad():
+        assert abs(changed.loss_sum(model, ftl_batch).item() / len(ROWS) - trl_loss.item()) > 1e-4
+
+
+def test_text_rows_tokenize_as_trl_does(tiny_llama, tmp_path):
+    """Prompt and response tokenized together, the response from where they diverge, EOS appended."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    from trl import DPOConfig, DPOTrainer
+
+    trainer = DPOTrainer(model=_policy(tiny_llama), processing_class=tokenizer, train_dataset=Dataset.from_list(ROWS),
+                         args=DPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_length=512, bf16=False))
+    cfg = DataSection(train=[{"path": "x", "format": "preference"}])
+    for i, row in enumerate(ROWS):
+        ours = tokenize_row(row, DataSource(path="x", format="preference"), tokenizer, cfg, f"x: row {i}")
+        theirs = trainer.train_dataset[i]
+        assert ours["input_ids"] == theirs["prompt_ids"] + theirs["chosen_ids"]
+        assert ours["rejected_input_ids"] == theirs["prompt_ids"] + theirs["rejected_ids"]
+        n = len(theirs["prompt_ids"])
+        assert ours["labels"] == [IGNORE_INDEX] * n + theirs["chosen_ids"]
+        assert ours["rejected_labels"][-1] == tokenizer.eos_token_id  # EOS trained on each side
+
+
+def test_chat_rows_train_exactly_the_reply_and_its_end_of_turn(artifacts):
+    """Chat preference rows on a real template (Llama 3.1): the prompt's tokens, system and history
+    included, carry no loss; each reply and its <|eot_id|> do."""
+    tokenizer = AutoTokenizer.from_pretrained(artifacts / "tokenizers" / "llama3.1")
+    from ftl.model import set_pad_token
+
+    set_pad_token(tokenizer)
+    prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+              {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Capital of France?"}]
+    row = {"prompt": prompt, "chosen": {"role": "assistant", "content": "Paris."},
+           "rejected": [{"role": "assistant", "content": "Rome, I think."}]}
+    out = tokenize_row(row, DataSource(path="x", format="preference"), tokenizer,
+                       DataSection(train=[{"path": "x", "format": "preference"}]), "x: row 0")
+    for ids, labels, reply in ((out["input_ids"], out["labels"], "Paris."),
+                               (out["rejected_input_ids"], out["rejected_labels"], "Rome, I think.")):
+        trained = [t for t in labels if t != IGNORE_INDEX]
+        assert tokenizer.decode(trained) == reply + "<|eot_id|>"
+        assert labels[-len(trained):] == ids[-len(trained):] and labels[: -len(trained)] == [IGNORE_INDEX] * (len(ids) - len(trained))
+        assert tokenizer.decode(ids[: -len(trained)]).endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    batch = collate([out], tokenizer.pad_token_id)
+    assert batch["input_ids"].shape[0] == 2  # the chosen side, then the rejected
+
+
+def test_invalid_pairs_are_errors_or_dropped_and_counted(tiny_llama, tmp_path, caplog):
+    from ftl.data import build_dataset
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    path = write_jsonl(tmp_path / "pairs.jsonl", ROWS[:2] + [{"prompt": "Same", "chosen": " answer", "rejected": " answer"}])
+    source = DataSource(path=str(path), format="preference")
+    with pytest.raises(DataError, match=r"pairs.jsonl: row 2: chosen and rejected are the same tokens; .*invalid_pairs: drop"):
+        build_dataset([source], tokenizer, DataSection(train=[source]))
+    stats: list[dict] = []
+    kept = build_dataset([source], tokenizer, DataSection(train=[source], invalid_pairs="drop"), stats=stats)
+    assert len(kept) == 2 and stats[0]["dropped"] == {"chosen and rejected are the same tokens": 1}
+    with pytest.raises(DataError, match=r"row 0: missing field 'rejected'"):
+        tokenize_row({"prompt": "a", "chosen": "b"}, source, tokenizer, DataSection(train=[source]), "x: row 0")
+
+
+def test_recipe_rules(tiny_llama, tmp_path):
+    from ftl.config import RecipeError
+
+    def recipe(**sections):
+        return validate_recipe(make_recipe(tiny_llama, tmp_path / "x.jsonl", tmp_path / "run", **sections))
+
+    preference_data = {"train": {"path": str(tmp_path / "x.jsonl"), "format": "preference"}}
+    with pytest.raises(RecipeError, match=r"data\.train\.0\.format: .*use format: preference"):
+        recipe(method={"objective": "dpo"})
+    with pytest.raises(RecipeError, match=r"data\.train\.0\.format: preference rows need method.objective"):
+        recipe(data=preference_data)
+    with pytest.raises(RecipeError, match=r"preference\.simpo_gamma: applies to method.objective simpo, not dpo"):
+        recipe(data=preference_data, method={"objective": "dpo"}, preference={"simpo_gamma": 1.0})
+    with pytest.raises(RecipeError, match=r"preference\.beta: applies to method.objective dpo or ipo or simpo, not sft"):
+        recipe(preference={"beta": 0.5})
+    with pytest.raises(RecipeError, match=r"data\.packing: not available with method.objective dpo"):
+        recipe(data={**preference_data, "packing": True}, method={"objective": "dpo"})
+    with pytest.raises(RecipeError, match=r"preference\.reference: LoRA and QLoRA use the base model"):
+        recipe(data=preference_data, method={"objective": "dpo"}, preference={"reference": "model"})
+    assert recipe(data=preference_data, method={"objective": "orpo", "type": "full"}).method.objective == "orpo"
+
+
+def _pairs(n: int) -> list[dict]:
+    """A task the base model does not know: answer with the word's category, not a random word."""
+    words = {"apple": "fruit", "pear": "fruit", "dog": "animal", "cat": "animal", "red": "color", "blue": "color"}
+    wrong = {"fruit": "animal", "animal": "color", "color": "fruit"}
+    items = sorted(words.items())
+    return [{"prompt": f"Category of {w}:", "chosen": f" {c}", "rejected": f" {wrong[c]}"} for w, c in (items * n)[:n]]
+
+
+@pytest.mark.parametrize("objective, method", [("dpo", "lora"), ("dpo", "full"), ("simpo", "lora"), ("orpo", "lora")])
+def test_preference_runs_learn_and_log_their_metrics(tiny_llama, tmp_path, objective, method):
+    """Through the real loop: the loss falls, reward accuracy rises, metrics.jsonl has the rewards."""
+    from ftl.train import train
+
+    path = write_jsonl(tmp_path / "pairs.jsonl", _pairs(48))
+    recipe = validate_recipe(make_recipe(
+        tiny_llama, path, tmp_path / "run", path, data={"train": {"path": str(path), "format": "preference"},
+                                                         "eval": {"path": str(path), "format": "preference"}},
+        method={"type": method, "objective": objective, "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
+        train={"max_steps": 12, "micro_batch_size": 4, "gradient_accumulation_steps": 2, "learning_rate": 5e-3 if method == "lora" else 1e-3,
+               "logging_steps": 4, "eval_steps": 12, "seed": 0}))
+    summary = train(recipe)
+    assert summary.final_eval_loss < summary.initial_eval_loss
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "reward_accuracy" in r]
+    assert len(steps) == 3 and {"rewards_chosen", "rewards_rejected", "reward_margin", "logps_chosen", "logps_rejected"} <= set(steps[0])
+    assert steps[-1]["reward_margin"] > steps[0]["reward_margin"]
