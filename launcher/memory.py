@@ -22,6 +22,9 @@ N = data-parallel ranks, T = tokens per micro-batch = micro_batch_size x data.ma
   The loss adds the logits: T x vocab x (compute bytes + 4 for the fp32 copy + 4 for its gradient);
   with the fused cross-entropy (``kernels``) only one chunk of them (``chunk_size``: about
   T x hidden / vocab tokens), plus the hidden states' gradient (T x hidden) that it stores.
+- preference objectives: each row is two sequences (chosen and rejected) in one forward, so twice
+  the activations of a row; full fine-tuning with dpo/ipo adds a frozen reference copy of the
+  weights (the reference forward of LoRA runs the same weights without grad and keeps nothing).
 - margin: 10% of the total plus 1 GiB (CUDA context, allocator fragmentation) before a run is
   said to fit.
 """
@@ -180,6 +183,8 @@ def estimate(recipe: Recipe, shape: Shape, strategy: str | None = None, micro_ba
             trainable += copy
             trainable_bytes += copy * kept_bytes
     weights = trainable_bytes + frozen_bytes
+    if method.objective in ("dpo", "ipo") and method.type == "full":
+        weights += shape.params * model_bytes  # the frozen reference copy
     gradients = trainable_bytes
     if master:
         optimizer = trainable * 12.0  # fp32 master weights + fp32 Adam m and v
@@ -194,7 +199,8 @@ def estimate(recipe: Recipe, shape: Shape, strategy: str | None = None, micro_ba
     layer_bytes = shape.linear_params / shape.layers * (0.5 if quant.bits == 4 else model_bytes)
     weights, gradients, optimizer, cpu = chosen.place(weights, gradients, optimizer, layer_bytes)
 
-    activations = _activation_bytes(recipe, shape, mb, compute_bytes, chosen.uses_fused_ce())
+    sequences = mb * (2 if method.objective != "sft" else 1)  # preference rows: chosen and rejected
+    activations = _activation_bytes(recipe, shape, sequences, compute_bytes, chosen.uses_fused_ce() and method.objective == "sft")
     return Estimate(weights / GIB, gradients / GIB, optimizer / GIB, activations / GIB, cpu / GIB)
 
 

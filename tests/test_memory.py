@@ -191,3 +191,18 @@ def test_auto_never_picks_a_strategy_that_shards_the_head_a_listed_fused_ce_read
     recipe = recipe.model_copy(update={"kernels": ["fused_ce"]})
     chosen, _, _ = autofit(recipe, 24, shape)
     assert chosen.distributed.strategy not in ("zero3", "fsdp2")
+
+
+def test_preference_objectives_count_two_sequences_per_row_and_the_reference_copy(tmp_path):
+    """A dpo row is two sequences in one forward; full fine-tuning keeps a frozen reference copy."""
+    data = {"train": {"path": "x", "format": "preference"}, "max_length": 32}
+    common = {"model": {"path": "x", "dtype": "bfloat16"}, "data": data, "train": {"micro_batch_size": 2}}
+    sft = recipe_for(tmp_path, method={"type": "full"}, **{**common, "data": {"train": {"path": "x"}, "max_length": 32}})
+    dpo = recipe_for(tmp_path, method={"type": "full", "objective": "dpo"}, **common)
+    orpo = recipe_for(tmp_path, method={"type": "full", "objective": "orpo"}, **common)
+    assert estimate(dpo, SHAPE).activations == pytest.approx(estimate(sft, SHAPE, micro_batch_size=4).activations)
+    assert estimate(dpo, SHAPE).weights == pytest.approx(2 * estimate(sft, SHAPE).weights)  # policy + reference
+    assert estimate(orpo, SHAPE).weights == pytest.approx(estimate(sft, SHAPE).weights)  # no reference
+    lora = recipe_for(tmp_path, method={"type": "lora", "objective": "dpo"}, **common)
+    lora_sft = recipe_for(tmp_path, method={"type": "lora"}, **{**common, "data": {"train": {"path": "x"}, "max_length": 32}})
+    assert estimate(lora, SHAPE).weights == pytest.approx(estimate(lora_sft, SHAPE).weights)  # the adapter disabled

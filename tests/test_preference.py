@@ -242,3 +242,80 @@ def test_preference_runs_learn_and_log_their_metrics(tiny_llama, tmp_path, objec
     steps = [r for r in records if "reward_accuracy" in r]
     assert len(steps) == 3 and {"rewards_chosen", "rewards_rejected", "reward_margin", "logps_chosen", "logps_rejected"} <= set(steps[0])
     assert steps[-1]["reward_margin"] > steps[0]["reward_margin"]
+
+
+def _run(tiny_llama: Path, path: Path, run_dir: Path, objective: str, **train_cfg) -> Path:
+    from ftl.train import train
+
+    cfg = {"max_steps": 6, "micro_batch_size": 8, "learning_rate": 5e-3, "logging_steps": 1, "seed": 0, **train_cfg}
+    train(validate_recipe(make_recipe(tiny_llama, path, run_dir, data={"train": {"path": str(path), "format": "preference"}},
+                                      method={"objective": objective, "lora": {"r": 8, "alpha": 16, "dropout": 0.0}}, train=cfg)))
+    return run_dir
+
+
+def _trace(run_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+
+
+@pytest.mark.parametrize("objective", ["dpo", "orpo"])
+def test_gradient_accumulation_equals_one_big_batch(tiny_llama, tmp_path, objective):
+    """Micro-batch 2 x 4 accumulation = micro-batch 8: the mean is over the step's pairs (ORPO's NLL
+    over the step's chosen tokens), not over each micro-batch."""
+    from safetensors.torch import load_file
+
+    path = write_jsonl(tmp_path / "pairs.jsonl", _pairs(48))
+    big = _run(tiny_llama, path, tmp_path / "big", objective)
+    small = _run(tiny_llama, path, tmp_path / "small", objective, micro_batch_size=2, gradient_accumulation_steps=4)
+    for a, b in zip(_trace(big), _trace(small), strict=True):
+        assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (_trace(big), _trace(small))
+    wa, wb = (load_file(run / "checkpoints" / "step-6" / "adapter_model.safetensors") for run in (big, small))
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_stopped_and_resumed_dpo_run_is_bitwise_identical(tiny_llama, tmp_path):
+    from test_checkpoint import _sigterm_at
+
+    path = write_jsonl(tmp_path / "pairs.jsonl", _pairs(48))
+    straight = _run(tiny_llama, path, tmp_path / "straight", "dpo", max_steps=16)
+    watcher = _sigterm_at(tmp_path / "stopped", 7)
+    _run(tiny_llama, path, tmp_path / "stopped", "dpo", max_steps=16)
+    watcher.join(timeout=5)
+    assert (tmp_path / "stopped" / "STOPPED").exists()
+    _run(tiny_llama, path, tmp_path / "stopped", "dpo", max_steps=16)
+    assert len(_trace(straight)) == 16 and _trace(tmp_path / "stopped") == _trace(straight)
+
+
+PARITY = {"lora": ["ddp", "zero2", "zero3", "fsdp2"], "qlora": ["ddp"]}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("method", sorted(PARITY))
+def test_dpo_on_two_processes_matches_one(tiny_llama, tmp_path, method):
+    """The reference forward (adapter disabled) and the pair mean under every strategy: 2 processes
+    give one process's loss trace (12 steps, 1e-5 relative)."""
+    from test_distributed import assert_same_trace, free_port, ftl, losses
+    from conftest import write_yaml
+    from ftl.train import train
+
+    path = write_jsonl(tmp_path / "pairs.jsonl", _pairs(96))
+
+    def recipe(run_dir: Path, processes: int, strategy: str) -> dict:
+        lora = {"r": 8, "alpha": 16, "dropout": 0.0}
+        return make_recipe(
+            tiny_llama, path, run_dir, data={"train": {"path": str(path), "format": "preference"}},
+            method={"type": method, "objective": "dpo", "lora": lora},
+            quantization={"compute_dtype": "float32", "quant_storage": "float32"} if method == "qlora" else {},
+            train={"max_steps": 12, "micro_batch_size": 2, "gradient_accumulation_steps": 4 // processes, "learning_rate": 5e-3,
+                   "logging_steps": 1, "seed": 0, "lr_scheduler": "linear"},
+            distributed={"num_processes": processes, "strategy": strategy, "main_process_port": free_port()})
+
+    train(validate_recipe(recipe(tmp_path / "single", 1, "single")))
+    reference = losses(tmp_path / "single")
+    assert len(reference) == 12 and reference[12] < reference[1]
+    for strategy in PARITY[method]:
+        config = write_yaml(tmp_path / f"{strategy}.yaml", recipe(tmp_path / strategy, 2, strategy))
+        result = ftl("train", str(config))
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+        assert_same_trace(reference, losses(tmp_path / strategy), f"{method} dpo/{strategy}")
