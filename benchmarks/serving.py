@@ -55,6 +55,16 @@ def install(venvs: Path) -> None:
         print(f"installed {name} in {time.time() - start:.0f}s", flush=True)
 
 
+def exports(work: Path) -> dict[str, Path]:
+    from ftl.artifacts import artifacts_dir
+
+    paths = {"eval": work / "data" / "eval.jsonl", "base": artifacts_dir() / "models" / "smollm2-135m-instruct",
+             "checkpoint": work / "run", "adapter": work / "adapter", "base-for-serving": work / "base-for-serving"}
+    paths.update({f"merged-{d}": work / f"merged-{d}" for d in ("float32", "bfloat16")})
+    paths.update({f"base-{g}.gguf": work / f"base-{g}.gguf" for g in ("f32", "bf16")})
+    return paths
+
+
 def train_and_export(work: Path, steps: int, prompts: int) -> dict[str, Path]:
     from ftl.artifacts import artifacts_dir
     from ftl.config import load_recipe, with_values
@@ -142,6 +152,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--engines", default="vllm,llamacpp")
+    parser.add_argument("--reuse", action="store_true", help="serve the exports an earlier invocation left in --workdir")
     args = parser.parse_args()
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -158,7 +169,7 @@ def main() -> None:
     from ftl.config import DataSource
     from ftl.evaluate import prompts_and_answers
 
-    paths = train_and_export(work, args.steps, args.prompts)
+    paths = exports(work) if args.reuse else train_and_export(work, args.steps, args.prompts)
     tokenizer = AutoTokenizer.from_pretrained(paths["merged-float32"])
     prompts = [ids for ids, _ in prompts_and_answers(DataSource(path=str(paths["eval"]), format="chat"), tokenizer)][: args.prompts]
     generation_eos = json.loads((paths["merged-float32"] / "generation_config.json").read_text()).get("eos_token_id")

@@ -32,7 +32,8 @@ def run_llamacpp(job: dict) -> list[dict]:
     import numpy as np
     from llama_cpp import Llama
 
-    llm = Llama(model_path=job["model"], lora_path=job["lora"], n_ctx=1024, n_threads=2, seed=0, verbose=False)
+    # logits_all: without it llama-cpp-python keeps no logits (sampling happens in its sampler)
+    llm = Llama(model_path=job["model"], lora_path=job["lora"], n_ctx=1024, n_threads=2, seed=0, verbose=False, logits_all=True)
     eos = llm.token_eos()
     results = []
     for ids in job["prompts"]:

@@ -275,10 +275,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ftl.demo import run_demo
+    from ftl.demo import run_demo, run_preference_demo
 
+    if args.objective == "dpo":
+        if args.tiny:
+            raise UserError("--tiny: the DPO demo runs on the real SmolLM2 only")
+        result = run_preference_demo(args.recipe or "recipes/demo-dpo.yaml", Path(args.workdir or "runs/demo-dpo"))
+        return 0 if result["accuracy_after"] > result["accuracy_before"] else 1
     recipe = args.recipe or ("recipes/demo-tiny.yaml" if args.tiny else "recipes/demo.yaml")
-    result = run_demo(recipe, Path(args.workdir), tiny=args.tiny)
+    result = run_demo(recipe, Path(args.workdir or "runs/demo"), tiny=args.tiny)
     return 0 if result["accuracy_after"] > result["accuracy_before"] else 1
 
 
@@ -368,8 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="fine-tune the real SmolLM2-135M-Instruct with LoRA, export it, and compare held-out accuracy")
     p.add_argument("--tiny", action="store_true", help="a tiny random Llama instead (no artifacts needed)")
-    p.add_argument("--recipe", help="default recipes/demo.yaml (recipes/demo-tiny.yaml with --tiny)")
-    p.add_argument("--workdir", default="runs/demo")
+    p.add_argument("--recipe", help="default recipes/demo.yaml (recipes/demo-tiny.yaml with --tiny, recipes/demo-dpo.yaml with --objective dpo)")
+    p.add_argument("--objective", choices=["sft", "dpo"], default="sft",
+                   help="dpo: a model fine-tuned to prefer wrong answers, corrected by DPO (held-out preference accuracy)")
+    p.add_argument("--workdir", help="default runs/demo (runs/demo-dpo with --objective dpo)")
     p.set_defaults(fn=cmd_demo)
     return parser
 

@@ -16,9 +16,9 @@ from typing import Any
 from rich.table import Table
 
 from ftl.artifacts import artifacts_dir
-from ftl.config import load_recipe, with_values
+from ftl.config import DataSource, load_recipe, with_values
 from ftl.console import console
-from ftl.demo_data import write_demo_data, write_extraction_data
+from ftl.demo_data import write_demo_data, write_extraction_data, write_preference_data
 from ftl.errors import UserError
 from ftl.evaluate import evaluate_path
 from ftl.tiny import write_tiny_model
@@ -78,6 +78,56 @@ def run_demo(recipe_path: str | Path, workdir: Path, tiny: bool = False) -> dict
     console.print(table)
     console.print(f"run directory: {recipe.output.dir} (metrics.jsonl, checkpoints/{'' if tiny else ', export/'})")
     return {**dataclasses.asdict(summary), "accuracy_before": before, "accuracy_after": after}
+
+
+def run_preference_demo(recipe_path: str | Path, workdir: Path, sft_recipe: str | Path = "recipes/demo.yaml",
+                        sft_steps: int = 15) -> dict[str, Any]:
+    """DPO on the real SmolLM2: a model fine-tuned to prefer wrong answers, then DPO on pairs flips it."""
+    from ftl.evaluate import preference_accuracy
+    from ftl.export import export
+
+    model_dir = artifacts_dir() / "models" / "smollm2-135m-instruct"
+    if not (model_dir / "config.json").is_file():
+        raise UserError(f"{model_dir}: the real SmolLM2-135M-Instruct is not built; run `make artifacts`")
+    console.rule("1. data: the extraction task, answered right (chosen) and with person and city swapped (rejected)")
+    paths = write_preference_data(workdir / "data")
+    console.print(f"{paths['wrong']} ({_rows(paths['wrong'])} rows), pairs {paths['train']} and {paths['eval']} "
+                  f"({_rows(paths['eval'])} held out)")
+
+    console.rule("2. a model that prefers the wrong answers: LoRA on the swapped answers, exported merged")
+    sft = with_values(load_recipe(sft_recipe), {
+        "model.path": str(model_dir), "data.train.0.path": str(paths["wrong"]), "data.eval": None,
+        "output.dir": str(workdir / "sft-run"), "train.max_steps": sft_steps, "train.eval_steps": None,
+        "train.resume": "never", "output.overwrite": True})
+    train(sft)
+    sft_model = workdir / "sft-model"
+    if sft_model.exists():
+        import shutil
+
+        shutil.rmtree(sft_model)
+    export(workdir / "sft-run", sft_model)
+    eval_source = DataSource(path=str(paths["eval"]), format="preference")
+    before = preference_accuracy(sft_model, eval_source)
+    console.print(f"held-out pairs where the model gives the right answer the higher probability: {before['likelihood_accuracy']:.1%}")
+
+    console.rule("3. DPO (LoRA on that model; its reference: the same model with the adapter disabled)")
+    recipe = with_values(load_recipe(recipe_path), {
+        "model.path": str(sft_model), "data.train.0.path": str(paths["train"]), "data.eval.0.path": str(paths["eval"]),
+        "output.dir": str(workdir / "run"), "train.resume": "never", "output.overwrite": True})
+    summary = train(recipe)
+    after = preference_accuracy(summary.checkpoint, eval_source)
+
+    table = Table(title="DPO demo result (held-out pairs)")
+    table.add_column("")
+    table.add_column("before DPO", justify="right")
+    table.add_column("after DPO", justify="right")
+    table.add_row("eval loss (DPO)", f"{summary.initial_eval_loss:.4f}", f"{summary.final_eval_loss:.4f}")
+    table.add_row(f"right answer more likely ({before['rows']} pairs)", f"{before['likelihood_accuracy']:.1%}",
+                  f"{after['likelihood_accuracy']:.1%}")
+    table.add_row("reward accuracy (implicit reward)", "-", f"{after['reward_accuracy']:.1%}")
+    console.print(table)
+    return {**dataclasses.asdict(summary), "accuracy_before": before["likelihood_accuracy"],
+            "accuracy_after": after["likelihood_accuracy"], "reward_accuracy": after["reward_accuracy"]}
 
 
 def _show(examples: list[dict[str, str]]) -> None:

@@ -117,3 +117,27 @@ def write_extraction_data(out_dir: str | Path, n_train: int = 400, n_eval: int =
     answers = [json.loads(r["messages"][1]["content"]) for r in held_out]
     train = extraction_examples(n_train, seed, exclude={(a["name"], a["city"]) for a in answers})
     return _write_split(out, train, held_out)
+
+
+def write_preference_data(out_dir: str | Path, n_train: int = 400, n_eval: int = 40, seed: int = 0) -> dict[str, Path]:
+    """The DPO demo's data, on the extraction task: the right answer, and a wrong one (person and city
+    swapped). ``wrong.jsonl`` (chat rows answered wrongly) makes a model that prefers the wrong answer;
+    ``train.jsonl`` and held-out ``eval.jsonl`` are preference pairs (chosen right, rejected wrong)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    held_out = extraction_examples(n_eval, seed + 1)
+    answers = [json.loads(r["messages"][1]["content"]) for r in held_out]
+    train = extraction_examples(n_train, seed, exclude={(a["name"], a["city"]) for a in answers})
+
+    def wrong(row: dict) -> dict:
+        answer = json.loads(row["messages"][1]["content"])
+        return {"role": "assistant", "content": json.dumps({"name": answer["city"], "city": answer["name"]})}
+
+    def pair(row: dict) -> dict:
+        return {"prompt": row["messages"][:1], "chosen": row["messages"][1], "rejected": wrong(row)}
+
+    paths = {"wrong": out / "wrong.jsonl", "train": out / "train.jsonl", "eval": out / "eval.jsonl"}
+    for name, rows in (("wrong", [{"messages": r["messages"][:1] + [wrong(r)]} for r in train]),
+                       ("train", [pair(r) for r in train]), ("eval", [pair(r) for r in held_out])):
+        paths[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return paths
