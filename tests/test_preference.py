@@ -242,6 +242,11 @@ def test_preference_runs_learn_and_log_their_metrics(tiny_llama, tmp_path, objec
     steps = [r for r in records if "reward_accuracy" in r]
     assert len(steps) == 3 and {"rewards_chosen", "rewards_rejected", "reward_margin", "logps_chosen", "logps_rejected"} <= set(steps[0])
     assert steps[-1]["reward_margin"] > steps[0]["reward_margin"]
+    if objective == "dpo" and method == "lora":  # the demo's held-out measure: against the adapter disabled (the reference)
+        from ftl.evaluate import preference_accuracy
+
+        measured = preference_accuracy(summary.checkpoint, DataSource(path=str(path), format="preference"))
+        assert measured["rows"] == 48 and measured["reward_accuracy"] > 0.5
 
 
 def _run(tiny_llama: Path, path: Path, run_dir: Path, objective: str, **train_cfg) -> Path:
@@ -319,3 +324,21 @@ def test_dpo_on_two_processes_matches_one(tiny_llama, tmp_path, method):
         result = ftl("train", str(config))
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
         assert_same_trace(reference, losses(tmp_path / strategy), f"{method} dpo/{strategy}")
+
+
+def test_demo_pairs_are_valid_preference_rows_of_the_real_chat_template(artifacts, tmp_path):
+    """ftl demo --objective dpo: right and swapped answers, the same prompt, rendered by SmolLM2's template."""
+    from ftl.data import build_dataset
+    from ftl.demo_data import write_preference_data
+
+    paths = write_preference_data(tmp_path, n_train=20, n_eval=5)
+    tokenizer = AutoTokenizer.from_pretrained(artifacts / "models" / "smollm2-135m-instruct")
+    source = DataSource(path=str(paths["eval"]), format="preference")
+    rows = build_dataset([source], tokenizer, DataSection(train=[source]))
+    assert len(rows) == 5
+    chosen = tokenizer.decode([t for t in rows[0]["labels"] if t != IGNORE_INDEX])
+    rejected = tokenizer.decode([t for t in rows[0]["rejected_labels"] if t != IGNORE_INDEX])
+    right = json.loads(chosen.removesuffix("<|im_end|>"))
+    assert json.loads(rejected.removesuffix("<|im_end|>")) == {"name": right["city"], "city": right["name"]}
+    wrong = json.loads(paths["wrong"].read_text().splitlines()[0])["messages"]
+    assert [m["role"] for m in wrong] == ["user", "assistant"]
