@@ -143,9 +143,10 @@ class PreferenceSection(_Section):
     simpo_gamma: float = Field(0.5, ge=0, le=1000, description="simpo only: the target reward margin gamma.")
     orpo_alpha: float = Field(0.1, gt=0, le=1000, description="orpo only: weight of the odds-ratio term beside the NLL "
                               "of the chosen response (the paper's lambda).")
-    reference: Literal["auto", "model"] = Field(
+    reference: Literal["auto", "model", "precomputed"] = Field(
         "auto", description="dpo/ipo: the reference model. auto: LoRA/QLoRA use the base with the adapter disabled (no "
-        "second copy), full fine-tuning a frozen copy of the starting model; model: that frozen copy.")
+        "second copy), full fine-tuning a frozen copy of the starting model; model: that frozen copy; precomputed: one "
+        "pass before training stores the reference log-probabilities with the preprocessed data (no reference in memory).")
 
 
 class QuantizationSection(_Section):

@@ -262,7 +262,10 @@ def collate(rows: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, to
     if "rejected_input_ids" in rows[0]:  # preference pairs: the chosen sides, then the rejected, in one batch
         sides = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
         sides += [{"input_ids": r["rejected_input_ids"], "labels": r["rejected_labels"]} for r in rows]
-        return collate(sides, pad_token_id)
+        batch = collate(sides, pad_token_id)
+        if "ref_chosen_logps" in rows[0]:  # preference.reference: precomputed
+            batch["ref_logps"] = torch.tensor([r["ref_chosen_logps"] for r in rows] + [r["ref_rejected_logps"] for r in rows])
+        return batch
     width = max(len(r["input_ids"]) for r in rows)
     if "position_ids" in rows[0]:
         batch = collate([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows], pad_token_id)

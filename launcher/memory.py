@@ -183,7 +183,7 @@ def estimate(recipe: Recipe, shape: Shape, strategy: str | None = None, micro_ba
             trainable += copy
             trainable_bytes += copy * kept_bytes
     weights = trainable_bytes + frozen_bytes
-    if method.objective in ("dpo", "ipo") and method.type == "full":
+    if method.objective in ("dpo", "ipo") and method.type == "full" and recipe.preference.reference != "precomputed":
         weights += shape.params * model_bytes  # the frozen reference copy
     gradients = trainable_bytes
     if master:

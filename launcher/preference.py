@@ -18,13 +18,19 @@ micro-batch, every rank), so accumulation and data parallelism give the mean ove
 ORPO's NLL term is scaled so it is the mean over the step's chosen tokens (TRL's per-batch mean).
 
 The reference (dpo, ipo): for LoRA/QLoRA the same model with its adapter disabled (no second copy of
-the weights); for full fine-tuning a frozen copy of the starting model, made before training.
+the weights); for full fine-tuning a frozen copy of the starting model, made before training; or,
+with ``preference.reference: precomputed``, the starting model's log-probabilities of every row,
+computed in one pass before the first step and kept beside the preprocessed data (no reference
+forward and no reference weights during training; a resumed run reads them back).
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -82,7 +88,8 @@ class Preference:
         self.recipe, self.objective = recipe, recipe.method.objective
         self.uses_reference = self.objective in ("dpo", "ipo")
         self.reference: torch.nn.Module | None = None
-        if self.uses_reference and recipe.method.type == "full":
+        self.precomputed = self.uses_reference and recipe.preference.reference == "precomputed"
+        if self.uses_reference and recipe.method.type == "full" and not self.precomputed:
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
         self.step_chosen_tokens: torch.Tensor | None = None
         self.step_pairs: torch.Tensor | None = None
@@ -112,7 +119,10 @@ class Preference:
         logps, counts = sequence_logps(model, batch)
         c, r, n_c, n_r = logps[:n], logps[n:], counts[:n].clamp(min=1), counts[n:].clamp(min=1)
         rc = rr = None
-        if self.uses_reference:
+        if self.precomputed:
+            ref = batch["ref_logps"].to(logps.dtype)
+            rc, rr = ref[:n], ref[n:]
+        elif self.uses_reference:
             ref, _ = self.reference_logps(model, batch)
             rc, rr = ref[:n], ref[n:]
         losses, chosen_rewards, rejected_rewards = pair_losses(self.objective, self.recipe, c, r, n_c, n_r, rc, rr)
@@ -143,3 +153,31 @@ class Preference:
         self._sums = {}
         pairs = sums.pop("pairs").clamp(min=1)
         return {k: (v / pairs).item() for k, v in sums.items()}
+
+
+def reference_file(recipe: Recipe, data_cache: Path) -> Path:
+    """Where a run's precomputed reference log-probabilities live: beside its preprocessed data, named
+    for what they depend on besides the data (the starting model and how it computes)."""
+    key = {"model": recipe.model.model_dump(mode="json"), "quantization": recipe.quantization.model_dump(mode="json"),
+           "mixed_precision": recipe.train.mixed_precision}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(data_cache) / f"reference-logps-{digest}.pt"
+
+
+@torch.no_grad()
+def precompute_reference(model: torch.nn.Module, rows: Any, collate: Callable[[list], dict], batch_size: int,
+                         device: torch.device, autocast: Callable) -> torch.Tensor:
+    """The model's (chosen, rejected) log-probabilities of every row, in order: one forward per batch.
+    Every rank runs every batch (a sharded model needs all ranks in each forward)."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(rows), batch_size):
+        batch = collate([rows[i] for i in range(start, min(start + batch_size, len(rows)))])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast(device):
+            logps, _ = sequence_logps(model, batch)
+        n = batch["input_ids"].shape[0] // 2
+        out.append(torch.stack([logps[:n], logps[n:]], dim=1).float().cpu())
+    model.train(was_training)
+    return torch.cat(out)

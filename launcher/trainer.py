@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,6 +107,8 @@ class Trainer:
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * total_steps)
         self.scheduler = get_scheduler(cfg.lr_scheduler, self.optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
+        if getattr(self.objective, "precomputed", False):
+            self._attach_reference(resuming=checkpoint is not None)
         if checkpoint is not None:
             self.state = load_training_state(checkpoint, acc, self.model, self.optimizer, self.scheduler, self.strategy)
         else:
@@ -141,6 +144,34 @@ class Trainer:
                 "lower train.micro_batch_size or add data"
             )
         return cfg.max_steps or math.ceil(cfg.epochs * math.ceil(per_epoch / cfg.gradient_accumulation_steps))
+
+    def _attach_reference(self, resuming: bool) -> None:
+        """preference.reference: precomputed: the starting model's log-probabilities of every row, computed
+        before the first step (the model is the reference then) and kept beside the preprocessed data."""
+        from ftl.preference import precompute_reference, reference_file
+
+        path = reference_file(self.recipe, Path(self.data_stats["cache"]))
+        if path.is_file():
+            table = torch.load(path, weights_only=True)
+        elif resuming:
+            raise TrainError(f"{path}: the precomputed reference log-probabilities are gone, and a resumed model is no longer "
+                             "the reference; start the run again (train.resume: never) or use preference.reference: auto")
+        else:
+            pad = self.tokenizer.pad_token_id
+            log.info("precomputing the reference log-probabilities of %d train rows", len(self.train_set))
+            table = {name: precompute_reference(self.model, rows, lambda r: collate(r, pad), self.cfg.micro_batch_size,
+                                                self.accelerator.device, self.strategy.autocast)
+                     for name, rows in (("train", self.train_set), ("eval", self.eval_set)) if rows is not None}
+            if self.main:
+                tmp = path.with_name(path.name + ".tmp")
+                torch.save(table, tmp)
+                os.replace(tmp, path)
+            self.accelerator.wait_for_everyone()
+        for name in ("train", "eval"):
+            rows = getattr(self, f"{name}_set")
+            if rows is not None:
+                rows = rows.add_column("ref_chosen_logps", table[name][:, 0].tolist())
+                setattr(self, f"{name}_set", rows.add_column("ref_rejected_logps", table[name][:, 1].tolist()))
 
     # ------------------------------------------------------------------------- the loop's verbs
 
