@@ -75,6 +75,7 @@ def prepare(recipe: Recipe, tokenizer: Any) -> tuple[datasets.Dataset, datasets.
             return loaded
         except Exception as err:  # a damaged cache is derived data: build it again
             log.warning("preprocessed data in %s is unreadable (%s); preparing it again", directory, first_line(err))
+    stale = directory.exists()
     stats: dict[str, Any] = {"sources": []}
     cfg = recipe.data
     train_set = build_dataset(cfg.train, tokenizer, cfg, seed=recipe.train.seed, stats=stats["sources"])
@@ -97,9 +98,25 @@ def prepare(recipe: Recipe, tokenizer: Any) -> tuple[datasets.Dataset, datasets.
     if eval_set is not None:
         eval_set.save_to_disk(str(tmp / "eval"))
     (tmp / STATS).write_text(json.dumps(stats, indent=2))
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(tmp, directory)
+    _publish(tmp, directory, stale)
     return _load(directory)
+
+
+def _publish(tmp: Path, directory: Path, stale: bool) -> None:
+    """Rename the finished cache into place. Another process may have finished the same cache
+    meanwhile (each machine's launcher prepares the data of a multi-machine run on the shared run
+    directory): theirs is kept and ours dropped, never deleted under a process reading it."""
+    if (directory / STATS).is_file() and not stale:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    if stale:
+        shutil.rmtree(directory, ignore_errors=True)  # the damaged cache found at the start
+    try:
+        os.replace(tmp, directory)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (directory / STATS).is_file():
+            raise
 
 
 def _load(directory: Path) -> tuple[datasets.Dataset, datasets.Dataset | None, dict[str, Any]]:

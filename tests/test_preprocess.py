@@ -96,3 +96,20 @@ def test_an_eval_fraction_that_leaves_no_train_rows_is_an_error(tiny_llama, tmp_
     recipe = validate_recipe(make_recipe(tiny_llama, path, tmp_path / "run", data={"eval_fraction": 0.9}))
     with pytest.raises(DataError, match="data.eval_fraction: holding out 2 of 2 rows leaves none to train on"):
         preprocess.prepare(recipe.resolved(), AutoTokenizer.from_pretrained(tiny_llama))
+
+
+def test_a_cache_another_process_finished_first_is_kept(tmp_path):
+    """Each machine's launcher of a multi-machine run prepares the same cache on the shared run
+    directory: the one that finishes second keeps the first one's (never deleting it under a
+    process that reads it) and drops its own; a damaged cache found at the start is replaced."""
+    directory = tmp_path / "cache"
+    for name, text in (("first", "theirs"), ("second", "ours")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / preprocess.STATS).write_text(text)
+    preprocess._publish(tmp_path / "first", directory, stale=False)
+    preprocess._publish(tmp_path / "second", directory, stale=False)
+    assert (directory / preprocess.STATS).read_text() == "theirs" and not (tmp_path / "second").exists()
+    (tmp_path / "third").mkdir()
+    (tmp_path / "third" / preprocess.STATS).write_text("rebuilt")
+    preprocess._publish(tmp_path / "third", directory, stale=True)
+    assert (directory / preprocess.STATS).read_text() == "rebuilt"
