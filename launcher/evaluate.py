@@ -94,25 +94,24 @@ def preference_accuracy(model_path: str | Path, data: DataSource, max_length: in
     """On preference rows: how often the model gives the chosen response a higher log-probability than
     the rejected one, and, for an adapter (whose disabled state is the reference), how often DPO's
     implicit reward (the log-ratio to the reference) is higher for the chosen one."""
+    from contextlib import nullcontext
+
     from ftl.config import DataSection
     from ftl.data import build_dataset, collate
     from ftl.model import load_for_inference
-    from ftl.preference import sequence_logps
+    from ftl.preference import precompute_reference
 
     model, tokenizer = load_for_inference(Path(model_path))
-    model.eval()
     rows = build_dataset([data], tokenizer, DataSection(train=[data], max_length=max_length))
-    likelihood = reward = 0
-    for start in range(0, len(rows), 8):
-        batch = collate([rows[i] for i in range(start, min(start + 8, len(rows)))], tokenizer.pad_token_id)
-        n = batch["input_ids"].shape[0] // 2
-        logps, _ = sequence_logps(model, batch)
-        likelihood += (logps[:n] > logps[n:]).sum().item()
-        if hasattr(model, "disable_adapter"):
-            with model.disable_adapter():
-                ref, _ = sequence_logps(model, batch)
-            reward += ((logps[:n] - ref[:n]) > (logps[n:] - ref[n:])).sum().item()
-    result = {"rows": len(rows), "likelihood_accuracy": likelihood / len(rows)}
+    device = next(model.parameters()).device
+
+    def logps() -> torch.Tensor:  # (chosen, rejected) per row
+        return precompute_reference(model, rows, lambda r: collate(r, tokenizer.pad_token_id), 8, device, lambda d: nullcontext())
+
+    policy = logps()
+    result = {"rows": len(rows), "likelihood_accuracy": (policy[:, 0] > policy[:, 1]).float().mean().item()}
     if hasattr(model, "disable_adapter"):
-        result["reward_accuracy"] = reward / len(rows)
+        with model.disable_adapter():
+            ratios = policy - logps()
+        result["reward_accuracy"] = (ratios[:, 0] > ratios[:, 1]).float().mean().item()
     return result

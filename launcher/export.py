@@ -109,12 +109,14 @@ def export(
             template = _write_tokenizer(checkpoint, recipe, tmp)
             report = {"mode": mode, "dtype": options.dtype, "checkpoint": f"{checkpoint.parent.name}/{checkpoint.name}",
                       "chat_template": template}
+            sequences = None
             if options.verify:
-                report.update(verify_export(tmp, checkpoint, recipe, options, mode, merge))
+                sequences = verification_sequences(recipe, AutoTokenizer.from_pretrained(tmp), options.verify_prompts)
+                report.update(verify_export(tmp, checkpoint, recipe, options, mode, merge, sequences))
             else:
                 report.update({"verified": False, "passed": True})
             if options.gguf and report["passed"]:
-                report.update(_write_gguf(tmp, recipe, options, report))
+                report.update(_write_gguf(tmp, options, report, sequences))
             (tmp / "verify.json").write_text(json.dumps(report, indent=2))
         _write_model_card(tmp, checkpoint, recipe, report)
         _readable(tmp)
@@ -210,14 +212,15 @@ def _local_model_dir(path: str) -> Path:
         raise ExportError(f"model.path: {path} is neither a local directory nor in the Hugging Face cache; download it first") from None
 
 
-def _write_gguf(out: Path, recipe: Recipe, options: ExportSection, report: dict[str, Any]) -> dict[str, Any]:
-    """llama.cpp's conversion of the verified export; in float32 it must give the export's logits."""
+def _write_gguf(out: Path, options: ExportSection, report: dict[str, Any], sequences: list[list[int]] | None) -> dict[str, Any]:
+    """llama.cpp's conversion of the verified export; in float32 it must give the export's logits
+    (on the verification's own sequences; none when verification is off)."""
     from ftl import gguf
 
     path = gguf.convert(out, options.gguf, out / f"model-{options.gguf}.gguf")
-    if not options.verify:
+    if sequences is None:
         return {"gguf": path.name}
-    result = gguf.compare(out, path, verification_sequences(recipe, AutoTokenizer.from_pretrained(out), options.verify_prompts))
+    result = gguf.compare(out, path, sequences)
     if options.gguf == "f32" and result["gguf_max_abs_logit_diff"] > TOLERANCE * report["reference_logit_std"]:
         result["passed"] = False
     return result

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from ftl.checkpoint import zero_fp32_state_dict
 from ftl.config import ExportSection, Recipe
@@ -30,9 +30,8 @@ ORIGINAL_TOLERANCE = 1.0  # qlora_merge: original moves logits by design; only g
 
 
 @torch.no_grad()
-def verify_export(out: Path, checkpoint: Path, recipe: Recipe, options: ExportSection, mode: str, merge: Merge) -> dict[str, Any]:
-    tokenizer = AutoTokenizer.from_pretrained(out)
-    sequences = verification_sequences(recipe, tokenizer, options.verify_prompts)
+def verify_export(out: Path, checkpoint: Path, recipe: Recipe, options: ExportSection, mode: str, merge: Merge,
+                  sequences: list[list[int]]) -> dict[str, Any]:
 
     trained = _trained_model(out, checkpoint, recipe, mode)
     reference = [trained(input_ids=torch.tensor([ids])).logits.float()[0] for ids in sequences]

@@ -39,9 +39,6 @@ import torch.nn.functional as F
 from ftl.config import Recipe
 from ftl.loss import IGNORE_INDEX
 
-METRICS = ("rewards_chosen", "rewards_rejected", "reward_accuracy", "reward_margin", "logps_chosen", "logps_rejected")
-
-
 def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sequence: the sum of its targets' log-probabilities (fp32) and how many targets it has."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
