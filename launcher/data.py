@@ -252,17 +252,18 @@ def _draw(dataset: datasets.Dataset, source: DataSource, seed: int) -> datasets.
     return dataset.select(indices)
 
 
-def collate(rows: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+def collate(rows: list[dict[str, list[int]]], pad_token_id: int, pack_pairs: bool = False) -> dict[str, torch.Tensor]:
     """Pad a micro-batch on the right to its longest row.
 
     Packed rows (with ``position_ids``) get no attention mask, which is how transformers knows to
     keep their examples apart; their padding is one more "example" whose labels are all ignored.
-    ``token_mask`` marks real tokens either way.
+    ``token_mask`` marks real tokens either way. Preference pairs: the chosen sides, then the
+    rejected, as rows of one batch; or, with ``pack_pairs`` (``data.packing``), all in one row.
     """
-    if "rejected_input_ids" in rows[0]:  # preference pairs: the chosen sides, then the rejected, in one batch
+    if "rejected_input_ids" in rows[0]:
         sides = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
         sides += [{"input_ids": r["rejected_input_ids"], "labels": r["rejected_labels"]} for r in rows]
-        batch = collate(sides, pad_token_id)
+        batch = pack_sequences(sides) if pack_pairs else collate(sides, pad_token_id)
         if "ref_chosen_logps" in rows[0]:  # preference.reference: precomputed
             batch["ref_logps"] = torch.tensor([r["ref_chosen_logps"] for r in rows] + [r["ref_rejected_logps"] for r in rows])
         return batch
@@ -285,6 +286,20 @@ def collate(rows: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, to
         labels[i, :n] = torch.tensor(row["labels"])
         attention_mask[i, :n] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def pack_sequences(sequences: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+    """Padding-free: the sequences one after another in a single row, ``position_ids`` restarting
+    at each (transformers keeps them apart, see ``ftl.packing``) and ``sequence_lengths`` to tell
+    them apart again after the forward. Each sequence's first token is no target, as alone."""
+    input_ids, labels, positions = [], [], []
+    for sequence in sequences:
+        input_ids += sequence["input_ids"]
+        labels += [IGNORE_INDEX] + list(sequence["labels"][1:])
+        positions += range(len(sequence["input_ids"]))
+    return {"input_ids": torch.tensor([input_ids]), "labels": torch.tensor([labels]), "position_ids": torch.tensor([positions]),
+            "token_mask": torch.ones(1, len(input_ids), dtype=torch.long),
+            "sequence_lengths": torch.tensor([len(sequence["input_ids"]) for sequence in sequences])}
 
 
 def batch_indices(n_rows: int, micro_batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:

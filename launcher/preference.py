@@ -1,7 +1,8 @@
 """Preference objectives (DPO, IPO, SimPO, ORPO) on the one training loop.
 
 A micro-batch holds N pairs as 2N sequences, the chosen sides then the rejected (``ftl.data.collate``),
-through the model in one forward. Each sequence's log-probability is the sum of its targets'
+through the model in one forward: 2N padded rows, or with ``data.packing`` one row without padding
+(``ftl.data.pack_sequences``; the block-diagonal attention keeps the sequences apart). Each sequence's log-probability is the sum of its targets'
 log-probabilities (the response and its EOS/end-of-turn token, never the prompt); ``avg`` below is
 that sum over the number of targets. With ``c``/``r`` the policy's chosen/rejected log-probabilities,
 ``rc``/``rr`` the reference model's, ``b`` beta and ``e`` label smoothing, the loss of a pair is
@@ -26,7 +27,6 @@ forward and no reference weights during training; a resumed run reads them back)
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 from contextlib import nullcontext
@@ -39,14 +39,35 @@ import torch.nn.functional as F
 from ftl.config import Recipe
 from ftl.loss import IGNORE_INDEX
 
+def sequence_count(batch: dict[str, torch.Tensor]) -> int:
+    """How many sequences (chosen then rejected sides) a micro-batch holds, packed or padded."""
+    return len(batch["sequence_lengths"]) if "sequence_lengths" in batch else batch["input_ids"].shape[0]
+
+
+def target_sequences(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each next-token target (``labels[:, 1:]``): whether it counts, and the sequence it is in."""
+    labels = batch["labels"][:, 1:]
+    if "sequence_lengths" in batch:  # padding-free: every sequence in one row
+        lengths = batch["sequence_lengths"]
+        owner = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths,
+                                        output_size=batch["input_ids"].shape[1])
+        return labels != IGNORE_INDEX, owner[None, 1:]
+    return labels != IGNORE_INDEX, torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)
+
+
 def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sequence: the sum of its targets' log-probabilities (fp32) and how many targets it has."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    logits = model(**inputs, use_cache=False).logits
     logits = logits[:, :-1].float()
     labels = batch["labels"][:, 1:]
-    mask = labels != IGNORE_INDEX
-    token_logps = -F.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
-    return (token_logps * mask).sum(-1), mask.sum(-1)
+    mask, owner = target_sequences(batch)
+    token_logps = -F.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none") * mask
+    if "sequence_lengths" not in batch:
+        return token_logps.sum(-1), mask.sum(-1)
+    n = sequence_count(batch)
+    return (token_logps.new_zeros(n).index_add(0, owner[0], token_logps[0]),
+            mask.new_zeros(n, dtype=torch.long).index_add(0, owner[0], mask[0].long()))
 
 
 def pair_losses(objective: str, recipe: Recipe, c: torch.Tensor, r: torch.Tensor, n_c: torch.Tensor, n_r: torch.Tensor,
@@ -77,42 +98,52 @@ def pair_losses(objective: str, recipe: Recipe, c: torch.Tensor, r: torch.Tensor
     return -p.orpo_alpha * F.logsigmoid(log_odds), p.orpo_alpha * avg_c.detach(), p.orpo_alpha * avg_r.detach()
 
 
+def needs_reference_copy(recipe: Recipe) -> bool:
+    """Full-fine-tuning DPO/IPO with a live reference: a frozen copy of the starting model runs beside
+    the policy (LoRA disables its adapter instead; precomputed stores the log-probabilities)."""
+    return recipe.method.objective in ("dpo", "ipo") and recipe.method.type == "full" and recipe.preference.reference != "precomputed"
+
+
 class Preference:
     """The objective the trainer calls (``targets``, ``loss_sum``; see ``ftl.loss.CausalLM``), and the
-    metrics of the pairs it saw since the last ``take_metrics``."""
+    metrics of the pairs it saw since the last ``take_metrics``. ``reference``: the frozen copy of
+    full fine-tuning (see ``needs_reference_copy``), placed by the strategy; None otherwise."""
 
-    def __init__(self, recipe: Recipe, model: torch.nn.Module):
+    def __init__(self, recipe: Recipe, reference: torch.nn.Module | None = None):
         self.recipe, self.objective = recipe, recipe.method.objective
         self.uses_reference = self.objective in ("dpo", "ipo")
-        self.reference: torch.nn.Module | None = None
+        self.reference = reference
         self.precomputed = self.uses_reference and recipe.preference.reference == "precomputed"
-        if self.uses_reference and recipe.method.type == "full" and not self.precomputed:
-            self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+        if needs_reference_copy(recipe) != (reference is not None):  # else the policy would be its own reference
+            raise ValueError(f"{recipe.method.type} fine-tuning with {self.objective} and preference.reference "
+                             f"{recipe.preference.reference}: unexpected reference {type(reference).__name__}")
         self.step_chosen_tokens: torch.Tensor | None = None
         self.step_pairs: torch.Tensor | None = None
         self._sums: dict[str, torch.Tensor] = {}
 
     def targets(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.tensor(batch["input_ids"].shape[0] // 2, device=batch["input_ids"].device)
+        return torch.tensor(sequence_count(batch) // 2, device=batch["input_ids"].device)
 
     def begin_step(self, micro: list[dict[str, torch.Tensor]], reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """ORPO's NLL term is a mean over the step's chosen tokens: count them (every rank) first."""
         if self.objective == "orpo":
-            chosen = [mb["labels"][: mb["labels"].shape[0] // 2, 1:] != IGNORE_INDEX for mb in micro]
-            self.step_chosen_tokens = reduce(sum(c.sum() for c in chosen)).clamp(min=1)
+            chosen = []
+            for mb in micro:
+                mask, owner = target_sequences(mb)
+                chosen.append((mask & (owner < sequence_count(mb) // 2)).sum())
+            self.step_chosen_tokens = reduce(sum(chosen)).clamp(min=1)
             self.step_pairs = reduce(sum(self.targets(mb) for mb in micro)).clamp(min=1)
 
     def reference_logps(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
             if self.reference is not None:
-                self.reference.to(batch["input_ids"].device)  # (a no-op after the first batch)
                 return sequence_logps(self.reference, batch)
             inner = getattr(model, "module", model)
             with (inner.disable_adapter() if hasattr(inner, "disable_adapter") else nullcontext()):
                 return sequence_logps(model, batch)
 
     def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], training: bool = True) -> torch.Tensor:
-        n = batch["input_ids"].shape[0] // 2
+        n = sequence_count(batch) // 2
         logps, counts = sequence_logps(model, batch)
         c, r, n_c, n_r = logps[:n], logps[n:], counts[:n].clamp(min=1), counts[n:].clamp(min=1)
         rc = rr = None
@@ -174,7 +205,7 @@ def precompute_reference(model: torch.nn.Module, rows: Any, collate: Callable[[l
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast(device):
             logps, _ = sequence_logps(model, batch)
-        n = batch["input_ids"].shape[0] // 2
+        n = sequence_count(batch) // 2
         out.append(torch.stack([logps[:n], logps[n:]], dim=1).float().cpu())
     model.train(was_training)
     return torch.cat(out)

@@ -89,7 +89,7 @@ def prepare(recipe: Recipe, tokenizer: Any) -> tuple[datasets.Dataset, datasets.
         eval_set = train_set.select(sorted(order[:held_out].tolist()))
         train_set = train_set.select(sorted(order[held_out:].tolist()))
     stats.update(_length_stats(train_set))
-    if cfg.packing:
+    if cfg.packing and "rejected_input_ids" not in train_set.column_names:  # pairs are packed per micro-batch (collate)
         train_set, packing = pack_dataset(train_set, cfg.max_length)
         stats.update(packing)
     tmp = directory.with_name(f"{directory.name}.tmp{os.getpid()}")

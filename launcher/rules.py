@@ -71,13 +71,8 @@ def _preference(recipe: Recipe) -> Problems:
     if pref.reference == "model" and recipe.method.type != "full":
         problems.append((("preference", "reference"), "LoRA and QLoRA use the base model with the adapter disabled as the "
                          "reference; a frozen copy (model) is for method.type: full"))
-    for key, on in (("packing", data.packing), ("streaming", data.streaming)):
-        if on:
-            problems.append((("data", key), f"not available with method.objective {objective} yet; turn it off"))
-    if (objective in ("dpo", "ipo") and recipe.method.type == "full" and pref.reference != "precomputed"
-            and strategies.for_recipe(recipe).shards_weights):
-        problems.append((("distributed", "strategy"), f"full fine-tuning with {objective} keeps a frozen reference copy, "
-                         "which is not sharded yet; use preference.reference: precomputed, zero1, zero2 or ddp, or method.type: lora"))
+    if data.streaming:
+        problems.append((("data", "streaming"), f"not available with method.objective {objective} yet; preprocess instead"))
     if isinstance(recipe.kernels, list) and "fused_ce" in recipe.kernels:
         problems.append((("kernels",), "fused_ce computes a summed loss; preference objectives need per-sequence "
                          "log-probabilities: remove fused_ce"))

@@ -12,6 +12,7 @@ batch of the same rows. What the loss is belongs to the objective (``ftl.loss.Ca
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -33,7 +34,7 @@ from ftl.data import batch_indices, build_dataset, collate, load_source
 from ftl.flops import flops_counter, peak_flops, peak_memory_gib
 from ftl.loss import CausalLM
 from ftl.metrics import MetricsWriter, TrainingProgress, plot_losses, read_metrics, summary_table
-from ftl.model import build_model
+from ftl.model import build_model, load_base_model
 from ftl.optim import build_optimizer
 from ftl.plan import make_plan
 from ftl.preprocess import prepare as prepare_data
@@ -85,6 +86,7 @@ class Trainer:
             if self.main:
                 load_source(source, streaming=recipe.data.streaming)
         self.model, self.tokenizer = build_model(recipe)
+        self.collate = functools.partial(collate, pad_token_id=self.tokenizer.pad_token_id, pack_pairs=recipe.data.packing)
         total_steps = self._load_data()
         # Model, tokenizer, data and checkpoint have all been checked: only now may the run directory change.
         if self.main:
@@ -94,10 +96,15 @@ class Trainer:
         acc.wait_for_everyone()
 
         fused = _apply_kernels(recipe, self.model, self.strategy, acc.device)
-        if recipe.method.objective != "sft" and objective is CausalLM:  # before sharding: a full run copies the model
-            from ftl.preference import Preference
+        if recipe.method.objective != "sft" and objective is CausalLM:
+            from ftl.preference import Preference, needs_reference_copy
 
-            self.objective = Preference(recipe, self.model)
+            reference = None
+            if needs_reference_copy(recipe):  # loaded again, as the policy was (under ZeRO-3: partitioned as it loads)
+                reference = load_base_model(recipe.model, self.tokenizer, recipe.quantization).eval().requires_grad_(False)
+                _apply_kernels(recipe, reference, self.strategy, acc.device)
+                reference = self.strategy.prepare_reference(acc, reference)
+            self.objective = Preference(recipe, reference)
         else:
             self.objective = objective(fused)
         model = self.strategy.shard(self.model, acc.device)
@@ -157,9 +164,8 @@ class Trainer:
             raise TrainError(f"{path}: the precomputed reference log-probabilities are gone, and a resumed model is no longer "
                              "the reference; start the run again (train.resume: never) or use preference.reference: auto")
         else:
-            pad = self.tokenizer.pad_token_id
             log.info("precomputing the reference log-probabilities of %d train rows", len(self.train_set))
-            table = {name: precompute_reference(self.model, rows, lambda r: collate(r, pad), self.cfg.micro_batch_size,
+            table = {name: precompute_reference(self.model, rows, self.collate, self.cfg.micro_batch_size,
                                                 self.accelerator.device, self.strategy.autocast)
                      for name, rows in (("train", self.train_set), ("eval", self.eval_set)) if rows is not None}
             if self.main:
@@ -186,7 +192,8 @@ class Trainer:
         rows_per_step = cfg.micro_batch_size * cfg.gradient_accumulation_steps * self.world
         self.progress.message(
             (f"packed {stats['examples']} examples into {rows} rows of {data.max_length} tokens "
-             f"({stats['packing_efficiency']:.1%} filled); " if data.packing else "") +
+             f"({stats['packing_efficiency']:.1%} filled); " if "packing_efficiency" in stats else "") +
+            ("each micro-batch's pairs in one row, padding-free; " if data.packing and "packing_efficiency" not in stats else "") +
             f"training {state.total_steps} steps: {rows} rows, {self.world} process(es) ({self.strategy.name}), micro-batch "
             f"{cfg.micro_batch_size} x accumulation {cfg.gradient_accumulation_steps} x {self.world} = {rows_per_step} rows/step"
         )
@@ -197,7 +204,7 @@ class Trainer:
         """This rank's micro-batches for the next optimizer step, on its device."""
         cfg, state, accum = self.cfg, self.state, self.cfg.gradient_accumulation_steps
         if self.stream is not None:
-            micro = [collate(self.stream.next_rows(cfg.micro_batch_size), self.tokenizer.pad_token_id) for _ in range(accum)]
+            micro = [self.collate(self.stream.next_rows(cfg.micro_batch_size)) for _ in range(accum)]
             state.epoch, self.batches_in_epoch = self.stream.epoch, 0
         else:
             batches = batch_indices(len(self.train_set), cfg.micro_batch_size, cfg.seed, state.epoch, self.rank, self.world)
@@ -205,7 +212,7 @@ class Trainer:
                 state.epoch, state.position = state.epoch + 1, 0
                 batches = batch_indices(len(self.train_set), cfg.micro_batch_size, cfg.seed, state.epoch, self.rank, self.world)
             self.batches_in_epoch = len(batches)
-            micro = [collate([self.train_set[i] for i in idx], self.tokenizer.pad_token_id)
+            micro = [self.collate([self.train_set[i] for i in idx])
                      for idx in batches[state.position : state.position + accum]]
         return [{k: v.to(self.accelerator.device) for k, v in mb.items()} for mb in micro]
 
@@ -291,7 +298,7 @@ class Trainer:
         for r in range(math.ceil(len(batches) / self.world)):
             index = r * self.world + self.rank
             # Every rank runs the same number of forwards (sharded models need all ranks); extra ones count zero.
-            batch = collate([self.eval_set[i] for i in batches[min(index, len(batches) - 1)]], self.tokenizer.pad_token_id)
+            batch = self.collate([self.eval_set[i] for i in batches[min(index, len(batches) - 1)]])
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             with self.strategy.autocast(acc.device):
                 loss = self.objective.loss_sum(model, batch, training=False)

@@ -206,3 +206,16 @@ def test_preference_objectives_count_two_sequences_per_row_and_the_reference_cop
     lora = recipe_for(tmp_path, method={"type": "lora", "objective": "dpo"}, **common)
     lora_sft = recipe_for(tmp_path, method={"type": "lora"}, **{**common, "data": {"train": {"path": "x"}, "max_length": 32}})
     assert estimate(lora, SHAPE).weights == pytest.approx(estimate(lora_sft, SHAPE).weights)  # the adapter disabled
+
+
+@pytest.mark.parametrize("strategy, share", [("zero1", 1), ("zero2", 1), ("ddp", 1), ("zero3", 1 / 4), ("fsdp2", 1 / 4)])
+def test_the_reference_copy_is_sharded_as_the_policy(tmp_path, strategy, share):
+    """Full DPO's frozen reference: whole under DDP and ZeRO-1/2, a quarter on each of 4 processes under
+    ZeRO-3 and FSDP2 (as the policy's weights); precomputed, nothing."""
+    common = {"model": {"path": "x", "dtype": "bfloat16"}, "train": {"micro_batch_size": 2},
+              "data": {"train": {"path": "x", "format": "preference"}, "max_length": 32},
+              "distributed": {"strategy": strategy, "num_processes": 4}}
+    live = recipe_for(tmp_path, method={"type": "full", "objective": "dpo"}, **common)
+    stored = recipe_for(tmp_path, method={"type": "full", "objective": "dpo"}, preference={"reference": "precomputed"}, **common)
+    reference_gib = SHAPE.params * 2 / 2**30
+    assert estimate(live, SHAPE).weights - estimate(stored, SHAPE).weights == pytest.approx(reference_gib * share)

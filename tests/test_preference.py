@@ -115,7 +115,7 @@ def test_losses_and_gradients_equal_trls(tiny_llama, tmp_path, case):
     recipe = validate_recipe(make_recipe(tiny_llama, tmp_path / "x.jsonl", tmp_path / "run",
                                          data={"train": {"path": str(tmp_path / "x.jsonl"), "format": "preference"}},
                                          method={"objective": objective}, preference=settings))
-    ours = Preference(recipe, model)
+    ours = Preference(recipe)
     ftl_batch = _as_ftl_batch(kind, batch)
     ours.begin_step([ftl_batch], lambda t: t)
     model.zero_grad()
@@ -132,7 +132,7 @@ def test_losses_and_gradients_equal_trls(tiny_llama, tmp_path, case):
     other = validate_recipe(make_recipe(tiny_llama, tmp_path / "x.jsonl", tmp_path / "run",
                                         data={"train": {"path": str(tmp_path / "x.jsonl"), "format": "preference"}},
                                         method={"objective": objective}, preference={**settings, key: settings.get(key, 0.1) * 3}))
-    changed = Preference(other, model)
+    changed = Preference(other)
     changed.begin_step([ftl_batch], lambda t: t)
     with torch.no_grad():
         assert abs(changed.loss_sum(model, ftl_batch).item() / len(ROWS) - trl_loss.item()) > 1e-4
@@ -209,8 +209,8 @@ def test_recipe_rules(tiny_llama, tmp_path):
         recipe(data=preference_data, method={"objective": "dpo"}, preference={"simpo_gamma": 1.0})
     with pytest.raises(RecipeError, match=r"preference\.beta: applies to method.objective dpo or ipo or simpo, not sft"):
         recipe(preference={"beta": 0.5})
-    with pytest.raises(RecipeError, match=r"data\.packing: not available with method.objective dpo"):
-        recipe(data={**preference_data, "packing": True}, method={"objective": "dpo"})
+    with pytest.raises(RecipeError, match=r"data\.streaming: not available with method.objective dpo"):
+        recipe(data={**preference_data, "streaming": True}, method={"objective": "dpo"}, train={"max_steps": 2})
     with pytest.raises(RecipeError, match=r"preference\.reference: LoRA and QLoRA use the base model"):
         recipe(data=preference_data, method={"objective": "dpo"}, preference={"reference": "model"})
     assert recipe(data=preference_data, method={"objective": "orpo", "type": "full"}).method.objective == "orpo"
@@ -249,15 +249,78 @@ def test_preference_runs_learn_and_log_their_metrics(tiny_llama, tmp_path, objec
         assert measured["rows"] == 48 and measured["reward_accuracy"] > 0.5
 
 
+def _varied_pairs(n: int) -> list[dict]:
+    """Pairs of unequal lengths (prompts of 0-6 extra words, responses of 1-3), so padding would matter."""
+    return [{**row, "prompt": "please " * (i % 7) + row["prompt"], "chosen": row["chosen"] * (1 + i % 3),
+             "rejected": row["rejected"] * (1 + (i + 1) % 3)} for i, row in enumerate(_pairs(n))]
+
+
+@pytest.mark.parametrize("objective", ["dpo", "ipo", "simpo", "orpo"])
+def test_packed_pairs_give_the_padded_loss_and_gradients(tiny_llama, tmp_path, objective):
+    """data.packing: a micro-batch's 2N sequences in one row without padding (position_ids restart,
+    transformers' block-diagonal attention) give the loss and gradients of the padded batch, which
+    is TRL's (above)."""
+    from ftl.data import collate
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    source, cfg = DataSource(path="x", format="preference"), DataSection(train=[{"path": "x", "format": "preference"}])
+    rows = [tokenize_row(row, source, tokenizer, cfg, f"x: row {i}") for i, row in enumerate(_varied_pairs(6))]
+    padded, packed = collate(rows, tokenizer.pad_token_id), collate(rows, tokenizer.pad_token_id, pack_pairs=True)
+    assert packed["input_ids"].shape[0] == 1 and packed["input_ids"].shape[1] < padded["input_ids"].numel()
+    assert packed["input_ids"].shape[1] == padded["attention_mask"].sum()  # every token real, none left out
+    model = _policy(tiny_llama)
+    _move(model)
+    recipe = validate_recipe(make_recipe(tiny_llama, tmp_path / "x.jsonl", tmp_path / "run",
+                                         data={"train": {"path": "x", "format": "preference"}}, method={"objective": objective}))
+    results = []
+    for batch in (padded, packed):
+        ours = Preference(recipe)
+        ours.begin_step([batch], lambda t: t)
+        model.zero_grad()
+        loss = ours.loss_sum(model, batch) / ours.targets(batch)
+        loss.backward()
+        results.append((loss.item(), _grads(model), ours.take_metrics(lambda t: t)))
+    (loss_a, grads_a, metrics_a), (loss_b, grads_b, metrics_b) = results
+    assert abs(loss_a - loss_b) <= 1e-5 * max(1.0, abs(loss_a)), (loss_a, loss_b)
+    for name, grad in grads_a.items():
+        torch.testing.assert_close(grads_b[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    for key, value in metrics_a.items():
+        assert metrics_b[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+def test_a_packed_dpo_run_traces_the_padded_one(tiny_llama, tmp_path, monkeypatch):
+    """Through the real loop, with eval and a precomputed reference: packing changes no loss (1e-5)."""
+    import ftl.data
+
+    packed_batches = []
+    pack = ftl.data.pack_sequences
+    monkeypatch.setattr(ftl.data, "pack_sequences", lambda sequences: packed_batches.append(len(sequences)) or pack(sequences))
+    path = write_jsonl(tmp_path / "pairs.jsonl", _varied_pairs(48))
+    for reference in ("auto", "precomputed"):
+        padded = _run(tiny_llama, path, tmp_path / f"padded-{reference}", "dpo", preference={"reference": reference},
+                      max_steps=8, eval_steps=8)
+        packed = _run(tiny_llama, path, tmp_path / f"packed-{reference}", "dpo", preference={"reference": reference},
+                      max_steps=8, eval_steps=8, packing=True)
+        a, b = _trace(padded), _trace(packed)
+        assert len(a) == 8 and max(a) - min(a) > 1e-3  # the policy moved
+        for x, y in zip(a, b, strict=True):
+            assert abs(x - y) <= 1e-5 * max(1.0, abs(x)), (a, b)
+        assert packed_batches and set(packed_batches) == {16}  # 8 pairs per micro-batch in one row
+        packed_batches.clear()
+        evals = [[json.loads(line)["eval_loss"] for line in (run / "metrics.jsonl").read_text().splitlines() if "eval_loss" in line]
+                 for run in (padded, packed)]
+        assert evals[1] == pytest.approx(evals[0], rel=1e-5)
+
+
 def _run(tiny_llama: Path, path: Path, run_dir: Path, objective: str, method: str = "lora", preference: dict | None = None,
-         **train_cfg) -> Path:
+         packing: bool = False, **train_cfg) -> Path:
     from ftl.train import train
 
     cfg = {"max_steps": 6, "micro_batch_size": 8, "learning_rate": 5e-3 if method == "lora" else 1e-3, "logging_steps": 1,
            "seed": 0, **train_cfg}
     train(validate_recipe(make_recipe(
         tiny_llama, path, run_dir, path, data={"train": {"path": str(path), "format": "preference"},
-                                               "eval": {"path": str(path), "format": "preference"}},
+                                               "eval": {"path": str(path), "format": "preference"}, "packing": packing},
         method={"type": method, "objective": objective, "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
         preference=preference or {}, train=cfg)))
     return run_dir
@@ -297,41 +360,44 @@ def test_stopped_and_resumed_dpo_run_is_bitwise_identical(tiny_llama, tmp_path):
     assert len(_trace(straight)) == 16 and _trace(tmp_path / "stopped") == _trace(straight)
 
 
-PARITY = {"lora": ["ddp", "zero2", "zero3", "fsdp2"], "qlora": ["ddp"], "full": ["zero1", "zero3", "fsdp2"]}
+# (strategy, preference.reference) per method; full: the frozen reference copy sharded as the policy
+PARITY = {"lora": [("ddp", "auto"), ("zero2", "auto"), ("zero3", "auto"), ("fsdp2", "auto")], "qlora": [("ddp", "auto")],
+          "full": [("zero1", "model"), ("zero3", "model"), ("fsdp2", "model"), ("zero3", "precomputed")]}
+STEPS = 20
 
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("method", sorted(PARITY))
 def test_dpo_on_two_processes_matches_one(tiny_llama, tmp_path, method):
-    """The reference (LoRA: the adapter disabled; full: precomputed, so the sharded run holds no
-    reference copy) and the pair mean under every strategy: 2 processes give one process's loss
-    trace (12 steps, 1e-5 relative)."""
+    """The reference (LoRA: the adapter disabled; full: a frozen copy, sharded under ZeRO-3 and FSDP2,
+    or precomputed) and the pair mean under every strategy: 2 processes give one process's loss
+    trace (20 steps, 1e-5 relative)."""
     from test_distributed import assert_same_trace, free_port, ftl, losses
     from conftest import write_yaml
     from ftl.train import train
 
-    path = write_jsonl(tmp_path / "pairs.jsonl", _pairs(96))
+    path = write_jsonl(tmp_path / "pairs.jsonl", _pairs(160))
 
-    def recipe(run_dir: Path, processes: int, strategy: str) -> dict:
+    def recipe(run_dir: Path, processes: int, strategy: str, reference: str) -> dict:
         lora = {"r": 8, "alpha": 16, "dropout": 0.0}
         return make_recipe(
             tiny_llama, path, run_dir, data={"train": {"path": str(path), "format": "preference"}},
-            method={"type": method, "objective": "dpo", "lora": lora},
-            preference={"reference": "precomputed"} if method == "full" else {},
+            method={"type": method, "objective": "dpo", "lora": lora}, preference={"reference": reference},
             quantization={"compute_dtype": "float32", "quant_storage": "float32"} if method == "qlora" else {},
-            train={"max_steps": 12, "micro_batch_size": 2, "gradient_accumulation_steps": 4 // processes,
+            train={"max_steps": STEPS, "micro_batch_size": 2, "gradient_accumulation_steps": 4 // processes,
                    "learning_rate": 5e-3 if method != "full" else 1e-3,
                    "logging_steps": 1, "seed": 0, "lr_scheduler": "linear"},
             distributed={"num_processes": processes, "strategy": strategy, "main_process_port": free_port()})
 
-    train(validate_recipe(recipe(tmp_path / "single", 1, "single")))
+    train(validate_recipe(recipe(tmp_path / "single", 1, "single", "auto")))
     reference = losses(tmp_path / "single")
-    assert len(reference) == 12 and reference[12] < reference[1]
-    for strategy in PARITY[method]:
-        config = write_yaml(tmp_path / f"{strategy}.yaml", recipe(tmp_path / strategy, 2, strategy))
+    assert len(reference) == STEPS and reference[STEPS] < reference[1]
+    for strategy, ref in PARITY[method]:
+        name = f"{strategy}-{ref}"
+        config = write_yaml(tmp_path / f"{name}.yaml", recipe(tmp_path / name, 2, strategy, ref))
         result = ftl("train", str(config))
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-        assert_same_trace(reference, losses(tmp_path / strategy), f"{method} dpo/{strategy}")
+        assert_same_trace(reference, losses(tmp_path / name), f"{method} dpo/{name}")
 
 
 def test_demo_pairs_are_valid_preference_rows_of_the_real_chat_template(artifacts, tmp_path):
@@ -365,16 +431,3 @@ def test_precomputed_reference_gives_the_same_trace(tiny_llama, tmp_path, method
     # resumed, the stored log-probabilities are read back (the model is no longer the reference)
     again = _run(tiny_llama, path, tmp_path / "stored", "dpo", method, {"reference": "precomputed"}, max_steps=10)
     assert len(_trace(again)) == 10 and _trace(again)[:8] == b
-
-
-def test_precomputed_reference_allows_sharded_full_fine_tuning(tiny_llama, tmp_path):
-    from ftl.config import RecipeError
-
-    def recipe(reference: str):
-        return validate_recipe(make_recipe(tiny_llama, tmp_path / "x.jsonl", tmp_path / "run",
-                                           data={"train": {"path": str(tmp_path / "x.jsonl"), "format": "preference"}},
-                                           method={"type": "full", "objective": "dpo"}, preference={"reference": reference},
-                                           distributed={"strategy": "zero3", "num_processes": 2}))
-    with pytest.raises(RecipeError, match=r"distributed\.strategy: full fine-tuning with dpo keeps a frozen reference copy"):
-        recipe("auto")
-    assert recipe("precomputed").preference.reference == "precomputed"

@@ -214,3 +214,48 @@ def test_requeue_from_outside_resumes(cluster, reference, tiny_llama, demo_data,
     assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1"
     assert final_loss(run_dir) == pytest.approx(reference(SHORT), rel=1e-5)
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step-{SHORT}"
+
+
+@pytest.mark.slurm
+@pytest.mark.multiprocess
+def test_a_preempted_two_node_dpo_job_resumes_to_the_local_trace(cluster, tiny_llama, tmp_path):
+    """Full DPO with its frozen reference sharded by ZeRO-3 over two nodes, pairs packed: requeued
+    mid-run (SIGTERM, as a preemption), it resumes from its checkpoint (the policy; the reference is
+    the starting model again) and logs the losses of the same recipe run locally without a stop."""
+    from test_preference import _varied_pairs
+
+    from conftest import write_jsonl
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", _varied_pairs(64))
+
+    def recipe(run_dir: Path, port: int) -> dict:
+        return make_recipe(tiny_llama, pairs, run_dir, data={"train": {"path": str(pairs), "format": "preference"}, "packing": True},
+                           method={"type": "full", "objective": "dpo"}, preference={"reference": "model"},
+                           train={"max_steps": 160, "micro_batch_size": 2, "learning_rate": 1e-4, "logging_steps": 10,
+                                  "save_steps": 20, "seed": 0, "lr_scheduler": "linear"},
+                           distributed={"strategy": "zero3", "num_processes": 1},
+                           output={"keep_last": 2},
+                           slurm={"nodes": 2, "cpus_per_task": 1, "time": "00:10:00", "signal_grace": 60, "port": port})
+
+    local = recipe(tmp_path / "local", 29771)
+    local["distributed"].update(num_processes=2, main_process_port=29771)
+    local.pop("slurm")
+    out = ftl("train", str(write_yaml(tmp_path / "local.yaml", local)))
+    assert out.returncode == 0, out.stderr[-3000:]
+    expected = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "local" / "metrics.jsonl") if "loss" in r}
+
+    run_dir = tmp_path / "run"
+    job = ftl("slurm", "submit", str(write_yaml(tmp_path / "r.yaml", recipe(run_dir, 29781)))).stdout.split()[-1]
+    metrics, deadline = run_dir / "metrics.jsonl", time.monotonic() + 400
+    while not (metrics.exists() and any(r.get("step", 0) >= 40 for r in read_metrics(metrics))):
+        assert time.monotonic() < deadline, job_state(job)
+        time.sleep(0.5)
+    assert subprocess.run(["scontrol", "requeue", job]).returncode == 0
+    state = wait_for(job, {"COMPLETED", "FAILED", "CANCELLED"}, 900)
+    node_logs = "".join(p.read_text() for p in (run_dir / "slurm").glob(f"*-{job}-*.out"))
+    assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", node_logs[-3000:]
+    assert "resuming from" in node_logs and "2 process(es) (zero3)" in node_logs and "padding-free" in node_logs
+    trace = {r["step"]: r["loss"] for r in read_metrics(metrics) if "loss" in r}
+    assert sorted(trace) == sorted(expected) and len(expected) == 16
+    for step, loss in expected.items():
+        assert trace[step] == pytest.approx(loss, rel=1e-5), step

@@ -144,6 +144,11 @@ class Single:
         self._make_scaler(accelerator.device)
         return model, optimizer
 
+    def prepare_reference(self, accelerator: Accelerator, reference: torch.nn.Module) -> torch.nn.Module:
+        """A frozen copy of the starting model (the reference of full-fine-tuning DPO/IPO), held and
+        run as this strategy holds and runs the policy: here whole, under the same autocast."""
+        return reference.to(accelerator.device)
+
     def _make_scaler(self, device: torch.device) -> None:
         if self.recipe.train.mixed_precision == "fp16":
             self.scaler = torch.amp.GradScaler(device.type)

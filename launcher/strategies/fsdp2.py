@@ -68,6 +68,14 @@ class FSDP2(Single):
         self._make_scaler(accelerator.device)
         return model, optimizer
 
+    def prepare_reference(self, accelerator: Accelerator, reference: torch.nn.Module) -> torch.nn.Module:
+        """Sharded as the policy (same mesh, mixed precision and offload). Each layer, and the root,
+        is freed right after its forward: nothing of the reference stays gathered, since no backward
+        follows (``reshard_after_forward: false`` is for the policy)."""
+        reference = self.shard(reference, accelerator.device)
+        reference.set_reshard_after_forward(True)
+        return reference
+
     def check_wrapped(self, model: Any) -> None:
         from torch.distributed.fsdp import FSDPModule
 

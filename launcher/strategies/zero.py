@@ -116,6 +116,22 @@ class Zero(Single):
         self.check_wrapped(model)  # DeepSpeed scales fp16 losses itself
         return model, optimizer
 
+    def prepare_reference(self, accelerator: Accelerator, reference: torch.nn.Module) -> torch.nn.Module:
+        """An engine without optimizer: under ZeRO-3 the reference's weights are partitioned as the
+        policy's (transformers loads both partitioned) and gathered layer by layer in its forward;
+        under ZeRO-1/2, which shard only optimizer states and gradients, stage 0 holds it whole.
+        Either way it runs in the policy's bf16/fp16."""
+        import deepspeed
+
+        config = self.deepspeed_config(accelerator.device.type)
+        if self.zero_stage == 3:
+            config["zero_optimization"].pop("offload_optimizer", None)
+        else:
+            config["zero_optimization"] = {"stage": 0}
+        engine, *_ = deepspeed.initialize(model=reference, config=config)
+        engine.eval()  # (DeepSpeed's eval() returns None)
+        return engine
+
     def check_wrapped(self, model: Any) -> None:
         found = model.zero_optimization_stage() if hasattr(model, "zero_optimization_stage") else None
         if found != self.zero_stage:
