@@ -242,11 +242,19 @@ def test_preference_runs_learn_and_log_their_metrics(tiny_llama, tmp_path, objec
     steps = [r for r in records if "reward_accuracy" in r]
     assert len(steps) == 3 and {"rewards_chosen", "rewards_rejected", "reward_margin", "logps_chosen", "logps_rejected"} <= set(steps[0])
     assert steps[-1]["reward_margin"] > steps[0]["reward_margin"]
-    if objective == "dpo" and method == "lora":  # the demo's held-out measure: against the adapter disabled (the reference)
+    if objective == "dpo":
         from ftl.evaluate import preference_accuracy
+        from ftl.export import export
 
-        measured = preference_accuracy(summary.checkpoint, DataSource(path=str(path), format="preference"))
-        assert measured["rows"] == 48 and measured["reward_accuracy"] > 0.5
+        source = DataSource(path=str(path), format="preference")
+        measured = preference_accuracy(summary.checkpoint, source)
+        if method == "lora":  # the demo's held-out measure: against the adapter disabled (the reference)
+            assert measured["rows"] == 48 and measured["reward_accuracy"] > 0.5
+        # The policy exports (merged, verified against the trained model) and prefers as it did in training.
+        report = export(tmp_path / "run", tmp_path / "export")
+        assert report["passed"] and report["mode"] == method
+        exported = preference_accuracy(tmp_path / "export", source)
+        assert exported["likelihood_accuracy"] == measured["likelihood_accuracy"] > 0.5
 
 
 def _varied_pairs(n: int) -> list[dict]:
@@ -361,8 +369,8 @@ def test_stopped_and_resumed_dpo_run_is_bitwise_identical(tiny_llama, tmp_path):
 
 
 # (strategy, preference.reference) per method; full: the frozen reference copy sharded as the policy
-PARITY = {"lora": [("ddp", "auto"), ("zero2", "auto"), ("zero3", "auto"), ("fsdp2", "auto")], "qlora": [("ddp", "auto")],
-          "full": [("zero1", "model"), ("zero3", "model"), ("fsdp2", "model"), ("zero3", "precomputed")]}
+PARITY = {"lora": [(s, "auto") for s in ("ddp", "zero1", "zero2", "zero3", "fsdp2")], "qlora": [("ddp", "auto")],
+          "full": [(s, "model") for s in ("ddp", "zero1", "zero2", "zero3", "fsdp2")] + [("zero3", "precomputed")]}
 STEPS = 20
 
 
