@@ -123,16 +123,32 @@ def test_export_out_that_is_a_file(tiny_llama: Path, demo_data, tmp_path: Path) 
     assert (tmp_path / "taken").read_text() == "mine"
 
 
-@pytest.mark.parametrize("signal_name, delay", [("SIGTERM", 0.3), ("SIGUSR1", 0.3), ("SIGTERM", 1.5)])
+def _catches(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has a handler for ``signum`` (its SigCgt mask in /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    return False
+
+
+@pytest.mark.parametrize("signal_name, delay", [("SIGTERM", 0.0), ("SIGUSR1", 0.0), ("SIGTERM", 1.5)])
 def test_a_stop_signal_before_training_began_exits_as_stopped(tiny_llama: Path, demo_data, tmp_path: Path, signal_name, delay) -> None:
+    """The signal arrives as soon as ftl has its handler in (or 1.5 s later), while imports and the
+    model load are still under way. (Before the interpreter has run ftl's first line, nothing can
+    catch it; waiting for the handler keeps this test from depending on the machine's load.)"""
     import signal
     import time
 
     recipe = write_yaml(tmp_path / "r.yaml", make_recipe(tiny_llama, demo_data[0], tmp_path / "run"))
     proc = subprocess.Popen([sys.executable, "-m", "ftl", "train", str(recipe)], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    signum = getattr(signal, signal_name)
+    deadline = time.monotonic() + 60
+    while not _catches(proc.pid, signum):
+        assert proc.poll() is None and time.monotonic() < deadline, "ftl never installed its stop handler"
+        time.sleep(0.01)
     time.sleep(delay)
-    proc.send_signal(getattr(signal, signal_name))
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err[-2000:]
     assert "Traceback" not in err
