@@ -88,9 +88,11 @@ def timed_hf_trainer(model, tokenizer, rows, args) -> dict:
                 torch.cuda.synchronize()
             marks.append((time.perf_counter(), seen["tokens"], seen["rows"]))
 
-    result = Trainer(model=model, args=args, train_dataset=rows, data_collator=collate, callbacks=[Clock()]).train()
+    trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collate, callbacks=[Clock()])
+    result = trainer.train()
     (t1, n1, r1), (tn, nn, rn) = marks[0], marks[-1]
-    return {"tokens_per_s": (nn - n1) / (tn - t1), "tokens_per_row": (nn - n1) / max(rn - r1, 1), "result": result}
+    return {"tokens_per_s": (nn - n1) / (tn - t1), "tokens_per_row": (nn - n1) / max(rn - r1, 1), "result": result,
+            "log_history": trainer.state.log_history}
 
 
 def worker_hf(work: Path, steps: int) -> dict:

@@ -27,10 +27,11 @@ def causal_lm_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], f
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     if fused is not None:
         return fused(model, inputs, batch["labels"])
-    logits = model(**inputs, use_cache=False).logits
-    logits = logits[:, :-1].float()
-    labels = batch["labels"][:, 1:]
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    logits = model(**inputs, use_cache=False).logits.float()  # (a no-op for fp32 logits)
+    # The labels shift left, not the logits: slicing the logits would copy them all (they are the
+    # largest tensor of the step); the last position's target is ignored.
+    labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
+    return F.cross_entropy(logits.view(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 class CausalLM:
