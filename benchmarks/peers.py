@@ -103,7 +103,31 @@ def worker_ftl(work: Path, model: Path, steps: int) -> dict:
     train(cfg)
     records = [r for r in read_metrics(Path(cfg.output.dir) / "metrics.jsonl") if "loss" in r]
     tokens = sum(r["tokens_per_s"] * (r["elapsed_s"] - p["elapsed_s"]) for p, r in zip(records, records[1:]))
-    return {"tokens_per_s": tokens / (records[-1]["elapsed_s"] - records[0]["elapsed_s"]), "step1_loss": records[0]["loss"]}
+    return {"tokens_per_s": tokens / (records[-1]["elapsed_s"] - records[0]["elapsed_s"]), "step1_loss": records[0]["loss"],
+            "tflops": sum(r["tflops_per_device"] for r in records[1:]) / max(len(records) - 1, 1)}
+
+
+def matmul_roofline(model: Path, tokens: int, bf16: bool) -> float:
+    """TFLOP/s of ``torch.mm`` alone on the model's projection and output shapes at the step's token
+    count: what the step's matmuls could reach here, so ftl's model FLOP/s over it is the headroom."""
+    import torch
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model)
+    d, heads = config.hidden_size, config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or d // heads
+    q, kv, i = heads * head_dim, (config.num_key_value_heads or heads) * head_dim, config.intermediate_size
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    flops = seconds = 0.0
+    for k, n in [(d, q), (d, kv), (d, kv), (q, d), (d, i), (d, i), (i, d), (d, config.vocab_size)]:
+        a, b = torch.randn(tokens, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+        torch.mm(a, b)  # warm-up
+        start = time.perf_counter()
+        for _ in range(3):
+            torch.mm(a, b)
+        seconds += time.perf_counter() - start
+        flops += 3 * 2 * tokens * k * n
+    return flops / seconds / 1e12
 
 
 def worker_trl(work: Path, model: Path, steps: int) -> dict:
@@ -199,6 +223,10 @@ def main() -> None:
         print(f"\n{name}: {args.steps} steps x {args.rounds} rounds, micro-batch {MICRO} x {MAX_LEN} tokens, {'bf16 autocast' if args.bf16 else 'fp32'}, "
               f"activation checkpointing {'on' if args.checkpointing else 'off'}\n"
               "| run | real tokens/s | peak RSS (MiB) | step-1 loss | tokens/s vs TRL | vs HF | RSS vs TRL |\n|---|---|---|---|---|---|---|")
+        roofline = matmul_roofline(model_dir(work, name), MICRO * MAX_LEN, args.bf16)
+        ftl_tflops = sum(r["tflops"] for r in results["ftl"]) / len(results["ftl"])
+        print(f"ftl's model FLOP/s: {ftl_tflops * 1e3:.0f} GFLOP/s = {ftl_tflops / roofline:.0%} of torch.mm alone on the "
+              f"step's shapes ({roofline * 1e3:.0f} GFLOP/s)")
         for worker, m in mean.items():
             print(f"| {worker} | {m['tokens_per_s']:.0f} | {m['peak_rss_mib']:.0f} | {m['step1_loss']:.3f} | "
                   f"{m['tokens_per_s'] / mean['trl']['tokens_per_s']:.2f}x | {m['tokens_per_s'] / mean['hf']['tokens_per_s']:.2f}x | "
