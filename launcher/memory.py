@@ -24,7 +24,8 @@ N = data-parallel ranks, T = tokens per micro-batch = micro_batch_size x data.ma
   T x hidden / vocab tokens), plus the hidden states' gradient (T x hidden) that it stores.
 - preference objectives: each row is two sequences (chosen and rejected) in one forward, so twice
   the activations of a row; full fine-tuning with dpo/ipo adds a frozen reference copy of the
-  weights (the reference forward of LoRA runs the same weights without grad and keeps nothing).
+  weights, placed as the policy's (divided over the processes by ZeRO-3 and FSDP2); the reference
+  forward of LoRA runs the same weights without grad and keeps nothing.
 - margin: 10% of the total plus 1 GiB (CUDA context, allocator fragmentation) before a run is
   said to fit.
 """
