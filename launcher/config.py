@@ -145,9 +145,9 @@ class PreferenceSection(_Section):
                               "of the chosen response (the paper's lambda).")
     reference: Literal["auto", "model", "precomputed"] = Field(
         "auto", description="dpo/ipo: the reference model. auto: LoRA/QLoRA use the base with the adapter disabled (no "
-        "second copy), full fine-tuning a frozen copy of the starting model (sharded as the policy under zero3 and fsdp2); "
-        "model: that frozen copy; precomputed: one "
-        "pass before training stores the reference log-probabilities with the preprocessed data (no reference in memory).")
+        "second copy), full fine-tuning a frozen copy of the starting model (sharded as the policy under zero3 and "
+        "fsdp2); model: that frozen copy; precomputed: one pass before training stores the reference log-probabilities "
+        "with the preprocessed data (no reference in memory).")
 
 
 class QuantizationSection(_Section):

@@ -2,9 +2,9 @@
 
 A micro-batch holds N pairs as 2N sequences, the chosen sides then the rejected (``ftl.data.collate``),
 through the model in one forward: 2N padded rows, or with ``data.packing`` one row without padding
-(``ftl.data.pack_sequences``; the block-diagonal attention keeps the sequences apart). Each sequence's log-probability is the sum of its targets'
-log-probabilities (the response and its EOS/end-of-turn token, never the prompt); ``avg`` below is
-that sum over the number of targets. With ``c``/``r`` the policy's chosen/rejected log-probabilities,
+(``ftl.data.pack_sequences``; the block-diagonal attention keeps the sequences apart). Each
+sequence's log-probability is the sum of its targets' log-probabilities (the response and its
+EOS/end-of-turn token, never the prompt); ``avg`` below is that sum over the number of targets. With ``c``/``r`` the policy's chosen/rejected log-probabilities,
 ``rc``/``rr`` the reference model's, ``b`` beta and ``e`` label smoothing, the loss of a pair is
 
 - dpo sigmoid: ``-(1-e) logsig(b d) - e logsig(-b d)``, ``d = (c - rc) - (r - rr)`` (e > 0: conservative DPO);
@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from ftl.config import Recipe
 from ftl.loss import IGNORE_INDEX
+
 
 def sequence_count(batch: dict[str, torch.Tensor]) -> int:
     """How many sequences (chosen then rejected sides) a micro-batch holds, packed or padded."""
