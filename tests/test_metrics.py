@@ -39,9 +39,22 @@ def test_wandb_offline_run_logs_the_records(tmp_path, monkeypatch):
     writer = MetricsWriter(tmp_path, report_to=["wandb"], config={"train": {"learning_rate": 0.001}})
     writer.write({"step": 1, "loss": 1.234567, "lr": 0.1})
     writer.close()
-    (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
-    data = run_file.read_bytes()
+    data = _wandb_file(tmp_path / "wandb", b"1.234567")
     assert b"train/loss" in data and b"1.234567" in data and b"learning_rate" in data
+
+
+def _wandb_file(directory: Path, expected: bytes) -> bytes:
+    """The offline run file's bytes once they hold ``expected``: wandb's service process may still be
+    flushing it for a moment after ``finish()`` returns (CI once read only its 7-byte header)."""
+    import time
+
+    deadline = time.monotonic() + 30
+    while True:
+        (run_file,) = directory.glob("offline-run-*/run-*.wandb")
+        data = run_file.read_bytes()
+        if expected in data or time.monotonic() > deadline:
+            return data
+        time.sleep(0.2)
 
 
 def test_recipe_report_to_wandb_names_the_project_and_run(tmp_path, tiny_llama, demo_data, monkeypatch):
@@ -52,8 +65,7 @@ def test_recipe_report_to_wandb_names_the_project_and_run(tmp_path, tiny_llama, 
     recipe = make_recipe(tiny_llama, demo_data[0], tmp_path / "run", train={"max_steps": 2, "micro_batch_size": 4})
     recipe["output"].update(report_to=["wandb"], wandb_project="ftl-test-project", run_name="my-run-name")
     train(validate_recipe(recipe))
-    (run_file,) = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
-    data = run_file.read_bytes()
+    data = _wandb_file(tmp_path / "run" / "wandb", b"train/loss")
     assert b"ftl-test-project" in data and b"my-run-name" in data and b"train/loss" in data
     assert not (tmp_path / "run" / "tensorboard").exists()  # only what report_to lists
 
