@@ -102,9 +102,9 @@ def _fit_memory(recipe):
 
     recipe, memory, gpu_gib = fit_recipe(recipe)
     console.print(f"memory plan: {recipe.distributed.strategy}, micro-batch {recipe.train.micro_batch_size}, "
-                  f"estimate {memory.with_margin:.1f} of {gpu_gib:g} GiB per GPU", highlight=False)
+                  f"estimate {memory.reserved:.1f} of {gpu_gib:g} GiB per GPU", highlight=False)
     if not memory.fits(gpu_gib):
-        console.print(f"[yellow]warning[/]: the estimate ({memory.with_margin:.1f} GiB with margin) exceeds distributed.gpu_memory "
+        console.print(f"[yellow]warning[/]: the estimate ({memory.reserved:.1f} GiB reserved) exceeds distributed.gpu_memory "
                       f"({gpu_gib:g} GiB); see `ftl plan` for the parts", markup=True)
     return recipe
 
@@ -114,7 +114,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     from rich.table import Table
 
-    from ftl.memory import fit_recipe
+    from ftl.memory import fit_recipe, largest_fit, model_shape
     from ftl.plan import make_plan
 
     recipe = _one_recipe(args, "plan")
@@ -129,6 +129,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     train = recipe.train
     batch = {"micro_batch_size": train.micro_batch_size, "gradient_accumulation_steps": train.gradient_accumulation_steps}
     fits = memory.fits(gpu_gib) if gpu_gib else None
+    largest = largest_fit(recipe, gpu_gib, model_shape(recipe.model.path)) if gpu_gib else None
     measured = None
     if args.measure:
         from ftl.measure import measure
@@ -138,6 +139,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(json.dumps({**plan.summary(), **batch, "env": plan.env, "command": plan.shell_command(),
                           "accelerate": plan.accelerate, "deepspeed": plan.deepspeed, "offload": recipe.distributed.zero.model_dump(include={"offload_optimizer", "offload_params"}),
                           "memory_gib": memory.table() if memory else None, "memory_unavailable": unavailable,
+                          "peak_phase": memory.peak_phase if memory else None, "largest_fit": largest,
                           "gpu_memory_gib": gpu_gib, "fits": fits, "measured": measured}, indent=2))
         return 0
     table = Table(show_header=False, box=None)
@@ -154,7 +156,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         console.print(mem)
     if fits is not None:
         verdict = "[green]fits[/]" if fits else "[red]does not fit[/]"
-        console.print(f"{verdict} in {gpu_gib:g} GiB per GPU (estimate + 10% + 1 GiB)", markup=True)
+        console.print(f"{verdict} in {gpu_gib:g} GiB per GPU (reserved estimate, the peak is the {memory.peak_phase} phase)", markup=True)
+        console.print(f"largest that fit: micro_batch_size {largest['micro_batch_size']} at data.max_length {recipe.data.max_length}; "
+                      f"data.max_length {largest['max_length']} at micro_batch_size {recipe.train.micro_batch_size}", highlight=False)
     if measured is not None:
         ratio = measured["measured_gib"] / measured["estimate_gib"]
         console.print(f"measured peak {measured['measured_gib']:.3f} GiB vs estimate {measured['estimate_gib']:.3f} GiB "

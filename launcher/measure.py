@@ -82,7 +82,7 @@ def measure(recipe: Recipe) -> dict[str, Any]:
         raise UserError("ftl plan --measure: measures single-process recipes; set distributed.num_processes=1 "
                         "(sharded strategies have the estimate only)")
     shape = model_shape(recipe.model.path)
-    expected = estimate(recipe, shape).total
+    expected = estimate(recipe, shape).allocated
     with tempfile.TemporaryDirectory(prefix="ftl-measure-") as tmp:
         work = Path(tmp)
         if expected * 1.5 < _available_gib():
@@ -93,7 +93,7 @@ def measure(recipe: Recipe) -> dict[str, Any]:
             peaks[layers] = _measure_once(recipe, work, str(proxy))
         per_layer = peaks[2] - peaks[1]
         measured = peaks[1] + per_layer * (shape.layers - 1)
-        proxy_estimates = [estimate(recipe, Shape(**{**shape.__dict__, "layers": n})).total for n in (1, 2)]
+        proxy_estimates = [estimate(recipe, Shape(**{**shape.__dict__, "layers": n})).allocated for n in (1, 2)]
         return {"mode": f"proxies of 1 and 2 layers, extrapolated to {shape.layers}", "measured_gib": measured,
                 "estimate_gib": expected, "proxy_measured_gib": [peaks[1], peaks[2]], "proxy_estimate_gib": proxy_estimates}
 

@@ -2,7 +2,8 @@
 
 Users learn that a job does not fit by an OOM after queueing; this says it before, from the
 model's config.json alone (no weights are loaded). Formulas (bytes per device; P = parameters,
-N = data-parallel ranks, T = tokens per micro-batch = micro_batch_size x data.max_length):
+N = data-parallel ranks, T = tokens per micro-batch = micro_batch_size x data.max_length). The
+published peaks it is held to are in tests/test_memory_reference.py:
 
 - weights: P x dtype bytes. QLoRA's 4-bit linear weights cost 4 bits + their block scales: an
   fp32 absmax per 64 weights (+0.5 bit), or with double quantization an 8-bit absmax plus an fp32
@@ -14,26 +15,36 @@ N = data-parallel ranks, T = tokens per micro-batch = micro_batch_size x data.ma
   full fine-tune costs the ZeRO paper's 16 bytes/parameter (2 weight + 2 gradient + 12).
 - sharding (each strategy's ``place``, see ``ftl.strategies``): ZeRO-1 divides the optimizer by N, ZeRO-2 also the gradients, ZeRO-3 and FSDP2
   everything (plus two layers gathered at a time); offloaded parts move to CPU memory.
-- activations: per layer and token, the tensors kept for backward by a Llama-style block in the
-  compute dtype: 4 x hidden (norm in/out twice) + 3 x (q + kv widths) (projections, RoPE,
-  attention output) + 4 x intermediate (gate, up, SiLU, product), plus LoRA dropout's copies of
-  the adapted inputs. With gradient checkpointing only each layer's input stays, and one layer is
-  recomputed at a time. Eager attention adds the heads x seq x seq score matrices (SDPA does not).
-  The loss adds the logits: T x vocab x (compute bytes + 4 for the fp32 copy + 4 for its gradient);
-  with the fused cross-entropy (``kernels``) only one chunk of them (``chunk_size``: about
-  T x hidden / vocab tokens), plus the hidden states' gradient (T x hidden) that it stores.
+- activations (``layer_bytes_per_token``, checked tensor by tensor against a real step by
+  ``ftl.memory_probe`` for Llama/Qwen2/Mistral, full/LoRA/QLoRA, with and without checkpointing):
+  per layer and token, each RMSNorm's fp32 input; SDPA's q, k, v and output; the MLP's gate, SiLU
+  and up outputs; each trained linear's input (cast once per linear under autocast when the
+  stream is fp32), and each LoRA adapter's own copy of its input (peft casts it to the adapter's
+  fp32, autocast back). Dtypes (``Precision``): QLoRA's kbit preparation makes the residual
+  stream and the MLP intermediates fp32; under bf16 autocast fp32 matmul weights get bf16 copies
+  (trained ones cached for the whole forward, frozen ones kept per use, lm_head's with the
+  logits). With gradient checkpointing only each layer's input stays, and backward recomputes
+  one layer at a time; backward through a layer also holds its MLP's and the stream's gradients.
+  Eager attention adds the heads x seq x seq score matrices.
+- loss: 12 bytes per logit at its peak (fp32 logits, their fp32 log-softmax, its gradient);
+  with the fused cross-entropy (``kernels``) one chunk of them plus the hidden states' gradient.
 - preference objectives: each row is two sequences (chosen and rejected) in one forward, so twice
   the activations of a row; full fine-tuning with dpo/ipo adds a frozen reference copy of the
-  weights, placed as the policy's (divided over the processes by ZeRO-3 and FSDP2); the reference
-  forward of LoRA runs the same weights without grad and keeps nothing.
-- margin: 10% of the total plus 1 GiB (CUDA context, allocator fragmentation) before a run is
-  said to fit.
+  weights, placed as the policy's (divided over the processes by ZeRO-3 and FSDP2).
+- the peak is the largest of four phases, each with what is live then: forward (weights,
+  optimizer states, gradients held from earlier micro-batches, activations), loss (plus the
+  logits), backward (gradients replace activations layer by layer) and the optimizer step (plus
+  DeepSpeed's fp32 gradient partition; ftl's fused AdamW makes no temporaries). Paged optimizer
+  states are counted as resident (conservative: the QLoRA paper's 65B on 48 GB reads "does not
+  fit").
+- reserved, what ``nvidia-smi`` shows and what the fit is decided on: the allocated peak plus the
+  strategy's allocator slack (10% plain torch, 30% FSDP2, 35% DeepSpeed) plus 0.75 GiB of CUDA context.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from ftl import strategies
 from ftl.config import Recipe
@@ -43,7 +54,7 @@ from ftl.errors import UserError
 GIB = 2**30
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-MARGIN_FRACTION, MARGIN_GIB = 0.10, 1.0
+CONTEXT_GIB = 0.75  # the CUDA context with cuBLAS/cuDNN/NCCL loaded, outside the allocator
 
 # Architectures of common hub models, for planning on a machine that cannot download config.json.
 KNOWN_SHAPES = {
@@ -115,28 +126,75 @@ def model_shape(path: str) -> Shape:
 
 @dataclass
 class Estimate:
-    """GiB per device, by part; ``cpu`` is what offloading keeps in host memory per process."""
+    """GiB per device. ``weights``, ``gradients`` and ``optimizer`` are placed by the strategy,
+    ``activations`` is what the decoder keeps for backward at the end of a forward (with autocast's
+    weight copies), ``loss`` the logits at the loss step's peak; ``phases`` the allocated total at
+    each phase of a step. ``cpu`` is what offloading keeps in host memory per process."""
 
     weights: float
     gradients: float
     optimizer: float
     activations: float
+    loss: float
     cpu: float
+    phases: dict[str, float]
+    overhead: float  # the strategy's allocator slack: reserved = allocated x (1 + overhead) + context
 
     @property
-    def total(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.activations
+    def allocated(self) -> float:
+        """What ``torch.cuda.max_memory_allocated`` would report: the largest phase."""
+        return max(self.phases.values())
 
     @property
-    def with_margin(self) -> float:
-        return self.total * (1 + MARGIN_FRACTION) + MARGIN_GIB
+    def peak_phase(self) -> str:
+        return max(self.phases, key=lambda name: self.phases[name])
+
+    @property
+    def reserved(self) -> float:
+        """What ``nvidia-smi`` shows: the allocator's reserved pool and the CUDA context."""
+        return self.allocated * (1 + self.overhead) + CONTEXT_GIB
 
     def fits(self, gpu_gib: float) -> bool:
-        return self.with_margin <= gpu_gib
+        return self.reserved <= gpu_gib
 
     def table(self) -> dict[str, float]:
         return {"weights": self.weights, "gradients": self.gradients, "optimizer": self.optimizer,
-                "activations": self.activations, "total": self.total, "with margin": self.with_margin, "cpu (offload)": self.cpu}
+                "activations": self.activations, "loss": self.loss, **{f"phase {k}": v for k, v in self.phases.items()},
+                "allocated (peak)": self.allocated, "reserved (nvidia-smi)": self.reserved, "cpu (offload)": self.cpu}
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Bytes per element of what a step creates, which depend on more than the compute dtype."""
+
+    compute: int  # matmul and attention outputs: autocast's dtype, else the weights'
+    stream: int  # residual stream and norm outputs: the weights' dtype (fp32 once kbit-prepared)
+    mlp: int  # gate/up outputs: 4-bit/8-bit layers return their input's dtype (the fp32 stream)
+    autocast: bool  # inputs are cast per op (a new copy per consumer)
+    weight_copies: bool  # fp32 matmul weights cast to the autocast dtype on every use
+
+
+def _precision(recipe: Recipe, chosen: strategies.Strategy) -> Precision:
+    mixed = recipe.train.mixed_precision != "no"
+    weights = BYTES.get(recipe.model.dtype, 2)
+    if mixed and chosen.module_in_compute_dtype:
+        weights = 2  # DeepSpeed casts the module; FSDP2 gathers it in param_dtype
+    kbit = recipe.method.type != "full" and recipe.quantization.bits in (4, 8)
+    stream = 4 if kbit else weights  # prepare_model_for_kbit_training upcasts embeddings and norms
+    autocast = mixed and not chosen.module_in_compute_dtype
+    compute = 2 if mixed else stream
+    return Precision(compute=compute, stream=stream, mlp=stream if kbit else compute, autocast=autocast,
+                     weight_copies=autocast and (weights == 4 or kbit))
+
+
+@dataclass
+class Activations:
+    """Bytes of one micro-batch (see the module docstring for each term)."""
+
+    blocks: float  # kept by the decoder for backward at the end of its forward
+    copies: float  # autocast's copies of the decoder's fp32 weights, kept from the forward into backward
+    layer: float  # backward's working set beyond that: a layer's gradients (and its recomputation)
+    loss: float  # the logits at the peak of the loss, and lm_head's weight copy
 
 
 def _lora_targets(recipe: Recipe) -> list[str]:
@@ -147,14 +205,112 @@ def _lora_targets(recipe: Recipe) -> list[str]:
     return [n for n in LINEARS if any(n == t or n.endswith(t) for t in names)]
 
 
-def estimate(recipe: Recipe, shape: Shape, strategy: str | None = None, micro_batch_size: int | None = None) -> Estimate:
-    """Peak GPU memory per device of ``recipe`` (optionally with another strategy or micro-batch)."""
+
+def _adapter_params(recipe: Recipe, shape: Shape) -> int:
+    lora, linears = recipe.method.lora, shape.linears()
+    return shape.layers * sum(lora.r * (linears[n][0] + linears[n][1]) + (linears[n][1] if lora.use_dora else 0)
+                              for n in _lora_targets(recipe))
+
+
+def _saved_inputs(recipe: Recipe, p: Precision, group: tuple[str, ...], width: int, dtype: int, shared: bool = False) -> float:
+    """Bytes per token kept of one input that the linears of ``group`` read (``dtype`` its bytes).
+
+    A trained weight's linear keeps its input (cast once per linear under autocast, or the tensor
+    itself, shared); a frozen one keeps nothing. A LoRA adapter keeps its own copy: peft casts the
+    input to the adapter's fp32 and autocast casts it back, or (bf16 weights, no autocast) the fp32 cast."""
+    if recipe.method.type == "full":
+        if shared:  # the tensor is already kept by the op that made it
+            return 0.0
+        return (len(group) if p.autocast and dtype != p.compute else 1) * p.compute * width
+    adapters = len(set(_lora_targets(recipe)) & set(group))
+    if adapters == 0:
+        return 0.0
+    dropout = width * adapters if recipe.method.lora.dropout > 0 else 0  # the bool mask of each dropout
+    if p.autocast:
+        return adapters * p.compute * width + dropout
+    if dtype == 4:
+        return width * 4 + dropout
+    return adapters * 4 * width + dropout
+
+
+def layer_bytes_per_token(recipe: Recipe, shape: Shape, p: Precision, seq: int) -> float:
+    """What one decoder layer keeps for backward, per token: a Llama/Qwen2/Mistral block as
+    transformers runs it (measured tensor by tensor, see ``ftl.memory_probe``)."""
+    d, q, kv, i, heads = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim, shape.intermediate, shape.heads
+    full = recipe.method.type == "full"
+    norm = 4 * d + 4 + (p.stream * d if full else 0)  # the fp32 input and 1/rms; the normalised input if the weight trains
+    attention = p.compute * (2 * q + 2 * kv) + 4 * heads  # SDPA keeps q, k, v, its output and the log-sum-exp
+    if recipe.model.attn_implementation == "eager":
+        attention += 2 * heads * seq * p.compute  # scores and their softmax
+    mlp = 3 * p.mlp * i  # gate output (SiLU's input), SiLU's output and up's output (the product's inputs)
+    inputs = (_saved_inputs(recipe, p, ("q_proj", "k_proj", "v_proj"), d, p.stream)
+              + _saved_inputs(recipe, p, ("o_proj",), q, p.compute, shared=True)
+              + _saved_inputs(recipe, p, ("gate_proj", "up_proj"), d, p.stream)
+              + _saved_inputs(recipe, p, ("down_proj",), i, p.mlp))
+    adapters = 0 if full else len(_lora_targets(recipe)) * recipe.method.lora.r * (p.compute if p.autocast else 4)
+    return 2 * norm + attention + mlp + inputs + adapters
+
+
+def activation_terms(recipe: Recipe, shape: Shape, tokens: int, seq: int, p: Precision, fused_ce: bool) -> Activations:
+    d, v = shape.hidden, shape.vocab
+    full = recipe.method.type == "full"
+    layer = layer_bytes_per_token(recipe, shape, p, seq) * tokens
+    final_norm = (4 * d + 4 + (p.stream * d if full else 0)) * tokens
+    output = p.stream * d * tokens  # the decoder's output (each checkpointed layer's input likewise)
+    layer_weights = shape.linear_params / shape.layers
+    head = v * d
+    copies = recompute_copies = 0.0
+    head_copy = 0.0  # lm_head's (kept with the logits)
+    if p.weight_copies and full:  # trained weights: cached by autocast for the whole forward
+        copies, head_copy = 2.0 * shape.linear_params, 2.0 * head
+    elif p.weight_copies:  # frozen fp32 weights: a copy kept by each linear whose input needs a gradient
+        quantized = recipe.quantization.bits in (4, 8)
+        kept_layers = 0 if quantized else (1 if recipe.train.gradient_checkpointing else shape.layers) * layer_weights
+        copies = 2.0 * (0 if recipe.train.gradient_checkpointing else kept_layers)
+        recompute_copies = 2.0 * kept_layers if recipe.train.gradient_checkpointing else 0.0
+        head_copy = 2.0 * head
+    if not full and p.autocast:
+        copies += 2.0 * _adapter_params(recipe, shape)  # the adapters' bf16 copies, cached by autocast
+    rotary = 2 * shape.head_dim * p.stream * tokens  # cos and sin, shared by the layers
+    # Backward through a layer holds the gradients of its MLP activations and of the stream.
+    gradients = (3 * p.compute * shape.intermediate + 2 * p.stream * d) * tokens
+    if recipe.train.gradient_checkpointing:
+        blocks, backward_layer = shape.layers * output + final_norm + output + rotary, layer + recompute_copies + gradients
+    else:
+        blocks, backward_layer = shape.layers * layer + final_norm + output + rotary, gradients
+    if fused_ce:  # kernels/fused_ce.py: one chunk of logits, and the stored input gradient
+        from ftl.kernels.fused_ce import chunk_size
+
+        loss = chunk_size(tokens, d, v) * v * (p.compute + 4 + 4) + tokens * d * p.compute
+    else:  # fp32 logits, their fp32 log-softmax (kept for backward) and its gradient
+        loss = tokens * v * 12.0
+    loss += head_copy
+    return Activations(blocks=blocks, copies=copies, layer=backward_layer, loss=loss)
+
+
+def _optimizer_bytes(recipe: Recipe, trainable: int, trainable_bytes: float, master: bool) -> tuple[float, float]:
+    """(states, the step's temporaries): DeepSpeed steps on an fp32 copy of its gradient partition;
+    torch's fused AdamW (``ftl.optim``) and bitsandbytes step in place."""
+    optimizer = recipe.train.optimizer
+    if master:
+        return trainable * 12.0, trainable * 4.0  # fp32 master weights + fp32 Adam m and v
+    if optimizer in ("adamw_8bit", "paged_adamw_8bit"):
+        return trainable * 2.0, 0.0
+    if optimizer == "paged_adamw_32bit":
+        return trainable * 8.0, 0.0
+    return 2.0 * trainable_bytes, 0.0  # m and v in the parameters' dtype
+
+
+def estimate(recipe: Recipe, shape: Shape, strategy: str | None = None, micro_batch_size: int | None = None,
+             max_length: int | None = None) -> Estimate:
+    """Peak GPU memory per device of ``recipe`` (optionally with another strategy, micro-batch or
+    sequence length)."""
     chosen = strategies.build(strategy or recipe.strategy, recipe)
     mb = micro_batch_size or recipe.train.micro_batch_size
+    seq = max_length or recipe.data.max_length
     method, quant, train = recipe.method, recipe.quantization, recipe.train
     model_bytes = BYTES.get(recipe.model.dtype, 2)
     mixed = train.mixed_precision != "no"
-    compute_bytes = 2 if mixed or model_bytes == 2 else 4
     master = chosen.fp32_master and mixed
     if master:
         model_bytes = 2  # e.g. DeepSpeed's bf16/fp16 mode casts the module; fp32 lives in its optimizer
@@ -165,8 +321,7 @@ def estimate(recipe: Recipe, shape: Shape, strategy: str | None = None, micro_ba
     else:
         lora = method.lora
         linears = shape.linears()
-        trainable = shape.layers * sum(lora.r * (linears[n][0] + linears[n][1]) + (linears[n][1] if lora.use_dora else 0)
-                                       for n in _lora_targets(recipe))
+        trainable = _adapter_params(recipe, shape)
         trainable_bytes = trainable * (model_bytes if master else 4.0)  # peft keeps adapters in fp32
         kept_bytes = model_bytes
         if quant.bits == 4:
@@ -187,46 +342,25 @@ def estimate(recipe: Recipe, shape: Shape, strategy: str | None = None, micro_ba
     if method.objective in ("dpo", "ipo") and method.type == "full" and recipe.preference.reference != "precomputed":
         weights += shape.params * model_bytes  # the frozen reference copy
     gradients = trainable_bytes
-    if master:
-        optimizer = trainable * 12.0  # fp32 master weights + fp32 Adam m and v
-    elif train.optimizer in ("adamw_8bit", "paged_adamw_8bit"):
-        optimizer = trainable * 2.0
-    elif train.optimizer == "paged_adamw_32bit":
-        optimizer = trainable * 8.0
-    else:
-        optimizer = 2.0 * trainable_bytes  # m and v in the parameters' dtype
+    optimizer, step_temp = _optimizer_bytes(recipe, trainable, trainable_bytes, master)
 
-    # Sharding and offload: the strategy's terms.
+    # Sharding and offload: the strategy's terms (its temporaries shard and move with its states).
     layer_bytes = shape.linear_params / shape.layers * (0.5 if quant.bits == 4 else model_bytes)
+    unsharded_optimizer = optimizer
     weights, gradients, optimizer, cpu = chosen.place(weights, gradients, optimizer, layer_bytes)
+    step_temp *= optimizer / unsharded_optimizer if unsharded_optimizer else 0.0
 
     sequences = mb * (2 if method.objective != "sft" else 1)  # preference rows: chosen and rejected
-    activations = _activation_bytes(recipe, shape, sequences, compute_bytes, chosen.uses_fused_ce() and method.objective == "sft")
-    return Estimate(weights / GIB, gradients / GIB, optimizer / GIB, activations / GIB, cpu / GIB)
-
-
-def _activation_bytes(recipe: Recipe, shape: Shape, micro_batch_size: int, compute_bytes: int, fused_ce: bool) -> float:
-    seq = recipe.data.max_length
-    tokens = micro_batch_size * seq
-    d, q, kv, i = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim, shape.intermediate
-    per_token_layer = 4 * d + 3 * (q + kv) + 4 * i
-    if recipe.method.type != "full" and recipe.method.lora.dropout > 0:
-        targets = _lora_targets(recipe)
-        per_token_layer += sum(shape.linears()[n][0] for n in targets)  # dropout's copy of each adapted input
-    layer = per_token_layer * tokens * compute_bytes
-    if recipe.model.attn_implementation == "eager":
-        layer += 2 * shape.heads * seq * tokens * compute_bytes  # scores and softmax, kept for backward
-    if recipe.train.gradient_checkpointing:
-        blocks = shape.layers * d * tokens * compute_bytes + layer
-    else:
-        blocks = shape.layers * layer
-    if fused_ce:  # kernels/fused_ce.py: one chunk of logits, and the stored input gradient
-        from ftl.kernels.fused_ce import chunk_size
-
-        logits = chunk_size(tokens, d, shape.vocab) * shape.vocab * (compute_bytes + 4 + 4) + tokens * d * compute_bytes
-    else:
-        logits = tokens * shape.vocab * (compute_bytes + 4 + 4)
-    return blocks + logits
+    p = _precision(recipe, chosen)
+    act = activation_terms(recipe, shape, sequences * seq, seq, p, chosen.uses_fused_ce() and method.objective == "sft")
+    resident = weights + optimizer
+    held = gradients if train.gradient_accumulation_steps > 1 else 0.0  # earlier micro-batches' gradients
+    forward = resident + held + act.blocks + act.copies
+    phases = {"forward": forward, "loss": forward + act.loss,
+              "backward": resident + max(held + act.blocks + act.copies + act.layer, gradients),
+              "optimizer step": resident + gradients + step_temp}
+    return Estimate(weights / GIB, gradients / GIB, optimizer / GIB, (act.blocks + act.copies) / GIB, act.loss / GIB,
+                    cpu / GIB, {k: v / GIB for k, v in phases.items()}, chosen.allocator_overhead)
 
 
 def micro_batch_options(recipe: Recipe) -> list[int]:
@@ -263,6 +397,25 @@ def autofit(recipe: Recipe, gpu_gib: float, shape: Shape) -> tuple[Recipe, Estim
         "micro_batch_size": mb, "gradient_accumulation_steps": batch // mb})})
     result = estimate(chosen, shape)
     return chosen, result, result.fits(gpu_gib)
+
+
+def _largest(fits: Callable[[int], bool], low: int, high: int) -> int | None:
+    """The largest n in [low, high] with fits(n), for fits that is true up to some n (bisection)."""
+    if not fits(low):
+        return None
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid - 1)
+    return low
+
+
+def largest_fit(recipe: Recipe, gpu_gib: float, shape: Shape) -> dict[str, int | None]:
+    """What to ask for before renting a GPU: the largest micro-batch at ``data.max_length``, and
+    the longest ``data.max_length`` at the recipe's micro-batch, whose reserved estimate fits."""
+    return {
+        "micro_batch_size": _largest(lambda m: estimate(recipe, shape, micro_batch_size=m).fits(gpu_gib), 1, 4096),
+        "max_length": _largest(lambda n: estimate(recipe, shape, max_length=n).fits(gpu_gib), 1, 1 << 20),
+    }
 
 
 def fit_recipe(recipe: Recipe, gpu_memory: str | None = None) -> tuple[Recipe, Estimate, float | None]:

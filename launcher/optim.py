@@ -1,4 +1,4 @@
-"""Optimizers by name: torch's AdamW, or bitsandbytes' 8-bit and paged AdamW.
+"""Optimizers by name: torch's fused AdamW, or bitsandbytes' 8-bit and paged AdamW.
 
 8-bit AdamW keeps both moments in blockwise-quantized uint8 (bitsandbytes keeps tensors under
 4,096 elements in 32 bits, where quantization would save nothing). Paged optimizers page their
@@ -33,7 +33,9 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainSection, cpu_adam: bool = 
 
         return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
     if cfg.optimizer == "adamw_torch":
-        return torch.optim.AdamW(groups, **kwargs)
+        # The fused kernel updates each parameter in one pass: faster than the foreach default, and
+        # without its temporaries (a list the size of a state), which set the peak of a full fine-tune.
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
     import bitsandbytes as bnb
 
     optimizers = {

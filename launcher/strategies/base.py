@@ -51,6 +51,10 @@ class Single:
     own_optimizer = False  # runs its own optimizer implementation (no bitsandbytes optimizers)
     fp32_master = False  # under mixed precision: bf16/fp16 module, fp32 master weights in the optimizer
     owns_optimizer_state = False  # True: the checkpoint's sharded state replaces optimizer.pt
+    module_in_compute_dtype = False  # under mixed precision the module itself runs in bf16/fp16 (no autocast)
+    # The caching allocator's reserved pool over its allocated peak: ~10% for one model and its
+    # optimizer; sharded stacks churn buffers of many sizes (the 20-45% under DeepSpeed/FSDP).
+    allocator_overhead = 0.10
 
     def __init__(self, name: str, recipe: Recipe):
         self.name = name

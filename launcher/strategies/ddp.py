@@ -16,6 +16,10 @@ class DDP(Single):
     multi_process = True
     distributed_type = "MULTI_GPU"
 
+    def place(self, weights: float, gradients: float, optimizer: float, layer_bytes: float) -> tuple[float, float, float, float]:
+        # DDP's all-reduce buckets: a second copy of the gradients, allocated when the model is wrapped.
+        return weights + gradients, gradients, optimizer, 0.0
+
     def check_wrapped(self, model: Any) -> None:
         from torch.nn.parallel import DistributedDataParallel
 

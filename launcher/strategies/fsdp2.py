@@ -27,6 +27,8 @@ class FSDP2(Single):
     distributed_type = "MULTI_GPU"
     shards_weights = True
     owns_optimizer_state = True
+    module_in_compute_dtype = True  # MixedPrecisionPolicy gathers the layers in param_dtype
+    allocator_overhead = 0.30
 
     def place(self, weights: float, gradients: float, optimizer: float, layer_bytes: float) -> tuple[float, float, float, float]:
         fsdp, world = self.recipe.distributed.fsdp, self.world_size

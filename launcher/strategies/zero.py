@@ -28,6 +28,8 @@ class Zero(Single):
     offloads_optimizer = True
     own_optimizer = True
     fp32_master = True
+    module_in_compute_dtype = True
+    allocator_overhead = 0.35
     owns_optimizer_state = True
 
     def __init__(self, name: str, recipe: Recipe):
