@@ -5,9 +5,10 @@ steps on packed rows, so every micro-batch is ``data.max_length`` long, as the e
 When the model would not fit this machine, it measures proxies of the same architecture with one
 and two layers (random weights) and extrapolates linearly in the number of layers.
 
-On a GPU the figure is ``torch.cuda.max_memory_allocated``; on CPU it is the growth of peak RSS
-over the process's RSS before the model was loaded (imports, libraries), which is what training
-adds. CPU peaks include allocator slack that the estimate does not model.
+On a GPU the figure is ``torch.cuda.max_memory_allocated``. On CPU, for SFT, it is the peak of one
+step counted tensor by tensor (``ftl.memory_probe``: what CUDA's allocator would report for the
+same step); for preference objectives, the growth of peak RSS over the process's RSS before the
+model was loaded, which includes allocator slack that the estimate does not model.
 """
 
 from __future__ import annotations
@@ -106,6 +107,11 @@ def _run(spec: Path) -> None:
     from ftl.train import train
 
     recipe = validate_recipe(json.loads(spec.read_text()))
+    if not torch.cuda.is_available() and recipe.method.objective == "sft":
+        from ftl.memory_probe import measure_step
+
+        print(f"PEAK_GIB {measure_step(recipe).peak / GIB}")  # counted tensor by tensor, as CUDA's allocator would
+        return
     baseline = 0.0 if torch.cuda.is_available() else proc_status_gib("VmRSS")
     train(recipe)
     print(f"PEAK_GIB {peak_memory_gib() - baseline}")

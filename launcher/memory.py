@@ -248,6 +248,9 @@ def layer_bytes_per_token(recipe: Recipe, shape: Shape, p: Precision, seq: int) 
               + _saved_inputs(recipe, p, ("gate_proj", "up_proj"), d, p.stream)
               + _saved_inputs(recipe, p, ("down_proj",), i, p.mlp))
     adapters = 0 if full else len(_lora_targets(recipe)) * recipe.method.lora.r * (p.compute if p.autocast else 4)
+    if not full and recipe.method.lora.use_dora:  # DoRA rescales the base output (the stream's dtype
+        # from a 4-bit layer) and the LoRA output: it keeps both
+        adapters += (p.mlp + p.compute) * sum(shape.linears()[n][1] for n in _lora_targets(recipe))
     return 2 * norm + attention + mlp + inputs + adapters
 
 
@@ -272,8 +275,11 @@ def activation_terms(recipe: Recipe, shape: Shape, tokens: int, seq: int, p: Pre
     if not full and p.autocast:
         copies += 2.0 * _adapter_params(recipe, shape)  # the adapters' bf16 copies, cached by autocast
     rotary = 2 * shape.head_dim * p.stream * tokens  # cos and sin, shared by the layers
-    # Backward through a layer holds the gradients of its MLP activations and of the stream.
+    # Backward through a layer holds the gradients of its MLP activations and of the stream;
+    # DoRA's weight norm makes an fp32 W + BA of each adapted linear.
     gradients = (3 * p.compute * shape.intermediate + 2 * p.stream * d) * tokens
+    if not full and recipe.method.lora.use_dora:
+        gradients += 4.0 * sum(a * b for n, (a, b) in shape.linears().items() if n in _lora_targets(recipe))
     if recipe.train.gradient_checkpointing:
         blocks, backward_layer = shape.layers * output + final_norm + output + rotary, layer + recompute_copies + gradients
     else:

@@ -5,7 +5,7 @@ training holds. torch's ``MemTracker`` (a dispatch mode that sees every tensor a
 when it dies) gives on any device what ``torch.cuda.max_memory_allocated`` would: parameters,
 gradients, optimizer states, activations and temporaries, and the moment of the peak. The step
 is ftl's own: the model as ``build_model`` makes it, the recipe's optimizer, the strategy's
-autocast and the objective's loss, on rows ``data.max_length`` tokens long (packed, as the
+autocast, kernels and the objective's loss, on rows ``data.max_length`` tokens long (packed, as the
 estimate assumes).
 """
 
@@ -21,6 +21,7 @@ from ftl.config import Recipe
 from ftl.loss import CausalLM
 from ftl.model import build_model
 from ftl.optim import build_optimizer
+from ftl.trainer import apply_kernels
 
 if TYPE_CHECKING:
     from torch.distributed._tools.mem_tracker import MemTracker
@@ -68,10 +69,10 @@ def measure_step(recipe: Recipe) -> Measured:
     model, _ = build_model(recipe)
     optimizer = build_optimizer(model, recipe.train)
     strategy = strategies.build("single", recipe)
-    objective = CausalLM()
+    device = torch.device("cpu")
+    objective = CausalLM(apply_kernels(recipe, model, strategy, device))
     generator = torch.Generator().manual_seed(0)
     vocab = model.get_input_embeddings().num_embeddings
-    device = torch.device("cpu")
     model.train()
 
     def step() -> None:

@@ -95,14 +95,14 @@ class Trainer:
             self.run.write(self.run.data_stats, json.dumps(self.data_stats, indent=2))
         acc.wait_for_everyone()
 
-        fused = _apply_kernels(recipe, self.model, self.strategy, acc.device)
+        fused = apply_kernels(recipe, self.model, self.strategy, acc.device)
         if recipe.method.objective != "sft" and objective is CausalLM:
             from ftl.preference import Preference, needs_reference_copy
 
             reference = None
             if needs_reference_copy(recipe):  # loaded again, as the policy was (under ZeRO-3: partitioned as it loads)
                 reference = load_base_model(recipe.model, self.tokenizer, recipe.quantization).eval().requires_grad_(False)
-                _apply_kernels(recipe, reference, self.strategy, acc.device)
+                apply_kernels(recipe, reference, self.strategy, acc.device)
                 reference = self.strategy.prepare_reference(acc, reference)
             self.objective = Preference(recipe, reference)
         else:
@@ -344,7 +344,7 @@ class Trainer:
         return summary
 
 
-def _apply_kernels(recipe: Recipe, model: torch.nn.Module, strategy: strategies.Strategy, device: torch.device) -> Callable | None:
+def apply_kernels(recipe: Recipe, model: torch.nn.Module, strategy: strategies.Strategy, device: torch.device) -> Callable | None:
     """Swap in the recipe's kernels (see kernels/patch.py); returns the fused loss when it is used."""
     if recipe.kernels == "none":
         return None

@@ -25,29 +25,46 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {arch: write_tiny_model(root / arch, arch, hidden_size=256, layers=2) for arch in ("llama", "qwen2", "mistral")}
 
 
-def _recipe(model: Path, method: str, checkpointing: bool, tmp_path: Path) -> Recipe:
-    sections = {"method": {"type": method, "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"}},
+def _recipe(model: Path, method: str, checkpointing: bool, tmp_path: Path, dora: bool = False, kernels: str | list = "none") -> Recipe:
+    lora = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear", "use_dora": dora}
+    sections = {"method": {"type": method, "lora": lora},
                 "train": {"micro_batch_size": MICRO, "gradient_checkpointing": checkpointing, "mixed_precision": "bf16"},
                 "data": {"max_length": SEQ},
                 # full fine-tuning keeps fp32 weights under bf16 autocast; (Q)LoRA a bf16 base
                 "model": {"dtype": "float32" if method == "full" else "bfloat16"}}
     if method == "qlora":
         sections["quantization"] = {"bits": 4, "compute_dtype": "bfloat16"}
-    return Recipe.model_validate(make_recipe(model, tmp_path / "x.jsonl", tmp_path / "run", **sections))
+    return Recipe.model_validate({**make_recipe(model, tmp_path / "x.jsonl", tmp_path / "run", **sections), "kernels": kernels})
+
+
+def _check(recipe: Recipe, model: Path) -> None:
+    shape = model_shape(str(model))
+    measured = measure_step(recipe)
+    fused = recipe.kernels != "none"
+    terms = activation_terms(recipe, shape, MICRO * SEQ, SEQ, _precision(recipe, strategies.build("single", recipe)), fused)
+    assert terms.blocks + terms.copies == pytest.approx(measured.blocks, rel=0.10)
+    if not (recipe.train.gradient_checkpointing or recipe.method.lora.use_dora or fused):
+        # The loss phase is the peak: what it adds to the forward's end is the loss term. 12 bytes
+        # per logit (fp32 logits, log-softmax and gradient, the GPU figure) is the ceiling; CPU
+        # steps peak at ~10.8 as the logits are freed a little earlier.
+        assert 1.0 <= terms.loss / (measured.peak - measured.before_forward - measured.blocks) <= 1.25
+    planned = estimate(recipe, shape).allocated * GIB
+    assert 0.95 <= planned / measured.peak <= 1.15  # the whole step's peak: never optimistic
 
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["eager", "checkpointed"])
 @pytest.mark.parametrize("method", ["full", "lora", "qlora"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 def test_the_planner_terms_equal_what_a_step_holds(models, arch, method, checkpointing, tmp_path):
-    recipe = _recipe(models[arch], method, checkpointing, tmp_path)
-    shape = model_shape(str(models[arch]))
-    measured = measure_step(recipe)
-    terms = activation_terms(recipe, shape, MICRO * SEQ, SEQ, _precision(recipe, strategies.build("single", recipe)), False)
-    assert terms.blocks + terms.copies == pytest.approx(measured.blocks, rel=0.10)
-    if not checkpointing:  # the loss phase is the peak: what it adds to the forward's end is the loss term
-        # 12 bytes per logit (fp32 logits, log-softmax and gradient, the GPU figure) is the ceiling;
-        # CPU steps peak at ~10.8 as the logits are freed a little earlier.
-        assert 1.0 <= terms.loss / (measured.peak - measured.before_forward - measured.blocks) <= 1.25
-    planned = estimate(recipe, shape).allocated * GIB
-    assert 0.95 <= planned / measured.peak <= 1.15  # the whole step's peak: never optimistic
+    _check(_recipe(models[arch], method, checkpointing, tmp_path), models[arch])
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["eager", "checkpointed"])
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_dora_keeps_the_base_and_lora_outputs(models, method, checkpointing, tmp_path):
+    _check(_recipe(models["llama"], method, checkpointing, tmp_path, dora=True), models["llama"])
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_the_fused_cross_entropy_holds_one_chunk(models, method, tmp_path):
+    _check(_recipe(models["llama"], method, False, tmp_path, kernels=["fused_ce"]), models["llama"])
