@@ -118,6 +118,10 @@ class LoraSection(_Section):
     modules_to_save: list[str] = Field(default_factory=list)
     use_rslora: bool = False
     use_dora: bool = False
+    dtype: Literal["float32", "base"] = Field(
+        "float32", description="the adapters' dtype: float32 (peft's default over a bf16/fp16 base: fp32 adapters, "
+        "gradients and AdamW states), or base (the base model's, or QLoRA's compute dtype, as LitGPT and torchtune "
+        "train bf16-true: half the adapter memory and no fp32 copies of the adapters' inputs).")
 
 
 class MethodSection(_Section):
@@ -159,6 +163,10 @@ class QuantizationSection(_Section):
         "uint8", description="Element type that packs 4-bit weights; bfloat16 lets ZeRO-3/FSDP shard them."
     )
     skip_modules: list[str] = Field(default_factory=lambda: ["lm_head"], description="Modules kept in full precision.")
+    upcast_unquantized: bool = Field(
+        True, description="peft's prepare_model_for_kbit_training: embeddings, norms and lm_head in fp32 (so are the "
+        "residual stream and MLP activations). false keeps them in model.dtype, as torchtune, LitGPT and Unsloth do: "
+        "less memory, bf16 norms.")
 
 
 class TrainSection(_Section):

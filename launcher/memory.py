@@ -54,6 +54,7 @@ from ftl.errors import UserError
 GIB = 2**30
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MASK = 1  # bytes per element of a dropout mask: CUDA keeps a bool (CPU: the input dtype)
 CONTEXT_GIB = 0.75  # the CUDA context with cuBLAS/cuDNN/NCCL loaded, outside the allocator
 
 # Architectures of common hub models, for planning on a machine that cannot download config.json.
@@ -172,6 +173,7 @@ class Precision:
     mlp: int  # gate/up outputs: 4-bit/8-bit layers return their input's dtype (the fp32 stream)
     autocast: bool  # inputs are cast per op (a new copy per consumer)
     weight_copies: bool  # fp32 matmul weights cast to the autocast dtype on every use
+    adapter: int  # LoRA adapters (method.lora.dtype)
 
 
 def _precision(recipe: Recipe, chosen: strategies.Strategy) -> Precision:
@@ -180,11 +182,12 @@ def _precision(recipe: Recipe, chosen: strategies.Strategy) -> Precision:
     if mixed and chosen.module_in_compute_dtype:
         weights = 2  # DeepSpeed casts the module; FSDP2 gathers it in param_dtype
     kbit = recipe.method.type != "full" and recipe.quantization.bits in (4, 8)
-    stream = 4 if kbit else weights  # prepare_model_for_kbit_training upcasts embeddings and norms
+    upcast = kbit and recipe.quantization.upcast_unquantized
+    stream = 4 if upcast else weights  # prepare_model_for_kbit_training upcasts embeddings and norms
     autocast = mixed and not chosen.module_in_compute_dtype
     compute = 2 if mixed else stream
     return Precision(compute=compute, stream=stream, mlp=stream if kbit else compute, autocast=autocast,
-                     weight_copies=autocast and (weights == 4 or kbit))
+                     weight_copies=autocast and (weights == 4 or upcast), adapter=adapter_bytes(recipe, weights))
 
 
 @dataclass
@@ -212,12 +215,23 @@ def _adapter_params(recipe: Recipe, shape: Shape) -> int:
                               for n in _lora_targets(recipe))
 
 
+def adapter_bytes(recipe: Recipe, model_bytes: int) -> int:
+    """Bytes per adapter parameter: peft's fp32, or the base's dtype (QLoRA: its compute dtype)."""
+    if recipe.method.lora.dtype == "float32":
+        return 4
+    if recipe.method.type == "qlora" or recipe.quantization.bits in (4, 8):
+        return BYTES.get(recipe.quantization.compute_dtype, 2)
+    return model_bytes
+
+
 def _saved_inputs(recipe: Recipe, p: Precision, group: tuple[str, ...], width: int, dtype: int, shared: bool = False) -> float:
     """Bytes per token kept of one input that the linears of ``group`` read (``dtype`` its bytes).
 
     A trained weight's linear keeps its input (cast once per linear under autocast, or the tensor
-    itself, shared); a frozen one keeps nothing. A LoRA adapter keeps its own copy: peft casts the
-    input to the adapter's fp32 and autocast casts it back, or (bf16 weights, no autocast) the fp32 cast."""
+    itself, shared); a frozen one keeps nothing. A LoRA adapter's ``lora_A`` keeps the input as
+    it multiplies it: the tensor itself when no cast or dropout comes between, else its own copy
+    (peft casts to the adapter's dtype, dropout makes a new tensor and a bool mask, autocast casts
+    to the compute dtype)."""
     if recipe.method.type == "full":
         if shared:  # the tensor is already kept by the op that made it
             return 0.0
@@ -225,12 +239,11 @@ def _saved_inputs(recipe: Recipe, p: Precision, group: tuple[str, ...], width: i
     adapters = len(set(_lora_targets(recipe)) & set(group))
     if adapters == 0:
         return 0.0
-    dropout = width * adapters if recipe.method.lora.dropout > 0 else 0  # the bool mask of each dropout
-    if p.autocast:
-        return adapters * p.compute * width + dropout
-    if dtype == 4:
-        return width * 4 + dropout
-    return adapters * 4 * width + dropout
+    kept = p.compute if p.autocast else p.adapter  # the dtype lora_A multiplies in
+    dropout = recipe.method.lora.dropout > 0
+    if not dropout and p.adapter == dtype and kept == dtype:
+        return 0.0 if shared else kept * width
+    return adapters * (kept + (MASK if dropout else 0)) * width
 
 
 def layer_bytes_per_token(recipe: Recipe, shape: Shape, p: Precision, seq: int) -> float:
@@ -247,7 +260,7 @@ def layer_bytes_per_token(recipe: Recipe, shape: Shape, p: Precision, seq: int) 
               + _saved_inputs(recipe, p, ("o_proj",), q, p.compute, shared=True)
               + _saved_inputs(recipe, p, ("gate_proj", "up_proj"), d, p.stream)
               + _saved_inputs(recipe, p, ("down_proj",), i, p.mlp))
-    adapters = 0 if full else len(_lora_targets(recipe)) * recipe.method.lora.r * (p.compute if p.autocast else 4)
+    adapters = 0 if full else len(_lora_targets(recipe)) * recipe.method.lora.r * (p.compute if p.autocast else p.adapter)
     if not full and recipe.method.lora.use_dora:  # DoRA rescales the base output (the stream's dtype
         # from a 4-bit layer) and the LoRA output: it keeps both
         adapters += (p.mlp + p.compute) * sum(shape.linears()[n][1] for n in _lora_targets(recipe))
@@ -272,7 +285,7 @@ def activation_terms(recipe: Recipe, shape: Shape, tokens: int, seq: int, p: Pre
         copies = 2.0 * (0 if recipe.train.gradient_checkpointing else kept_layers)
         recompute_copies = 2.0 * kept_layers if recipe.train.gradient_checkpointing else 0.0
         head_copy = 2.0 * head
-    if not full and p.autocast:
+    if not full and p.autocast and p.adapter != p.compute:
         copies += 2.0 * _adapter_params(recipe, shape)  # the adapters' bf16 copies, cached by autocast
     rotary = 2 * shape.head_dim * p.stream * tokens  # cos and sin, shared by the layers
     # Backward through a layer holds the gradients of its MLP activations and of the stream;
@@ -328,14 +341,13 @@ def estimate(recipe: Recipe, shape: Shape, strategy: str | None = None, micro_ba
         lora = method.lora
         linears = shape.linears()
         trainable = _adapter_params(recipe, shape)
-        trainable_bytes = trainable * (model_bytes if master else 4.0)  # peft keeps adapters in fp32
-        kept_bytes = model_bytes
+        trainable_bytes = trainable * (model_bytes if master else adapter_bytes(recipe, model_bytes))
+        # prepare_model_for_kbit_training upcasts what is not quantized (unless told not to)
+        kept_bytes = 4 if quant.bits in (4, 8) and quant.upcast_unquantized else model_bytes
         if quant.bits == 4:
             bits = 4 + (8 / 64 + 32 / (64 * 256) if quant.double_quant else 32 / 64)
-            kept_bytes = 4  # prepare_model_for_kbit_training upcasts what is not quantized
             frozen_bytes = shape.linear_params * bits / 8 + shape.other_params * kept_bytes
         elif quant.bits == 8:
-            kept_bytes = 4
             row_scales = shape.layers * sum(o for _, o in linears.values()) * 4
             frozen_bytes = shape.linear_params + row_scales + shape.other_params * kept_bytes
         else:

@@ -158,13 +158,16 @@ def one_4bit_compute_path(model: torch.nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def apply_method(model: PreTrainedModel, method: MethodSection, gradient_checkpointing: bool) -> PreTrainedModel:
+def apply_method(model: PreTrainedModel, method: MethodSection, gradient_checkpointing: bool,
+                 upcast_unquantized: bool = True) -> PreTrainedModel:
     """Make the right parameters trainable: LoRA adapters, or the base minus frozen patterns."""
-    if getattr(model, "is_quantized", False):
+    if getattr(model, "is_quantized", False) and upcast_unquantized:
         from peft import prepare_model_for_kbit_training
 
         # QLoRA's recipe: freeze the base, keep norms/embeddings/head in fp32, make inputs require grad.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    elif getattr(model, "is_quantized", False):
+        model.requires_grad_(False)  # the frozen base as loaded (inputs get grads in _wrap_lora)
     if gradient_checkpointing:
         _enable_checkpointing(model)
     if method.type in ("lora", "qlora"):
@@ -194,7 +197,7 @@ def _wrap_lora(model: PreTrainedModel, method: MethodSection) -> PreTrainedModel
         if not any(name == module or name.endswith("." + module) for name in names):
             raise ModelError(f"method.lora.modules_to_save: the model has no module named '{module}' (e.g. lm_head, embed_tokens)")
     try:
-        peft_model = get_peft_model(model, config)
+        peft_model = get_peft_model(model, config, autocast_adapter_dtype=lora.dtype == "float32")
     except ValueError as err:
         raise ModelError(f"method.lora.target_modules: {first_line(err)}") from None
     if _is_checkpointing(model):
@@ -235,7 +238,7 @@ def build_model(recipe: Recipe) -> tuple[PreTrainedModel, Any]:
     """Tokenizer and trainable model for ``recipe``."""
     tokenizer = load_tokenizer(recipe.model)
     model = load_base_model(recipe.model, tokenizer, recipe.quantization)
-    model = apply_method(model, recipe.method, recipe.train.gradient_checkpointing)
+    model = apply_method(model, recipe.method, recipe.train.gradient_checkpointing, recipe.quantization.upcast_unquantized)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     log.info("trainable parameters: %d of %d (%.2f%%)", trainable, total, 100 * trainable / max(total, 1))

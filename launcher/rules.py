@@ -35,6 +35,9 @@ def _method(recipe: Recipe) -> Problems:
     if method.type == "full" and quant.bits is not None:
         problems.append((("quantization", "bits"), "full fine-tuning cannot train quantized weights; use method.type: lora or "
                          "qlora, or remove quantization.bits"))
+    if method.type != "full" and method.lora.dtype == "base" and recipe.train.mixed_precision == "fp16":
+        problems.append((("method", "lora", "dtype"), "fp16 loss scaling needs fp32 adapters (their gradients are unscaled "
+                         "in fp32); use dtype: float32, or train.mixed_precision: bf16"))
     if quant.bits == 8 and quant.quant_storage != "uint8":
         problems.append((("quantization", "quant_storage"), "applies to 4-bit quantization only"))
     return problems

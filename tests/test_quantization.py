@@ -55,6 +55,8 @@ def test_qlora_is_the_default_for_method_qlora(tmp_path: Path) -> None:
         ({"method": {"type": "qlora"}, "quantization": {"bits": 8}}, "quantization.bits: method.type: qlora means a 4-bit base"),
         ({"quantization": {"bits": 8, "quant_storage": "bfloat16"}}, "quantization.quant_storage: applies to 4-bit"),
         ({"quantization": {"bits": 3}}, "quantization.bits: Input should be 4 or 8"),
+        ({"method": {"type": "lora", "lora": {"dtype": "base"}}, "quantization": {}, "train": {"mixed_precision": "fp16"}},
+         "method.lora.dtype: fp16 loss scaling needs fp32 adapters"),
     ],
 )
 def test_impossible_combinations_fail_at_validation(tmp_path: Path, sections: dict, message: str) -> None:
@@ -153,6 +155,28 @@ def test_dora_and_rslora(tiny_llama: Path, demo_data, tmp_path: Path, switch: st
         layer = model.base_model.model.model.layers[0].self_attn.q_proj
         assert layer.scaling["default"] == pytest.approx(16 / 8**0.5)
     assert train(recipe).steps == 2
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_bf16_adapters_over_a_bf16_base_train_and_reload(tiny_llama: Path, demo_data, tmp_path: Path, method: str) -> None:
+    """method.lora.dtype: base (and for QLoRA quantization.upcast_unquantized: false) trains all in
+    bf16, as LitGPT's and torchtune's bf16-true runs do; the defaults keep peft's fp32 parts."""
+    lora = {"r": 8, "alpha": 16, "dropout": 0.0}
+    quant = {"bits": 4, "compute_dtype": "bfloat16"} if method == "qlora" else {}
+    common = dict(model={"dtype": "bfloat16"}, train={"max_steps": 3, "learning_rate": 1e-2, "mixed_precision": "no"})
+    default, _ = build_model(_recipe(tiny_llama, demo_data, tmp_path / "default", method={"type": method, "lora": lora},
+                                     quantization=quant, **common))
+    recipe = _recipe(tiny_llama, demo_data, tmp_path / "run", with_eval=True, method={"type": method, "lora": {**lora, "dtype": "base"}},
+                     quantization={**quant, "upcast_unquantized": False} if quant else {}, **common)
+    model, _ = build_model(recipe)
+    for built, adapters, norms in ((default, torch.float32, torch.float32 if quant else torch.bfloat16), (model, torch.bfloat16, torch.bfloat16)):
+        dtypes = {n: p.dtype for n, p in built.named_parameters()}
+        assert {d for n, d in dtypes.items() if "lora_" in n} == {adapters}
+        assert {d for n, d in dtypes.items() if "norm" in n} == {norms}
+    summary = train(recipe)
+    reloaded, tokenizer = load_for_inference(summary.checkpoint)
+    eval_set = build_dataset(recipe.data.eval, tokenizer, recipe.data)
+    assert _eval_loss(reloaded, tokenizer, eval_set) == pytest.approx(summary.final_eval_loss, rel=1e-2)
 
 
 @pytest.mark.slow
