@@ -154,6 +154,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         for key, value in memory.table().items():
             mem.add_row(key, f"{value:.2f}")
         console.print(mem)
+        if recipe.train.optimizer.startswith("paged_"):
+            console.print("paged optimizer states are counted as resident (conservative: under memory pressure "
+                          "bitsandbytes pages them to CPU memory)", highlight=False)
     if fits is not None:
         verdict = "[green]fits[/]" if fits else "[red]does not fit[/]"
         console.print(f"{verdict} in {gpu_gib:g} GiB per GPU (reserved estimate, the peak is the {memory.peak_phase} phase)", markup=True)
