@@ -16,8 +16,10 @@ others), which pays on CPUs with AVX-512 BF16 or AMX.
 
 Each run is its own process (peak RSS is per process), in turn (ftl, trl, hf, ftl, ...), from
 this one invocation. Throughput: real (non-pad) tokens per second between the ends of step 1
-and the last step. Peak RSS: the process's VmHWM after training. The step-1 loss of each is
-printed too: the packed runs and the padded one see different first batches, so they differ.
+and the last step. Peak RSS: the process's VmHWM after training. Before the timed runs, each
+trains one step on the same four rows of exactly 512 tokens (no padding, one row per pack): the
+three step-1 losses must agree to numerical noise. (In the timed runs the packed and the padded
+runs see different first batches, so their step-1 losses differ.)
 """
 
 from __future__ import annotations
@@ -60,12 +62,27 @@ def model_dir(work: Path, name: str) -> Path:
 
 
 CHECKPOINTING = BF16 = False  # set by --checkpointing and --bf16, for every worker alike
+DATA = "data.jsonl"  # agree.jsonl for the agreement check
+
+
+def make_agreement_data(path: Path) -> None:
+    """MICRO rows each longer than MAX_LEN tokens, so every run's first (and only) batch is the
+    same four rows of exactly MAX_LEN tokens: no padding, one row per pack, whatever the order."""
+    import random
+
+    from cpu_vs_hf import WORDS
+
+    rng = random.Random(1)
+    with open(path, "w") as f:
+        for _ in range(MICRO):
+            prompt = " ".join(rng.choice(WORDS) for _ in range(20))
+            f.write(json.dumps({"instruction": prompt, "output": " ".join(rng.choice(WORDS) for _ in range(2 * MAX_LEN))}) + "\n")
 
 
 def recipe(work: Path, model: Path, steps: int) -> dict:
     return {
         "model": {"path": str(model), "dtype": "float32"},
-        "data": {"train": {"path": str(work / "data.jsonl")}, "max_length": MAX_LEN, "packing": True},
+        "data": {"train": {"path": str(work / DATA)}, "max_length": MAX_LEN, "packing": True},
         "method": {"type": "lora", "lora": {"r": 16, "alpha": 32, "dropout": 0.0}},
         "train": {"max_steps": steps, "micro_batch_size": MICRO, "gradient_accumulation_steps": 1, "learning_rate": LR,
                   "lr_scheduler": "cosine", "warmup_steps": 0, "mixed_precision": "bf16" if BF16 else "no", "logging_steps": 1, "seed": 0,
@@ -193,9 +210,10 @@ def main() -> None:
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing in all three")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast in all three")
     parser.add_argument("--worker", choices=sorted(WORKERS))
+    parser.add_argument("--data", default="data.jsonl", help=argparse.SUPPRESS)  # the workers' rows
     args = parser.parse_args()
-    global CHECKPOINTING, BF16
-    CHECKPOINTING, BF16 = args.checkpointing, args.bf16
+    global CHECKPOINTING, BF16, DATA
+    CHECKPOINTING, BF16, DATA = args.checkpointing, args.bf16, args.data
     work = Path(args.workdir)
     if args.worker:
         from ftl.flops import proc_status_gib
@@ -206,18 +224,30 @@ def main() -> None:
 
     work.mkdir(parents=True, exist_ok=True)
     make_data(work / "data.jsonl")
+    make_agreement_data(work / "agree.jsonl")
+    flags = ["--checkpointing"] * args.checkpointing + ["--bf16"] * args.bf16
+
+    def run(worker: str, name: str, steps: int, data: str) -> dict:
+        out = subprocess.run([sys.executable, "-P", __file__, "--worker", worker, "--models", name, "--steps", str(steps),
+                              "--workdir", str(work), "--data", data, *flags], capture_output=True, text=True)
+        line = [text for text in out.stdout.splitlines() if text.startswith("RESULT ")]
+        if out.returncode != 0 or not line:
+            sys.exit(f"{worker} on {name} failed:\n{out.stderr[-3000:]}")
+        return json.loads(line[0][7:])
+
     for name in args.models:
         model_dir(work, name)
+        # Same model, same tokens: the first step's loss must agree before any speed is compared.
+        first = {worker: run(worker, name, 2, "agree.jsonl")["step1_loss"] for worker in WORKERS}
+        spread = (max(first.values()) - min(first.values())) / min(first.values())
+        print(f"{name}: step-1 loss on the same {MICRO} x {MAX_LEN} tokens: "
+              + ", ".join(f"{k} {v:.6f}" for k, v in first.items()) + f" (largest relative difference {spread:.1e})", flush=True)
+        if not args.rounds:
+            continue
         results: dict[str, list[dict]] = {worker: [] for worker in WORKERS}
         for _ in range(args.rounds):
             for worker in results:
-                out = subprocess.run([sys.executable, "-P", __file__, "--worker", worker, "--models", name, "--steps",
-                                      str(args.steps), "--workdir", str(work)] + ["--checkpointing"] * args.checkpointing + ["--bf16"] * args.bf16,
-                                 capture_output=True, text=True)
-                line = [text for text in out.stdout.splitlines() if text.startswith("RESULT ")]
-                if out.returncode != 0 or not line:
-                    sys.exit(f"{worker} on {name} failed:\n{out.stderr[-3000:]}")
-                results[worker].append(json.loads(line[0][7:]))
+                results[worker].append(run(worker, name, args.steps, "data.jsonl"))
                 print(name, worker, results[worker][-1], flush=True)
         mean = {k: {m: sum(r[m] for r in v) / len(v) for m in ("tokens_per_s", "peak_rss_mib", "step1_loss")} for k, v in results.items()}
         print(f"\n{name}: {args.steps} steps x {args.rounds} rounds, micro-batch {MICRO} x {MAX_LEN} tokens, {'bf16 autocast' if args.bf16 else 'fp32'}, "

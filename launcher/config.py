@@ -188,6 +188,8 @@ class TrainSection(_Section):
     save_steps: int | None = Field(None, ge=1, le=10**9, description="Checkpoint every N optimizer steps (and at the end).")
     logging_steps: int = Field(1, ge=1, le=10**9)
     gradient_checkpointing: bool = False
+    compile: bool = Field(False, description="torch.compile each decoder layer (inductor): the first steps compile "
+                          "(about a minute; cached for later runs), the rest run faster. single, ddp and fsdp2.")
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     resume: str = Field(
         "auto",

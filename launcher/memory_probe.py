@@ -19,7 +19,7 @@ import torch
 from ftl import strategies
 from ftl.config import Recipe
 from ftl.loss import CausalLM
-from ftl.model import build_model
+from ftl.model import build_model, decoder_layers
 from ftl.optim import build_optimizer
 from ftl.trainer import apply_kernels
 
@@ -49,11 +49,6 @@ def _tracker() -> "MemTracker":
             return super()._track_module_params_and_buffers(module, install_grad_hooks=False)
 
     return FrozenSafeTracker()
-
-
-def _decoder(model: torch.nn.Module) -> torch.nn.Module:
-    """The stack of decoder layers (under peft, inside the wrapped model)."""
-    return next(m for m in model.modules() if hasattr(m, "layers") and isinstance(m.layers, torch.nn.ModuleList))
 
 
 def _batch(recipe: Recipe, vocab: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -89,7 +84,8 @@ def measure_step(recipe: Recipe) -> Measured:
     with tracker:
         step()
     peak = tracker.get_tracker_snapshot("peak")[device]
-    decoder = tracker.memory_tracking[_decoder(model)]
+    layers = decoder_layers(model)
+    decoder = tracker.memory_tracking[next(m for m in model.modules() if getattr(m, "layers", None) is layers)]
     before, after = decoder.snapshots["Pre-Forward"][0][device], decoder.snapshots["Post-Forward"][0][device]
     root = tracker.memory_tracking[model].snapshots["Pre-Forward"][0][device]
     return Measured(

@@ -34,7 +34,7 @@ from ftl.data import batch_indices, build_dataset, collate, load_source
 from ftl.flops import flops_counter, peak_flops, peak_memory_gib
 from ftl.loss import CausalLM
 from ftl.metrics import MetricsWriter, TrainingProgress, plot_losses, read_metrics, summary_table
-from ftl.model import build_model, load_base_model
+from ftl.model import build_model, compile_layers, load_base_model
 from ftl.optim import build_optimizer
 from ftl.plan import make_plan
 from ftl.preprocess import prepare as prepare_data
@@ -96,6 +96,8 @@ class Trainer:
         acc.wait_for_everyone()
 
         fused = apply_kernels(recipe, self.model, self.strategy, acc.device)
+        if cfg.compile:
+            compile_layers(self.model)
         if recipe.method.objective != "sft" and objective is CausalLM:
             from ftl.preference import Preference, needs_reference_copy
 

@@ -83,6 +83,9 @@ class Single:
         if zero.offload_optimizer and not self.offloads_optimizer:
             problems.append((("distributed", "zero", "offload_optimizer"), f"needs strategy zero1, zero2 or zero3, not {named} "
                              "(for fsdp2 use distributed.fsdp.cpu_offload)"))
+        if recipe.train.compile and self.own_optimizer:
+            problems.append((("train", "compile"), f"not supported under DeepSpeed ({named}), whose engine wraps the "
+                             "layers in its own hooks; use ddp or fsdp2, or compile: false"))
         if self.own_optimizer and recipe.train.optimizer != "adamw_torch":
             problems.append((("train", "optimizer"), f"DeepSpeed ({named}) runs its own partitioned AdamW; use adamw_torch"))
         if self.shards_weights:
