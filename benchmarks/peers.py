@@ -61,7 +61,7 @@ def model_dir(work: Path, name: str) -> Path:
     return path
 
 
-CHECKPOINTING = BF16 = False  # set by --checkpointing and --bf16, for every worker alike
+CHECKPOINTING = BF16 = COMPILE = False  # set by --checkpointing, --bf16 (every worker alike) and --compile (ftl's)
 DATA = "data.jsonl"  # agree.jsonl for the agreement check
 
 
@@ -86,7 +86,7 @@ def recipe(work: Path, model: Path, steps: int) -> dict:
         "method": {"type": "lora", "lora": {"r": 16, "alpha": 32, "dropout": 0.0}},
         "train": {"max_steps": steps, "micro_batch_size": MICRO, "gradient_accumulation_steps": 1, "learning_rate": LR,
                   "lr_scheduler": "cosine", "warmup_steps": 0, "mixed_precision": "bf16" if BF16 else "no", "logging_steps": 1, "seed": 0,
-                  "resume": "never", "gradient_checkpointing": CHECKPOINTING},
+                  "resume": "never", "gradient_checkpointing": CHECKPOINTING, "compile": COMPILE},
         "output": {"dir": str(work / f"run-ftl-{model.name}"), "overwrite": True, "report_to": [], "keep_last": 1},
     }
 
@@ -209,11 +209,12 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/ftl-peers")
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing in all three")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast in all three")
+    parser.add_argument("--compile", action="store_true", help="ftl with train.compile (its first step, which compiles, is not timed)")
     parser.add_argument("--worker", choices=sorted(WORKERS))
     parser.add_argument("--data", default="data.jsonl", help=argparse.SUPPRESS)  # the workers' rows
     args = parser.parse_args()
-    global CHECKPOINTING, BF16, DATA
-    CHECKPOINTING, BF16, DATA = args.checkpointing, args.bf16, args.data
+    global CHECKPOINTING, BF16, COMPILE, DATA
+    CHECKPOINTING, BF16, COMPILE, DATA = args.checkpointing, args.bf16, args.compile, args.data
     work = Path(args.workdir)
     if args.worker:
         from ftl.flops import proc_status_gib
@@ -225,7 +226,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     make_data(work / "data.jsonl")
     make_agreement_data(work / "agree.jsonl")
-    flags = ["--checkpointing"] * args.checkpointing + ["--bf16"] * args.bf16
+    flags = ["--checkpointing"] * args.checkpointing + ["--bf16"] * args.bf16 + ["--compile"] * args.compile
 
     def run(worker: str, name: str, steps: int, data: str) -> dict:
         out = subprocess.run([sys.executable, "-P", __file__, "--worker", worker, "--models", name, "--steps", str(steps),
@@ -251,7 +252,7 @@ def main() -> None:
                 print(name, worker, results[worker][-1], flush=True)
         mean = {k: {m: sum(r[m] for r in v) / len(v) for m in ("tokens_per_s", "peak_rss_mib", "step1_loss")} for k, v in results.items()}
         print(f"\n{name}: {args.steps} steps x {args.rounds} rounds, micro-batch {MICRO} x {MAX_LEN} tokens, {'bf16 autocast' if args.bf16 else 'fp32'}, "
-              f"activation checkpointing {'on' if args.checkpointing else 'off'}\n"
+              f"activation checkpointing {'on' if args.checkpointing else 'off'}{', ftl compiled' if args.compile else ''}\n"
               "| run | real tokens/s | peak RSS (MiB) | step-1 loss | tokens/s vs TRL | vs HF | RSS vs TRL |\n|---|---|---|---|---|---|---|")
         roofline = matmul_roofline(model_dir(work, name), MICRO * MAX_LEN, args.bf16)
         ftl_tflops = sum(r["tflops"] for r in results["ftl"]) / len(results["ftl"])
