@@ -72,7 +72,7 @@ def worker_ftl(work: Path, method: str, steps: int, smoke: bool) -> dict:
     records = [r for r in read_metrics(Path(cfg.output.dir) / "metrics.jsonl") if "loss" in r][1:]
     return {"tokens_per_s": sum(r["tokens_per_s"] for r in records) / len(records),
             "mfu": sum(r.get("mfu", 0.0) for r in records) / len(records), "peak_gib": peak_memory_gib(),
-            "estimate_gib": estimate(cfg, model_shape(cfg.model.path)).total}
+            "estimate_gib": estimate(cfg, model_shape(cfg.model.path)).allocated}
 
 
 def worker_hf(work: Path, method: str, steps: int, smoke: bool) -> dict:
