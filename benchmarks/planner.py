@@ -38,11 +38,11 @@ def cpu_grid(archs: list[str]) -> None:
     from test_memory_probe import MICRO, SEQ, _recipe
 
     from ftl import strategies
-    from ftl.memory import _precision, activation_terms, estimate, model_shape
+    from ftl.memory import activation_terms, estimate, model_shape, precision
     from ftl.memory_probe import measure_step
     from ftl.tiny import write_tiny_model
 
-    print(f"| model | method | checkpointing | activations est/measured | peak est/measured (phase) |\n|---|---|---|---|---|")
+    print("| model | method | checkpointing | activations est/measured | peak est/measured (phase) |\n|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for arch in archs:
             model = write_tiny_model(Path(tmp) / arch, arch, hidden_size=256, layers=2)
@@ -51,7 +51,7 @@ def cpu_grid(archs: list[str]) -> None:
                 for checkpointing in (False, True):
                     recipe = _recipe(model, method, checkpointing, Path(tmp), dora=dora)
                     measured = measure_step(recipe)
-                    terms = activation_terms(recipe, shape, MICRO * SEQ, SEQ, _precision(recipe, strategies.build("single", recipe)), False)
+                    terms = activation_terms(recipe, shape, MICRO * SEQ, SEQ, precision(recipe, strategies.build("single", recipe)), False)
                     result = estimate(recipe, shape)
                     print(f"| {arch} | {method}{' (DoRA)' if dora else ''} | {checkpointing} | "
                           f"{(terms.blocks + terms.copies) / measured.blocks:.3f} | "

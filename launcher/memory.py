@@ -176,7 +176,8 @@ class Precision:
     adapter: int  # LoRA adapters (method.lora.dtype)
 
 
-def _precision(recipe: Recipe, chosen: strategies.Strategy) -> Precision:
+def precision(recipe: Recipe, chosen: strategies.Strategy) -> Precision:
+    """The dtypes a step of ``recipe`` creates its tensors in, under the strategy that runs it."""
     mixed = recipe.train.mixed_precision != "no"
     weights = BYTES.get(recipe.model.dtype, 2)
     if mixed and chosen.module_in_compute_dtype:
@@ -206,7 +207,6 @@ def _lora_targets(recipe: Recipe) -> list[str]:
         return list(LINEARS)
     names = [targets] if isinstance(targets, str) else targets
     return [n for n in LINEARS if any(n == t or n.endswith(t) for t in names)]
-
 
 
 def _adapter_params(recipe: Recipe, shape: Shape) -> int:
@@ -268,6 +268,7 @@ def layer_bytes_per_token(recipe: Recipe, shape: Shape, p: Precision, seq: int) 
 
 
 def activation_terms(recipe: Recipe, shape: Shape, tokens: int, seq: int, p: Precision, fused_ce: bool) -> Activations:
+    """What a micro-batch of ``tokens`` (rows of ``seq``) holds beyond weights, gradients and optimizer states."""
     d, v = shape.hidden, shape.vocab
     full = recipe.method.type == "full"
     layer = layer_bytes_per_token(recipe, shape, p, seq) * tokens
@@ -369,7 +370,7 @@ def estimate(recipe: Recipe, shape: Shape, strategy: str | None = None, micro_ba
     step_temp *= optimizer / unsharded_optimizer if unsharded_optimizer else 0.0
 
     sequences = mb * (2 if method.objective != "sft" else 1)  # preference rows: chosen and rejected
-    p = _precision(recipe, chosen)
+    p = precision(recipe, chosen)
     act = activation_terms(recipe, shape, sequences * seq, seq, p, chosen.uses_fused_ce() and method.objective == "sft")
     resident = weights + optimizer
     held = gradients if train.gradient_accumulation_steps > 1 else 0.0  # earlier micro-batches' gradients

@@ -11,7 +11,7 @@ import pytest
 
 from ftl import strategies
 from ftl.config import Recipe
-from ftl.memory import GIB, _precision, activation_terms, estimate, model_shape
+from ftl.memory import GIB, activation_terms, estimate, model_shape, precision
 from ftl.memory_probe import measure_step
 from ftl.tiny import write_tiny_model
 from conftest import make_recipe
@@ -43,7 +43,7 @@ def _check(recipe: Recipe, model: Path) -> None:
     shape = model_shape(str(model))
     measured = measure_step(recipe)
     fused = recipe.kernels != "none"
-    terms = activation_terms(recipe, shape, MICRO * SEQ, SEQ, _precision(recipe, strategies.build("single", recipe)), fused)
+    terms = activation_terms(recipe, shape, MICRO * SEQ, SEQ, precision(recipe, strategies.build("single", recipe)), fused)
     assert terms.blocks + terms.copies == pytest.approx(measured.blocks, rel=0.10)
     if not (recipe.train.gradient_checkpointing or recipe.method.lora.use_dora or fused):
         # The loss phase is the peak: what it adds to the forward's end is the loss term. 12 bytes
