@@ -281,10 +281,11 @@ def activation_terms(recipe: Recipe, shape: Shape, tokens: int, seq: int, p: Pre
     if p.weight_copies and full:  # trained weights: cached by autocast for the whole forward
         copies, head_copy = 2.0 * shape.linear_params, 2.0 * head
     elif p.weight_copies:  # frozen fp32 weights: a copy kept by each linear whose input needs a gradient
-        quantized = recipe.quantization.bits in (4, 8)
-        kept_layers = 0 if quantized else (1 if recipe.train.gradient_checkpointing else shape.layers) * layer_weights
-        copies = 2.0 * (0 if recipe.train.gradient_checkpointing else kept_layers)
-        recompute_copies = 2.0 * kept_layers if recipe.train.gradient_checkpointing else 0.0
+        per_layer = 0.0 if recipe.quantization.bits in (4, 8) else 2.0 * layer_weights
+        if recipe.train.gradient_checkpointing:
+            recompute_copies = per_layer  # only the layer being recomputed
+        else:
+            copies = per_layer * shape.layers
         head_copy = 2.0 * head
     if not full and p.autocast and p.adapter != p.compute:
         copies += 2.0 * _adapter_params(recipe, shape)  # the adapters' bf16 copies, cached by autocast

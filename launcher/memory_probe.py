@@ -19,7 +19,7 @@ import torch
 from ftl import strategies
 from ftl.config import Recipe
 from ftl.loss import CausalLM
-from ftl.model import build_model, decoder_layers
+from ftl.model import build_model, decoder
 from ftl.optim import build_optimizer
 from ftl.trainer import apply_kernels
 
@@ -84,9 +84,8 @@ def measure_step(recipe: Recipe) -> Measured:
     with tracker:
         step()
     peak = tracker.get_tracker_snapshot("peak")[device]
-    layers = decoder_layers(model)
-    decoder = tracker.memory_tracking[next(m for m in model.modules() if getattr(m, "layers", None) is layers)]
-    before, after = decoder.snapshots["Pre-Forward"][0][device], decoder.snapshots["Post-Forward"][0][device]
+    stack = tracker.memory_tracking[decoder(model)]
+    before, after = stack.snapshots["Pre-Forward"][0][device], stack.snapshots["Post-Forward"][0][device]
     root = tracker.memory_tracking[model].snapshots["Pre-Forward"][0][device]
     return Measured(
         peak=peak["Total"],

@@ -222,15 +222,18 @@ def _is_checkpointing(model: PreTrainedModel) -> bool:
     return bool(getattr(model, "is_gradient_checkpointing", False))
 
 
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The decoder's stack of layers (under peft, inside the wrapped model)."""
-    return next(m.layers for m in model.modules() if isinstance(getattr(m, "layers", None), torch.nn.ModuleList))
+def decoder(model: torch.nn.Module) -> torch.nn.Module:
+    """The module holding the stack of decoder layers, with the final norm and the rotary
+    embedding (under peft, inside the wrapped model); ``ftl.strategies.decoder_layers`` gives the blocks."""
+    return next(m for m in model.modules() if isinstance(getattr(m, "layers", None), torch.nn.ModuleList))
 
 
 def compile_layers(model: torch.nn.Module) -> None:
     """``train.compile``: each decoder layer compiled in place, as torchtune and torchtitan do.
     The layers share their code, so one graph serves them all; state-dict names do not change."""
-    for layer in decoder_layers(model):
+    from ftl.strategies import decoder_layers  # the blocks FSDP2 shards
+
+    for layer in decoder_layers(model, "train.compile:", "set train.compile: false for this architecture"):
         layer.compile()
 
 
