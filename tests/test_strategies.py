@@ -72,3 +72,15 @@ def test_a_rule_is_decided_by_the_strategy_auto_resolves_to(tmp_path):
 
     assert [key for key, _ in strategies.for_recipe(with_implied(Recipe.model_validate(lora))).check()] == [
         ("distributed", "zero", "offload_optimizer")]
+
+
+@pytest.mark.parametrize("name", ["single", *MULTI])
+def test_compile_is_refused_only_under_deepspeed(tmp_path, name):
+    """train.compile: the layers are compiled in place, which DeepSpeed's engine hooks are not run with."""
+    from ftl.config import RecipeError
+
+    if name.startswith("zero"):
+        with pytest.raises(RecipeError, match="train.compile: not supported under DeepSpeed"):
+            _recipe(tmp_path, name, train={"compile": True})
+    else:
+        assert _recipe(tmp_path, name, train={"compile": True}).train.compile
