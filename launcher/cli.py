@@ -75,9 +75,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ftl.signals import EXIT_STOPPED
 
     from ftl.launch import launch
-    from ftl.plan import make_plan
+    from ftl.plan import local_device, make_plan
 
-    recipe = _one_recipe(args, "train")
+    recipe = _one_recipe(args, "train").for_device(local_device())
     if recipe.distributed.gpu_memory and "LOCAL_RANK" not in os.environ:
         recipe = _fit_memory(recipe)
     plan = make_plan(recipe)
@@ -115,9 +115,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from ftl.memory import fit_recipe, largest_fit, model_shape
-    from ftl.plan import make_plan
+    from ftl.plan import local_device, make_plan
 
-    recipe = _one_recipe(args, "plan")
+    recipe = _one_recipe(args, "plan").for_device(args.device or local_device())
     memory, gpu_gib, unavailable = None, None, None
     try:
         recipe, memory, gpu_gib = fit_recipe(recipe, args.gpu_mem)
@@ -127,7 +127,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         unavailable = str(err)  # the plan itself does not need the model's shape
     plan = make_plan(recipe, device=args.device)
     train = recipe.train
-    batch = {"micro_batch_size": train.micro_batch_size, "gradient_accumulation_steps": train.gradient_accumulation_steps}
+    batch = {"micro_batch_size": train.micro_batch_size, "gradient_accumulation_steps": train.gradient_accumulation_steps,
+             "mixed_precision": train.mixed_precision}
     fits = memory.fits(gpu_gib) if gpu_gib else None
     largest = largest_fit(recipe, gpu_gib, model_shape(recipe.model.path)) if gpu_gib else None
     measured = None

@@ -190,7 +190,10 @@ class TrainSection(_Section):
     gradient_checkpointing: bool = False
     compile: bool = Field(False, description="torch.compile each decoder layer (inductor): the first steps compile "
                           "(about a minute; cached for later runs), the rest run faster. single, ddp and fsdp2.")
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = Field(
+        "no", description="Autocast dtype of forward passes (weights and optimizer stay fp32). auto: bf16 where the "
+        "device computes it natively (CUDA GPUs from Ampere on; CPUs with AVX-512 BF16 or AMX), else no; decided on "
+        "the machine that trains.")
     resume: str = Field(
         "auto",
         description="auto: continue from the run directory's newest complete checkpoint if there is one; "
@@ -344,6 +347,15 @@ class Recipe(_Section):
             return "single"
         return "zero3" if self.method.type == "full" else "ddp"
 
+    def for_device(self, device: str) -> Recipe:
+        """The recipe with ``train.mixed_precision: auto`` decided for ``device`` (cuda | cpu), here
+        and only here. Called where the run's hardware is known: by ``ftl train`` and every rank
+        (a Slurm job decides on its nodes, not on the login node) and by ``ftl plan --device``."""
+        if self.train.mixed_precision != "auto":
+            return self
+        precision = "bf16" if bf16_native(device) else "no"
+        return self.model_copy(update={"train": self.train.model_copy(update={"mixed_precision": precision})})
+
     def resolved(self) -> Recipe:
         """A copy with local paths made absolute, so every rank and node reads the same files."""
         data = self.model_dump()
@@ -362,6 +374,18 @@ class Recipe(_Section):
         if data["data"]["cache_dir"]:
             data["data"]["cache_dir"] = str(Path(data["data"]["cache_dir"]).expanduser().resolve())
         return Recipe.model_validate(data)
+
+
+def bf16_native(device: str) -> bool:
+    """Whether bf16 matmuls run in hardware, so autocast to bf16 is faster than fp32: CUDA from
+    compute capability 8.0 (``ftl plan --device cuda`` on a machine without a GPU assumes one),
+    and CPUs with AVX-512 BF16 or AMX; elsewhere torch converts bf16 in software, slower than fp32."""
+    import torch
+
+    if device == "cuda":
+        return not torch.cuda.is_available() or torch.cuda.is_bf16_supported(including_emulation=False)
+    capabilities = torch.cpu.get_capabilities()
+    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
 
 
 # ----------------------------------------------------------------------------- loading

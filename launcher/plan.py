@@ -57,10 +57,15 @@ class Plan:
         }
 
 
+def local_device() -> str:
+    """The device this machine trains on."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def make_plan(recipe: Recipe, device: str | None = None) -> Plan:
     """The plan for ``recipe`` (resolve paths first: every rank must read the same files)."""
     dist = recipe.distributed
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or local_device()
     strategy = strategies.for_recipe(recipe)
     plan = Plan(
         strategy=strategy.name,

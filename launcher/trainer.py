@@ -36,7 +36,7 @@ from ftl.loss import CausalLM
 from ftl.metrics import MetricsWriter, TrainingProgress, plot_losses, read_metrics, summary_table
 from ftl.model import build_model, compile_layers, load_base_model
 from ftl.optim import build_optimizer
-from ftl.plan import make_plan
+from ftl.plan import local_device, make_plan
 from ftl.preprocess import prepare as prepare_data
 from ftl.resume import TrainError, resume_point
 from ftl.rundir import RunDir
@@ -70,7 +70,7 @@ class RunSummary:
 
 class Trainer:
     def __init__(self, recipe: Recipe, objective: Callable[[Callable | None], Any] = CausalLM):
-        recipe = self.recipe = recipe.resolved()
+        recipe = self.recipe = recipe.resolved().for_device(local_device())
         cfg = self.cfg = recipe.train
         self.plan = make_plan(recipe)
         self.strategy = strategies.for_recipe(recipe)

@@ -184,3 +184,20 @@ def test_a_recipe_is_frozen_and_changes_go_through_validation():
     assert recipe.train.max_steps == 4  # the original is unchanged
     with pytest.raises(RecipeError, match="train.optimizer: DeepSpeed"):
         with_values(changed, {"method.type": "full", "distributed.num_processes": 8, "train.optimizer": "adamw_8bit"})
+
+
+def test_mixed_precision_auto_is_decided_for_the_device_and_named_values_are_kept(monkeypatch):
+    import torch
+
+    raw = make_recipe(Path("m"), Path("d.jsonl"), Path("runs/x"), train={"mixed_precision": "auto"})
+    recipe = validate_recipe(raw)
+    for flags, expected in [({"avx512_bf16": True}, "bf16"), ({"amx_bf16": True}, "bf16"), ({}, "no")]:
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": False, "amx_bf16": False, **flags})
+        assert recipe.for_device("cpu").train.mixed_precision == expected
+    assert recipe.train.mixed_precision == "auto"  # a copy: the recipe itself is unchanged
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for supported, expected in [(True, "bf16"), (False, "no")]:  # Ampere and later; V100, T4
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: supported)
+        assert recipe.for_device("cuda").train.mixed_precision == expected
+    for named in ("no", "bf16", "fp16"):
+        assert validate_recipe({**raw, "train": {**raw["train"], "mixed_precision": named}}).for_device("cpu").train.mixed_precision == named

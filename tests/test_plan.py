@@ -118,10 +118,13 @@ def test_guard_rejects_an_unwrapped_model(tmp_path):
 def test_ftl_plan_json(tmp_path):
     recipe = ROOT / "recipes/llama3.1-8b-full-zero3.yaml"
     out = subprocess.run([sys.executable, "-m", "ftl", "plan", str(recipe), "--json", "--device", "cuda",
-                          f"output.dir={tmp_path}", "distributed.num_processes=4"], capture_output=True, text=True)
+                          f"output.dir={tmp_path}", "distributed.num_processes=4", "train.mixed_precision=auto"],
+                         capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     plan = json.loads(out.stdout)
     assert plan["world_size"] == 4 and plan["deepspeed"]["train_batch_size"] == 16
+    # auto is decided for the target device; planning for cuda without a GPU assumes a bf16 one
+    assert plan["mixed_precision"] == "bf16" and plan["deepspeed"]["bf16"]["enabled"] is True
     assert plan["command"].startswith("OMP_NUM_THREADS=") and "accelerate launch --config_file" in plan["command"]
     assert not (tmp_path / "launch").exists()  # planning writes nothing
 

@@ -116,6 +116,21 @@ def test_bf16_mixed_precision_and_gradient_checkpointing(tiny_llama: Path, demo_
     assert plain.steps == 2 and plain.final_train_loss != summary.final_train_loss
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_mixed_precision_auto_trains_as_what_the_cpu_computes_natively(tiny_llama: Path, demo_data, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
+    """auto is bf16 on a CPU with AVX-512 BF16 (or AMX) and fp32 elsewhere: the auto run's losses
+    are those of the run that names that precision, and its run directory records what was used."""
+    capabilities = {**torch.cpu.get_capabilities(), "avx512_bf16": native, "amx_bf16": False}
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
+    auto = _train(tiny_llama, demo_data, tmp_path / "auto", train={"max_steps": 2, "mixed_precision": "auto"})
+    named = _train(tiny_llama, demo_data, tmp_path / "named", train={"max_steps": 2, "mixed_precision": "bf16" if native else "no"})
+    other = _train(tiny_llama, demo_data, tmp_path / "other", train={"max_steps": 2, "mixed_precision": "no" if native else "bf16"})
+    assert auto.final_train_loss == named.final_train_loss != other.final_train_loss
+    written = validate_recipe(__import__("yaml").safe_load((tmp_path / "auto" / "recipe.yaml").read_text()))
+    assert written.train.mixed_precision == ("bf16" if native else "no")
+
+
 @pytest.mark.slow
 def test_compiled_layers_trace_the_eager_run(tiny_llama: Path, demo_data, tmp_path: Path) -> None:
     """train.compile: 20 steps through inductor-compiled decoder layers (packed rows, activation
