@@ -72,26 +72,28 @@ def timed_hf_trainer(model, tokenizer, rows, args) -> dict:
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback
 
     pad = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)
-    seen = {"tokens": 0, "rows": 0}
+    seen = {"tokens": 0, "rows": 0, "padded": 0}
 
     def collate(features):
         batch = pad(features)
         seen["tokens"] += int(batch["attention_mask"].sum())
         seen["rows"] += batch["input_ids"].shape[0]
+        seen["padded"] += batch["input_ids"].numel()
         return batch
 
-    marks: list[tuple[float, int, int]] = []
+    marks: list[tuple[float, int, int, int]] = []
 
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            marks.append((time.perf_counter(), seen["tokens"], seen["rows"]))
+            marks.append((time.perf_counter(), seen["tokens"], seen["rows"], seen["padded"]))
 
     trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collate, callbacks=[Clock()])
     result = trainer.train()
-    (t1, n1, r1), (tn, nn, rn) = marks[0], marks[-1]
+    (t1, n1, r1, p1), (tn, nn, rn, pn) = marks[0], marks[-1]
     return {"tokens_per_s": (nn - n1) / (tn - t1), "tokens_per_row": (nn - n1) / max(rn - r1, 1), "result": result,
+            "real_fraction": (nn - n1) / max(pn - p1, 1),  # of the tokens computed, the non-pad ones
             "log_history": trainer.state.log_history}
 
 

@@ -62,6 +62,7 @@ def model_dir(work: Path, name: str) -> Path:
 
 
 CHECKPOINTING = BF16 = COMPILE = False  # set by --checkpointing, --bf16 (every worker alike) and --compile (ftl's)
+KERNELS: str | list[str] = "auto"  # ftl's kernels (--kernels)
 DATA = "data.jsonl"  # agree.jsonl for the agreement check
 
 
@@ -88,6 +89,7 @@ def recipe(work: Path, model: Path, steps: int) -> dict:
                   "lr_scheduler": "cosine", "warmup_steps": 0, "mixed_precision": "bf16" if BF16 else "no", "logging_steps": 1, "seed": 0,
                   "resume": "never", "gradient_checkpointing": CHECKPOINTING, "compile": COMPILE},
         "output": {"dir": str(work / f"run-ftl-{model.name}"), "overwrite": True, "report_to": [], "keep_last": 1},
+        "kernels": KERNELS,
     }
 
 
@@ -195,10 +197,27 @@ def worker_hf(work: Path, model: Path, steps: int) -> dict:
     )
     timed = timed_hf_trainer(lora_model(model), tokenizer, rows, args)
     losses = [h["loss"] for h in timed["log_history"] if "loss" in h]
-    return {"tokens_per_s": timed["tokens_per_s"], "step1_loss": losses[0]}
+    return {"tokens_per_s": timed["tokens_per_s"], "step1_loss": losses[0], "real_fraction": timed["real_fraction"]}
 
 
 WORKERS = {"ftl": worker_ftl, "trl": worker_trl, "hf": worker_hf}
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+           "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
+
+
+def profiled(worker, work: Path, model: Path, steps: int) -> dict:
+    """One worker's run under torch.profiler (CPU): the share of op time in matmuls and attention,
+    and the ops that take the most (the whole run, model loading included)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        result = worker(work, model, steps)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    print(events.table(sort_by="self_cpu_time_total", row_limit=15))
+    share = sum(e.self_cpu_time_total for e in events if e.key in MATMULS) / total
+    print(f"matmuls and attention: {share:.0%} of {total / 1e6:.1f} s of op time")
+    return {**result, "matmul_share": share}
 
 
 def main() -> None:
@@ -210,23 +229,29 @@ def main() -> None:
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing in all three")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast in all three")
     parser.add_argument("--compile", action="store_true", help="ftl with train.compile (its first step, which compiles, is not timed)")
+    parser.add_argument("--kernels", nargs="+", default=["auto"], help="ftl's kernels: auto, none, or a list")
     parser.add_argument("--worker", choices=sorted(WORKERS))
+    parser.add_argument("--profile", action="store_true", help="with --worker: torch.profiler over the run, the ops taking the most time")
     parser.add_argument("--data", default="data.jsonl", help=argparse.SUPPRESS)  # the workers' rows
     args = parser.parse_args()
-    global CHECKPOINTING, BF16, COMPILE, DATA
+    global CHECKPOINTING, BF16, COMPILE, DATA, KERNELS
     CHECKPOINTING, BF16, COMPILE, DATA = args.checkpointing, args.bf16, args.compile, args.data
+    KERNELS = args.kernels[0] if args.kernels[0] in ("auto", "none") else args.kernels
     work = Path(args.workdir)
     if args.worker:
         from ftl.flops import proc_status_gib
 
-        result = WORKERS[args.worker](work, model_dir(work, args.models[0]), args.steps)
+        if args.profile:
+            result = profiled(WORKERS[args.worker], work, model_dir(work, args.models[0]), args.steps)
+        else:
+            result = WORKERS[args.worker](work, model_dir(work, args.models[0]), args.steps)
         print("RESULT " + json.dumps({**result, "peak_rss_mib": proc_status_gib("VmHWM") * 1024}))
         return
 
     work.mkdir(parents=True, exist_ok=True)
     make_data(work / "data.jsonl")
     make_agreement_data(work / "agree.jsonl")
-    flags = ["--checkpointing"] * args.checkpointing + ["--bf16"] * args.bf16 + ["--compile"] * args.compile
+    flags = ["--checkpointing"] * args.checkpointing + ["--bf16"] * args.bf16 + ["--compile"] * args.compile + ["--kernels", *args.kernels]
 
     def run(worker: str, name: str, steps: int, data: str) -> dict:
         out = subprocess.run([sys.executable, "-P", __file__, "--worker", worker, "--models", name, "--steps", str(steps),
@@ -258,6 +283,8 @@ def main() -> None:
         ftl_tflops = sum(r["tflops"] for r in results["ftl"]) / len(results["ftl"])
         print(f"ftl's model FLOP/s: {ftl_tflops * 1e3:.0f} GFLOP/s = {ftl_tflops / roofline:.0%} of torch.mm alone on the "
               f"step's shapes ({roofline * 1e3:.0f} GFLOP/s)")
+        real = sum(r["real_fraction"] for r in results["hf"]) / len(results["hf"])
+        print(f"HF computes {mean['hf']['tokens_per_s'] / real:.0f} tokens/s with its padding ({real:.0%} of them real)")
         for worker, m in mean.items():
             print(f"| {worker} | {m['tokens_per_s']:.0f} | {m['peak_rss_mib']:.0f} | {m['step1_loss']:.3f} | "
                   f"{m['tokens_per_s'] / mean['trl']['tokens_per_s']:.2f}x | {m['tokens_per_s'] / mean['hf']['tokens_per_s']:.2f}x | "

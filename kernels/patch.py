@@ -26,6 +26,11 @@ from ftl.kernels.swiglu import SwiGLUMLP
 log = logging.getLogger(__name__)
 
 KERNELS = ("rmsnorm", "swiglu", "fused_ce")
+# What ``auto`` applies with each backend. The PyTorch references of RMSNorm and SwiGLU are there
+# to check the Triton kernels and to run them anywhere; on CPU they are slower than transformers'
+# own modules (SmolLM2-135M LoRA in benchmarks/peers.py: bf16 274 against 293 tokens/s, fp32 2%
+# slower and 0.5 GiB more RSS), so there ``auto`` is the fused cross-entropy alone.
+AUTO = {"triton": KERNELS, "torch": ("fused_ce",)}
 # RMSNorm classes and their weight offset (Gemma scales by 1 + weight).
 RMSNORMS = {"LlamaRMSNorm": 0.0, "Qwen2RMSNorm": 0.0, "MistralRMSNorm": 0.0, "Qwen3RMSNorm": 0.0,
             "GemmaRMSNorm": 1.0, "Gemma2RMSNorm": 1.0}
@@ -100,10 +105,11 @@ def apply(model: torch.nn.Module, kernels: list[str], backend: str) -> list[str]
     return list(kernels)
 
 
-def supported(model: torch.nn.Module) -> list[str]:
-    """The kernels ``auto`` applies to this model; each one left out is logged with the reason."""
+def supported(model: torch.nn.Module, backend: str) -> list[str]:
+    """The kernels ``auto`` applies to this model with ``backend``; each one the model cannot take
+    is logged with the reason."""
     chosen = []
-    for kernel in KERNELS:
+    for kernel in AUTO[backend]:
         try:
             check(model, kernel)
             chosen.append(kernel)

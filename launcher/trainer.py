@@ -352,11 +352,11 @@ def apply_kernels(recipe: Recipe, model: torch.nn.Module, strategy: strategies.S
         return None
     from ftl.kernels.patch import FusedLoss, KernelError, apply, backend_for, supported
 
-    names = supported(model) if recipe.kernels == "auto" else list(recipe.kernels)
+    backend = backend_for(device)
+    names = supported(model, backend) if recipe.kernels == "auto" else list(recipe.kernels)
     if "fused_ce" in names and not strategy.uses_fused_ce():
         log.info("kernels auto: fused_ce not used under %s (lm_head is sharded outside its forward)", strategy.name)
         names.remove("fused_ce")
-    backend = backend_for(device)
     try:
         applied = apply(model, names, backend)
     except KernelError as err:

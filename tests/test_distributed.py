@@ -160,6 +160,26 @@ def test_resume_continues_the_trace(traces, strategy, tmp_path):
 
 
 @pytest.mark.parametrize("traces", ["lora"], indirect=True)
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_compiled_layers_under_two_ranks_trace_the_eager_run(traces, strategy, tiny_llama, demo_data, tmp_path, monkeypatch):
+    """train.compile on 2 ranks: the layers are compiled before DDP wraps or FSDP2 shards them, and
+    20 steps follow the one-process eager trace to a relative 1e-4 (inductor reorders fp32 sums,
+    as in the single-process compile test). A fresh inductor cache shows the ranks compiled."""
+    _, _, result = traces
+    cache = tmp_path / "inductor"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))
+    raw = recipe_dict(tiny_llama, demo_data, tmp_path / "run", "lora", 2, strategy=strategy, main_process_port=free_port())
+    raw["train"]["compile"] = True
+    out = ftl("train", str(write_yaml(tmp_path / "r.yaml", raw)))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    assert any(cache.rglob("*.py")), "the ranks compiled nothing"
+    trace, reference = losses(tmp_path / "run"), result["single"]
+    assert sorted(trace) == sorted(reference)
+    for step, loss in reference.items():
+        assert abs(trace[step] - loss) <= 1e-4 * abs(loss), f"{strategy} compiled: step {step} loss {trace[step]} vs {loss}"
+
+
+@pytest.mark.parametrize("traces", ["lora"], indirect=True)
 def test_stop_signal_reaches_the_ranks_and_resume_finishes_the_trace(traces, tiny_llama, demo_data, tmp_path):
     """SIGUSR1 to `ftl train` (what Slurm sends): the ranks stop together with a checkpoint, exit 75;
     running the same command again finishes the run with the uninterrupted DDP trace."""

@@ -91,6 +91,26 @@ def test_fused_cross_entropy_with_a_frozen_head_only_returns_the_hidden_gradient
     assert torch.allclose(hidden.grad, expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("trained_head", [True, False])
+def test_fused_cross_entropy_under_autocast_computes_what_autocast_computes(trained_head):
+    """Under bf16 autocast (fp32 hidden states and head, as in a LoRA run): the loss and the fp32
+    gradients of lm_head + cross-entropy under the same autocast, to bf16 precision."""
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(45, 40), torch.randn(301, 40) * 0.2
+    labels = torch.randint(0, 301, (45,))
+    labels[40:] = -100
+    runs = {}
+    for name, fn in [("fused", lambda h, w: linear_cross_entropy(h, w, labels, chunk=16)),
+                     ("autocast", lambda h, w: F.cross_entropy((h @ w.t()).float(), labels, reduction="sum"))]:
+        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(trained_head)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = fn(h, w)
+        loss.backward()
+        runs[name] = [loss.detach(), h.grad] + ([w.grad] if trained_head else [])
+    for got, want in zip(runs["fused"], runs["autocast"]):
+        assert got.dtype == want.dtype and close(got, want, torch.bfloat16)
+
+
 @pytest.mark.parametrize("case", ["rmsnorm offset", "swiglu gelu", "fused_ce smoothing"])
 def test_each_comparison_can_fail(case):
     """The tolerances above are tight enough to catch a slightly different function."""
