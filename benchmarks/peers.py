@@ -3,6 +3,7 @@
 (each micro-batch padded to its longest row).
 
     python -P benchmarks/peers.py [--models smollm2 qwen2-0.5b] [--steps 8] [--rounds 2] [--checkpointing] [--bf16]
+        [--compile] [--kernels auto]
 
 Models: the real SmolLM2-135M-Instruct (``make artifacts``), and a Qwen2-shaped ~0.5B config
 (hidden 896, 24 layers, Qwen2.5's tokenizer and vocabulary) with random weights. Every run: LoRA
