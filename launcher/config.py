@@ -191,7 +191,7 @@ class TrainSection(_Section):
     compile: bool = Field(False, description="torch.compile each decoder layer (inductor): the first steps compile "
                           "(about a minute; cached for later runs), the rest run faster. single, ddp and fsdp2.")
     mixed_precision: Literal["no", "bf16", "fp16", "auto"] = Field(
-        "no", description="Autocast dtype of forward passes (weights and optimizer stay fp32). auto: bf16 where the "
+        "no", description="Autocast dtype of forward passes (under DeepSpeed: a bf16/fp16 module, fp32 master weights). auto: bf16 where the "
         "device computes it natively (CUDA GPUs from Ampere on; CPUs with AVX-512 BF16 or AMX), else no; decided on "
         "the machine that trains.")
     resume: str = Field(
