@@ -117,7 +117,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from ftl.memory import fit_recipe, largest_fit, model_shape
     from ftl.plan import local_device, make_plan
 
-    recipe = _one_recipe(args, "plan").for_device(args.device or local_device())
+    device = args.device or local_device()
+    recipe = _one_recipe(args, "plan").for_device(device)
     memory, gpu_gib, unavailable = None, None, None
     try:
         recipe, memory, gpu_gib = fit_recipe(recipe, args.gpu_mem)
@@ -125,7 +126,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if args.gpu_mem or recipe.distributed.gpu_memory or args.measure:
             raise
         unavailable = str(err)  # the plan itself does not need the model's shape
-    plan = make_plan(recipe, device=args.device)
+    plan = make_plan(recipe, device=device)
     train = recipe.train
     batch = {"micro_batch_size": train.micro_batch_size, "gradient_accumulation_steps": train.gradient_accumulation_steps,
              "mixed_precision": train.mixed_precision}

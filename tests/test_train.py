@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ftl.config import validate_recipe
+from ftl.config import load_recipe, validate_recipe
 from ftl.metrics import read_metrics
 from ftl.tiny import write_tiny_model
 from ftl.train import TrainError, train
@@ -127,7 +127,7 @@ def test_mixed_precision_auto_trains_as_what_the_cpu_computes_natively(tiny_llam
     named = _train(tiny_llama, demo_data, tmp_path / "named", train={"max_steps": 2, "mixed_precision": "bf16" if native else "no"})
     other = _train(tiny_llama, demo_data, tmp_path / "other", train={"max_steps": 2, "mixed_precision": "no" if native else "bf16"})
     assert auto.final_train_loss == named.final_train_loss != other.final_train_loss
-    written = validate_recipe(__import__("yaml").safe_load((tmp_path / "auto" / "recipe.yaml").read_text()))
+    written = load_recipe(tmp_path / "auto" / "recipe.yaml")
     assert written.train.mixed_precision == ("bf16" if native else "no")
 
 
