@@ -172,8 +172,12 @@ def conversation_spans(messages: list[dict], tools: list[dict] | None, tokenizer
     turn with the next message (Gemma's tool responses).
     """
     generation, eot, specials = template_markers(tokenizer)
+    _refuse_special_text(messages, specials, where)
     full = render(tokenizer, messages, tools, False, where)
     last = len(messages) - 1
+    # What a message is located in by probing: the whole rendering, or, where the last reply is
+    # rendered after the inference-time prompt instead, that prompt.
+    probed: tuple[list[dict], bool] = (messages, False)
     if last > 0 and messages[last]["role"] == "assistant":
         prompt = render(tokenizer, messages[:last], tools, True, where)
         if not full.startswith(prompt):
@@ -182,25 +186,31 @@ def conversation_spans(messages: list[dict], tools: list[dict] | None, tokenizer
                 raise ChatError(f"{where}: messages[{last}]: the chat template renders this reply so that ftl cannot "
                                 "locate it; set train: false on it or fix the data")
             full = prompt + full[start:]
+            probed = (messages[:last], True)
     spans: list[tuple[int, int]] = []
     cursor = 0
     for i, (message, trained) in enumerate(zip(messages, trained_messages(messages, source))):
-        start = None
+        start, end = None, None
+        content = message["content"]
         if message["role"] == "assistant" and i:
             prompt = render(tokenizer, messages[:i], tools, True, where)
             if full.startswith(prompt) and len(prompt) >= cursor:
                 start = len(prompt)
+        if start is None and trained and content and i < len(probed[0]):
+            start = _probe_start(tokenizer, probed[0], i, tools, probed[1], full, where)
+            end = None if start is None else start + len(content)
         if start is None:
             if message["role"] == "system" and not trained:
                 continue  # templates move system prompts (Llama 3.1's header, Mistral's last user turn)
-            start = _reply_start(full, message, generation, specials, cursor)
+            # Only where no rendering locates it: an untrained message (for the cursor) or an empty reply.
+            start = None if trained and content else _reply_start(full, message, generation, specials, cursor)
         if start is None:
             if trained:
                 raise ChatError(f"{where}: messages[{i}]: the chat template changes this message's text, so its tokens "
                                 "cannot be located; set train: false on it or fix the data")
             continue
-        content = message["content"]
-        end = full.find(content, start) + len(content) if content else start
+        if end is None:
+            end = full.find(content, start) + len(content) if content else start
         if trained:
             close = full.find(eot, end)
             if close < 0:
@@ -220,6 +230,39 @@ def conversation_spans(messages: list[dict], tools: list[dict] | None, tokenizer
             end = max(end, stop)
         cursor = end
     return full, spans
+
+
+def _probe_start(tokenizer: Any, messages: list[dict], i: int, tools: list[dict] | None, generation_prompt: bool,
+                 full: str, where: str) -> int | None:
+    """Where message ``i``'s content starts in ``full``, found by rendering: the conversation rendered
+    with a probe in place of that content must equal ``full`` with the probe in place of the content
+    at exactly one position. (Searching for the text instead finds a short content in a role header,
+    a date line or a default system prompt first.)"""
+    content = messages[i]["content"]
+    swapped = [dict(m, content=PROBE) if k == i else m for k, m in enumerate(messages)]
+    try:
+        text = render(tokenizer, swapped, tools, generation_prompt, where)
+    except ChatError:
+        return None
+    at = text.find(PROBE)
+    if at < 0 or text.count(PROBE) != 1:
+        return None
+    rest = text[at + len(PROBE):]
+    if full[:at] == text[:at] and full[at:at + len(content)] == content and full[at + len(content):].startswith(rest):
+        return at
+    return None
+
+
+def _refuse_special_text(messages: list[dict], specials: list[str], where: str) -> None:
+    """A message whose text holds a special token's text (``<|im_end|>``, ``<|start_header_id|>``)
+    would be tokenized as that control token and forge a turn boundary inside the conversation:
+    such a row is refused, naming the row, the message and the token."""
+    for i, message in enumerate(messages):
+        text = message["content"] + "".join(json.dumps(c, ensure_ascii=False) for c in message.get("tool_calls", []))
+        found = next((s for s in specials if s in text), None)
+        if found is not None:
+            raise ChatError(f"{where}: messages[{i}] contains the text of the special token {found!r}, which would be "
+                            "tokenized as that control token and forge a turn boundary; remove it from the data")
 
 
 def _reply_start(text: str, message: dict, generation: str, specials: list[str], cursor: int, from_end: bool = False) -> int | None:

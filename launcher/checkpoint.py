@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
+RECIPE = "run.yaml"
 
 
 class CheckpointError(UserError):
@@ -68,6 +69,7 @@ def save_checkpoint(
     state: TrainState,
     strategy: Strategy,
     keep_last: int | None = None,
+    recipe_yaml: str | None = None,
 ) -> Path:
     """Save everything needed to continue; every rank must call this (it synchronises). The
     strategy decides the format: consolidated weights always, its sharded state where it has one."""
@@ -90,6 +92,8 @@ def save_checkpoint(
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / STATE).write_text(json.dumps(state.shared(), indent=2))
+        if recipe_yaml is not None:  # the recipe that trained it: a resume checks its own against this one
+            (tmp / RECIPE).write_text(recipe_yaml)
     accelerator.wait_for_everyone()
     torch.save(rng_state(), tmp / f"rng_state_rank{accelerator.process_index}.pt")
     if state.data is not None:
@@ -97,8 +101,8 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_manifest(tmp)
-        if final.exists():
-            shutil.rmtree(final)
+        if final.exists():  # not this run's (it resumed before this step): kept, out of the way
+            log.warning("moved an earlier %s to %s", final.name, run.move_aside([final]))
         os.replace(tmp, final)
         _fsync_dir(final.parent)
         write_atomic(run.latest, final.name)

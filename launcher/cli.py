@@ -78,15 +78,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ftl.plan import local_device, make_plan
 
     recipe = _one_recipe(args, "train").for_device(local_device())
+    if args.allow_changed:
+        from ftl.config import with_values
+
+        recipe = with_values(recipe, {"train.allow_changed": sorted({*recipe.train.allow_changed, *args.allow_changed})})
     if recipe.distributed.gpu_memory and "LOCAL_RANK" not in os.environ:
         recipe = _fit_memory(recipe)
     plan = make_plan(recipe)
     if plan.world_size > 1 and "LOCAL_RANK" not in os.environ:
         from ftl.train import preflight
 
-        preflight(recipe)
-        console.print(f"launching {plan.world_size} processes ({plan.strategy}): {plan.shell_command()}", highlight=False)
-        return launch(recipe, plan)
+        from ftl.train import writer_lock
+
+        with writer_lock(recipe):
+            preflight(recipe)
+            console.print(f"launching {plan.world_size} processes ({plan.strategy}): {plan.shell_command()}", highlight=False)
+            return launch(recipe, plan)
     from ftl.train import train  # only here: the launcher process stays light
 
     summary = train(recipe)
@@ -207,8 +214,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
-    import json
-
     from ftl.model import load_tokenizer
     from ftl.preprocess import prepare
 
@@ -227,7 +232,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
     run = RunDir(Path(recipe.output.dir))
     run.root.mkdir(parents=True, exist_ok=True)
-    run.write(run.data_stats, json.dumps(stats, indent=2))
+    run.write_data_stats(stats)
     console.print(f"cached in {stats['cache']}")
     return 0
 
@@ -258,6 +263,7 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
         if not corpus_path.is_file():
             raise UserError(f"--corpus: {corpus_path} is not a file")
         corpus = corpus_path.read_text().splitlines()
+    _empty_target(Path(args.out_dir), "out_dir", args.force)
     out = write_tiny_model(args.out_dir, args.arch, args.hidden_size, args.layers, args.vocab_size, args.seed, corpus)
     console.print(f"wrote tiny {args.arch} model and tokenizer to {out}")
     return 0
@@ -266,9 +272,19 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
 def cmd_demo_data(args: argparse.Namespace) -> int:
     from ftl.demo_data import write_demo_data
 
+    _empty_target(Path(args.out_dir), "out_dir", args.force)
     train_path, eval_path = write_demo_data(args.out_dir, args.train_rows, args.eval_rows, args.seed)
     console.print(f"wrote {train_path} and {eval_path}")
     return 0
+
+
+def _empty_target(path: Path, what: str, force: bool) -> None:
+    """Helper commands write into a directory of their own: never over what a user keeps there."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what}: {path} is a file; choose a directory")
+    if path.is_dir() and any(path.iterdir()) and not force:
+        raise UserError(f"{what}: {path} is not empty and its files would be overwritten; choose a new directory, "
+                        "or pass --force to write into it anyway")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -289,10 +305,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.objective == "dpo":
         if args.tiny:
             raise UserError("--tiny: the DPO demo runs on the real SmolLM2 only")
-        result = run_preference_demo(args.recipe or "recipes/demo-dpo.yaml", Path(args.workdir or "runs/demo-dpo"))
+        result = run_preference_demo(args.recipe or "recipes/demo-dpo.yaml", Path(args.workdir or "runs/demo-dpo"), args.force)
         return 0 if result["accuracy_after"] > result["accuracy_before"] else 1
     recipe = args.recipe or ("recipes/demo-tiny.yaml" if args.tiny else "recipes/demo.yaml")
-    result = run_demo(recipe, Path(args.workdir or "runs/demo"), tiny=args.tiny)
+    result = run_demo(recipe, Path(args.workdir or "runs/demo"), tiny=args.tiny, force=args.force)
     return 0 if result["accuracy_after"] > result["accuracy_before"] else 1
 
 
@@ -319,8 +335,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="only say ok or print the errors")
     p.set_defaults(fn=cmd_validate)
 
-    p = sub.add_parser("train", help="train a recipe (several processes are started with accelerate launch)")
+    p = sub.add_parser("train", help="train a recipe (several processes are started with accelerate launch)",
+                       description="Train RECIPE. Any recipe field can be overridden after it as key.sub=value (a YAML "
+                       "value), e.g. `ftl train my.yaml train.learning_rate=1e-4 train.max_steps=200`.")
     p.add_argument("items", nargs="+", metavar="RECIPE_OR_OVERRIDE")
+    p.add_argument("--allow-changed", action="append", default=[], metavar="FIELD",
+                   help="on resume, continue although FIELD (e.g. train.learning_rate) differs from the checkpoint's recipe")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("plan", help="print how a recipe runs: strategy, processes, DeepSpeed JSON, launch command")
@@ -363,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=_count(300), default=2048, help="upper bound; a small corpus gives fewer")
     p.add_argument("--corpus", help="text file to train the tokenizer on (default: built-in demo text)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="write into a non-empty directory (its files of the same names are replaced)")
     p.set_defaults(fn=cmd_tiny_model)
 
     p = sub.add_parser("demo-data", help="write the demo's train and held-out eval sets (alpaca jsonl)")
@@ -370,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-rows", type=_count(1), default=2000)
     p.add_argument("--eval-rows", type=_count(1), default=200)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="write into a non-empty directory (train.jsonl and eval.jsonl are replaced)")
     p.set_defaults(fn=cmd_demo_data)
 
     p = sub.add_parser("eval", help="exact-match accuracy of a model or checkpoint by greedy generation")
@@ -385,7 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", help="default recipes/demo.yaml (recipes/demo-tiny.yaml with --tiny, recipes/demo-dpo.yaml with --objective dpo)")
     p.add_argument("--objective", choices=["sft", "dpo"], default="sft",
                    help="dpo: a model fine-tuned to prefer wrong answers, corrected by DPO (held-out preference accuracy)")
-    p.add_argument("--workdir", help="default runs/demo (runs/demo-dpo with --objective dpo)")
+    p.add_argument("--workdir", help="default runs/demo (runs/demo-dpo with --objective dpo); a new directory or an earlier demo's")
+    p.add_argument("--force", action="store_true", help="use a --workdir that is not an earlier demo's (the demo rebuilds data/, run/ and the model there)")
     p.set_defaults(fn=cmd_demo)
     return parser
 

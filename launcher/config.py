@@ -200,6 +200,9 @@ class TrainSection(_Section):
         "never: start fresh; or the path of a checkpoint directory.",
     )
     optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "adamw_torch"
+    allow_changed: list[str] = Field(
+        default_factory=list, description="On resume, recipe fields (dotted, e.g. train.learning_rate) that may differ "
+        "from the checkpoint's; any other change that alters training is refused. (`ftl train --allow-changed FIELD`)")
     peak_tflops: float | None = Field(None, gt=0, description="Peak TFLOP/s of one device, for MFU (default: known GPUs).")
 
 

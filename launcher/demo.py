@@ -25,17 +25,29 @@ from ftl.tiny import write_tiny_model
 from ftl.train import train
 
 
-def run_demo(recipe_path: str | Path, workdir: Path, tiny: bool = False) -> dict[str, Any]:
+MARKER = ".ftl-demo"  # in a demo's work directory: the demo may rebuild what is in it
+
+
+def claim_workdir(workdir: Path, force: bool) -> None:
+    """The demo rebuilds its data, model and run in ``workdir`` each time: only in a new directory or an
+    earlier demo's (marked), unless ``--force``."""
+    if workdir.exists() and not workdir.is_dir():
+        raise UserError(f"--workdir: {workdir} is a file; choose a directory")
+    if workdir.is_dir() and any(workdir.iterdir()) and not (workdir / MARKER).exists() and not force:
+        raise UserError(f"--workdir: {workdir} is not empty and not an earlier demo's; the demo would overwrite its data/, "
+                        "run/ and model there. Choose a new directory, or pass --force")
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / MARKER).write_text("ftl demo work directory: `ftl demo` rebuilds what is here\n")
+
+
+def run_demo(recipe_path: str | Path, workdir: Path, tiny: bool = False, force: bool = False) -> dict[str, Any]:
     data_dir = workdir / "data"
-    if tiny:
-        model_dir = workdir / "tiny-llama"
-        train_path, eval_path = write_demo_data(data_dir)
-    else:
-        model_dir = artifacts_dir() / "models" / "smollm2-135m-instruct"
-        if not (model_dir / "config.json").is_file():
-            raise UserError(f"{model_dir}: the real SmolLM2-135M-Instruct is not built; run `make artifacts` "
-                            "(python scripts/fetch_artifacts.py), or `ftl demo --tiny` for a tiny random model")
-        train_path, eval_path = write_extraction_data(data_dir)
+    model_dir = workdir / "tiny-llama" if tiny else artifacts_dir() / "models" / "smollm2-135m-instruct"
+    if not tiny and not (model_dir / "config.json").is_file():
+        raise UserError(f"{model_dir}: the real SmolLM2-135M-Instruct is not built; run `make artifacts` "
+                        "(python scripts/fetch_artifacts.py), or `ftl demo --tiny` for a tiny random model")
+    claim_workdir(workdir, force)
+    train_path, eval_path = write_demo_data(data_dir) if tiny else write_extraction_data(data_dir)
     recipe = with_values(load_recipe(recipe_path), {
         "model.path": str(model_dir), "data.train.0.path": str(train_path), "data.eval.0.path": str(eval_path),
         "output.dir": str(workdir / "run"),
@@ -60,7 +72,12 @@ def run_demo(recipe_path: str | Path, workdir: Path, tiny: bool = False) -> dict
         from ftl.export import export
 
         console.rule("4. export: merged safetensors, verified against the trained model")
-        report = export(Path(recipe.output.dir), Path(recipe.output.dir) / "export")
+        out = Path(recipe.output.dir) / "export"
+        if out.exists():  # an earlier demo's, in the demo's own directory
+            import shutil
+
+            shutil.rmtree(out)
+        report = export(Path(recipe.output.dir), out)
         console.print(f"exported to {report['out']} ({report['mode']}, {report['dtype']}; the merge matches the trained "
                       f"model to {report['merge_max_abs_logit_diff']:.2e} max |logit diff|)")
         after_path = Path(report["out"])
@@ -80,8 +97,8 @@ def run_demo(recipe_path: str | Path, workdir: Path, tiny: bool = False) -> dict
     return {**dataclasses.asdict(summary), "accuracy_before": before, "accuracy_after": after}
 
 
-def run_preference_demo(recipe_path: str | Path, workdir: Path, sft_recipe: str | Path = "recipes/demo.yaml",
-                        sft_steps: int = 15) -> dict[str, Any]:
+def run_preference_demo(recipe_path: str | Path, workdir: Path, force: bool = False,
+                        sft_recipe: str | Path = "recipes/demo.yaml", sft_steps: int = 15) -> dict[str, Any]:
     """DPO on the real SmolLM2: a model fine-tuned to prefer wrong answers, then DPO on pairs flips it."""
     from ftl.evaluate import preference_accuracy
     from ftl.export import export
@@ -89,6 +106,7 @@ def run_preference_demo(recipe_path: str | Path, workdir: Path, sft_recipe: str 
     model_dir = artifacts_dir() / "models" / "smollm2-135m-instruct"
     if not (model_dir / "config.json").is_file():
         raise UserError(f"{model_dir}: the real SmolLM2-135M-Instruct is not built; run `make artifacts`")
+    claim_workdir(workdir, force)
     console.rule("1. data: the extraction task, answered right (chosen) and with person and city swapped (rejected)")
     paths = write_preference_data(workdir / "data")
     console.print(f"{paths['wrong']} ({_rows(paths['wrong'])} rows), pairs {paths['train']} and {paths['eval']} "

@@ -36,6 +36,7 @@ from ftl.config import ExportSection, Recipe, load_recipe
 from ftl.errors import UserError
 from ftl.export_template import trained_chat_template
 from ftl.export_verify import TOLERANCE, verification_sequences, verify_export
+from ftl.resume import check_same_base
 from ftl.rundir import RunDir
 from ftl.merge import Adapter, Merge, Quantizer, TensorSource, write_merged
 from ftl.weights import DTYPES
@@ -51,7 +52,7 @@ def resolve_checkpoint(path: Path) -> tuple[Path, Recipe]:
     """A run directory (its newest complete checkpoint) or a checkpoint directory, and the run's recipe."""
     path = Path(path).resolve()
     run: RunDir | None = RunDir(path)
-    if run.recipe.is_file() and run.checkpoints.is_dir():
+    if run.recipe_to_read.is_file() and run.checkpoints.is_dir():
         checkpoint = find_resumable(path)
         if checkpoint is None:
             raise ExportError(f"{path}: no complete checkpoint to export")
@@ -59,11 +60,11 @@ def resolve_checkpoint(path: Path) -> tuple[Path, Recipe]:
         checkpoint, run = path, RunDir.of_checkpoint(path)
         verify(checkpoint)
         if run is None:
-            raise ExportError(f"{path}: not inside a run directory (<run>/checkpoints/step-N with <run>/recipe.yaml); "
+            raise ExportError(f"{path}: not inside a run directory (<run>/checkpoints/step-N with <run>/run.yaml); "
                               "export needs the run's recipe")
     else:
         raise ExportError(f"{path}: not a run directory or a checkpoint (no trainer_state.json)")
-    return checkpoint, load_recipe(run.recipe)
+    return checkpoint, load_recipe(run.recipe_to_read)
 
 
 def export(
@@ -78,6 +79,9 @@ def export(
 
     ``options`` default to the run recipe's ``export`` section; ``updates`` change some of them."""
     checkpoint, recipe = resolve_checkpoint(path)
+    if (checkpoint / "adapter_config.json").is_file():  # merged into, and verified against, the base at model.path
+        check_same_base(checkpoint, read_state(checkpoint), recipe.model.path,
+                        "put the base it was trained on back at that path to export this adapter", ExportError)
     if recipe.model.trust_remote_code and not trust_remote_code:
         raise ExportError(f"{checkpoint}: the run's recipe sets model.trust_remote_code, so verifying its export would run "
                           "Python files that come with its model; pass --trust-remote-code if you trust them")
@@ -124,8 +128,7 @@ def export(
         shutil.rmtree(tmp, ignore_errors=True)  # ours alone; nothing of the user's is touched
         raise
     if not report["passed"]:  # kept for inspection, away from where a serving job looks
-        out = out.with_name(out.name + ".failed")
-        shutil.rmtree(out, ignore_errors=True)  # an earlier failed export of ours
+        out = _fresh_name(out.with_name(out.name + ".failed"))  # an existing one may be anybody's: never removed
     elif out.exists():
         out.rmdir()
     tmp.rename(out)
@@ -133,10 +136,20 @@ def export(
     return report
 
 
+def _fresh_name(path: Path) -> Path:
+    """``path``, or ``path-2``, ``path-3``, ... whichever does not exist yet."""
+    candidate, n = path, 1
+    while candidate.exists() or candidate.is_symlink():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
+
+
 def _write_model(checkpoint: Path, recipe: Recipe, out: Path, dtype: torch.dtype, options: ExportSection) -> tuple[str, Merge]:
     base_dir = _local_model_dir(recipe.model.path)
-    quantizer = None
+    quantizer, base_dtype = None, None
     if (checkpoint / "adapter_config.json").is_file():
+        base_dtype = DTYPES.get(recipe.model.dtype)  # None for auto: the stored dtype, as training loaded it
         source, adapter = TensorSource.from_dir(base_dir), Adapter.load(checkpoint)
         mode = "lora"
         if recipe.quantization.bits == 4:
@@ -153,7 +166,7 @@ def _write_model(checkpoint: Path, recipe: Recipe, out: Path, dtype: torch.dtype
         source, adapter, mode, config_dir = TensorSource.from_state_dict(state), None, "full-zero3", base_dir
     else:
         raise ExportError(f"{checkpoint}: no adapter, model weights or deepspeed/ state to export")
-    merge = Merge(source, adapter, quantizer)
+    merge = Merge(source, adapter, quantizer, base_dtype)
     files = write_merged(merge, out, dtype, options.max_shard_size)
     untie = adapter is not None and any(name.endswith("lm_head.weight") for name in adapter.replaced)
     config = serving_config(json.loads((config_dir / "config.json").read_text()), options.dtype, untie)
@@ -198,7 +211,7 @@ def _quantizer(base_dir: Path, recipe: Recipe, replaced: set[str]) -> Quantizer:
     } - replaced
     quant = recipe.quantization
     storage = torch.uint8 if quant.quant_storage == "uint8" else DTYPES[quant.quant_storage]
-    return Quantizer(weights, DTYPES.get(recipe.model.dtype, torch.bfloat16), quant.quant_type, quant.double_quant, storage)
+    return Quantizer(weights, quant.quant_type, quant.double_quant, storage, DTYPES[quant.compute_dtype])
 
 
 def _local_model_dir(path: str) -> Path:

@@ -71,15 +71,16 @@ def verify_export(out: Path, checkpoint: Path, recipe: Recipe, options: ExportSe
 
 
 def _trained_model(out: Path, checkpoint: Path, recipe: Recipe, mode: str) -> torch.nn.Module:
-    """The model as trained, in float32: base + adapter through peft (4-bit base for QLoRA)."""
-    from ftl.model import load_for_inference
+    """The model as trained (base loaded in ``model.dtype``, 4-bit for QLoRA, + adapter through peft),
+    computing in float32."""
+    from ftl.model import compute_in_float32, load_for_inference
 
     if mode == "full-zero3":
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(out), dtype=torch.float32).eval()
         model.load_state_dict(zero_fp32_state_dict(checkpoint), strict=False)
         return model
     model, _ = load_for_inference(checkpoint, dtype=torch.float32, trust_remote_code=recipe.model.trust_remote_code)
-    return model
+    return compute_in_float32(model)
 
 
 def _compare(reference: list[torch.Tensor], other: list[torch.Tensor]) -> dict[str, float]:

@@ -52,7 +52,15 @@ def convert(source: Path, outtype: str, out: Path, base: Path | None = None) -> 
         lines = [line.strip() for line in (done.stderr + done.stdout).splitlines() if line.strip()]
         last = next((line for line in reversed(lines) if "rror" in line), lines[-1] if lines else "no output")
         raise UserError(f"--gguf: llama.cpp's {script.name} failed on the export: {last}")
+    # A converter that exits 0 without writing (or writes something else) must not be reported as done.
+    if not out.is_file() or _magic(out) != b"GGUF":
+        raise UserError(f"--gguf: llama.cpp's {script.name} exited without error but wrote no GGUF file at {out.name}")
     return out
+
+
+def _magic(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(4)
 
 
 @torch.no_grad()

@@ -127,13 +127,15 @@ class Adapter:
 
 @dataclass
 class Quantizer:
-    """The bitsandbytes 4-bit round trip that training applied to the base's linear weights."""
+    """The bitsandbytes 4-bit round trip that training applied to the base's linear weights: quantized
+    from the dtype training loaded them in (the tensor given), dequantized into the compute dtype, as
+    bitsandbytes' 4-bit matmul does."""
 
     weights: set[str]  # names of the weights bitsandbytes quantized
-    load_dtype: torch.dtype
     quant_type: str
     double_quant: bool
     quant_storage: torch.dtype
+    compute_dtype: torch.dtype
 
     def __call__(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         if name not in self.weights:
@@ -141,9 +143,10 @@ class Quantizer:
         import bitsandbytes.functional as F
 
         packed, state = F.quantize_4bit(
-            weight.to(self.load_dtype).contiguous(), blocksize=64, compress_statistics=self.double_quant,
+            weight.contiguous(), blocksize=64, compress_statistics=self.double_quant,
             quant_type=self.quant_type, quant_storage=self.quant_storage,
         )
+        state.dtype = self.compute_dtype
         return F.dequantize_4bit(packed, state).float()
 
 
@@ -159,11 +162,15 @@ def plan_shards(source: TensorSource, dtype: torch.dtype, max_shard_size: str | 
 class Merge:
     """What an export writes: the source tensors with the adapter merged in (and, for QLoRA, the 4-bit
     round trip training applied), computed in float32 one tensor at a time. ``ftl export`` writes
-    it rounded to the export dtype and verifies the float32 result against the trained model."""
+    it rounded to the export dtype and verifies the float32 result against the trained model.
+
+    ``base_dtype`` is the dtype training loaded the base in (``model.dtype``): a float32 base trained
+    as bf16 was trained as its bf16 rounding, so that rounding is what the adapter is merged into."""
 
     source: TensorSource
     adapter: Adapter | None = None
     quantizer: Quantizer | None = None
+    base_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         if self.adapter is None:
@@ -180,12 +187,14 @@ class Merge:
     def tensor(self, name: str) -> torch.Tensor:
         """One tensor as stored (untouched) or, where the merge changes it, in float32."""
         tensor = self.source.loaders[name]()
+        if self.base_dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(self.base_dtype)
         changed = (self.adapter is not None and self.adapter.touches(name)) or (
             self.quantizer is not None and name in self.quantizer.weights)
         if changed:
-            tensor = tensor.float()
             if self.quantizer is not None:
                 tensor = self.quantizer(name, tensor)
+            tensor = tensor.float()
             if self.adapter is not None:
                 tensor = self.adapter.merge(name, tensor)
         return tensor

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +159,34 @@ def one_4bit_compute_path(model: torch.nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def compute_in_float32(model: torch.nn.Module) -> torch.nn.Module:
+    """The same trained model computing in float32: every floating tensor upcast (values unchanged),
+    each 4-bit layer replaced by a float32 linear holding the weight its matmul used in training
+    (bitsandbytes dequantizes into the compute dtype, so the NF4 values rounded to it).
+
+    Export verification compares the float32 merge with the model as trained; evaluated in the
+    recipe's bf16, that comparison would measure bf16 noise (about 1% of a logit), not the merge.
+    """
+    bnb = sys.modules.get("bitsandbytes")  # not imported: no 4-bit layers
+    if bnb is not None:
+        import copy
+
+        for name, module in list(model.named_modules()):
+            if isinstance(module, bnb.nn.Linear4bit):
+                state = copy.copy(module.weight.quant_state)
+                state.dtype = module.compute_dtype or state.dtype
+                linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+                linear.weight.data = bnb.functional.dequantize_4bit(module.weight.data, state).float()
+                if module.bias is not None:
+                    linear.bias.data = module.bias.data.float()
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, linear.requires_grad_(False))
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.is_floating_point() and tensor.dtype != torch.float32:
+            tensor.data = tensor.data.float()
+    return model
+
+
 def apply_method(model: PreTrainedModel, method: MethodSection, gradient_checkpointing: bool,
                  upcast_unquantized: bool = True) -> PreTrainedModel:
     """Make the right parameters trainable: LoRA adapters, or the base minus frozen patterns."""
@@ -266,7 +295,7 @@ def load_for_inference(
     """Load a saved checkpoint (full model or PEFT adapter) or a base model for generation.
 
     An adapter checkpoint inside a run directory is attached to the base loaded exactly as in
-    training (the run's ``recipe.yaml``): a QLoRA adapter on a freshly quantized base, since on
+    training (the run's ``run.yaml``): a QLoRA adapter on a freshly quantized base, since on
     the full-precision base it computes something else. A run directory may be someone else's:
     its recipe's ``model.trust_remote_code`` (which imports the model's Python files) is honoured
     only when the caller passes ``trust_remote_code`` (``--trust-remote-code`` on the command).
@@ -280,7 +309,7 @@ def load_for_inference(
             from ftl.rundir import RunDir
 
             run = RunDir.of_checkpoint(path)
-            recipe_file = run.recipe if run is not None else None
+            recipe_file = run.recipe_to_read if run is not None else None
             if recipe_file is not None:
                 from ftl.config import load_recipe
 

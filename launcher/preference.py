@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from ftl.config import Recipe
 from ftl.loss import IGNORE_INDEX
+from ftl.weights import weights_identity
 
 
 def sequence_count(batch: dict[str, torch.Tensor]) -> int:
@@ -186,9 +187,10 @@ class Preference:
 
 def reference_file(recipe: Recipe, data_cache: Path) -> Path:
     """Where a run's precomputed reference log-probabilities live: beside its preprocessed data, named
-    for what they depend on besides the data (the starting model and how it computes)."""
+    for what they depend on besides the data: the starting model (its settings and its weights' identity:
+    a model replaced at the same path gets new ones) and how it computes."""
     key = {"model": recipe.model.model_dump(mode="json"), "quantization": recipe.quantization.model_dump(mode="json"),
-           "mixed_precision": recipe.train.mixed_precision}
+           "mixed_precision": recipe.train.mixed_precision, "weights": weights_identity(recipe.model.path)}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return Path(data_cache) / f"reference-logps-{digest}.pt"
 

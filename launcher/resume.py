@@ -8,10 +8,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ftl.checkpoint import find_resumable, read_state, verify
+import yaml
+
+from ftl.checkpoint import RECIPE, find_resumable, read_state, verify
 from ftl.config import Recipe
 from ftl.errors import UserError
 from ftl.rundir import RunDir
+from ftl.weights import weights_identity
 
 
 class TrainError(UserError):
@@ -57,3 +60,65 @@ def _check_same_method(checkpoint: Path, recipe: Recipe) -> None:
         if value != wanted[key]:
             raise TrainError(f"{key}: is {wanted[key]} but {checkpoint} was trained with {value}; resume with the same "
                              "setting, or start a new run (another output.dir, or train.resume=never with output.overwrite=true)")
+    check_same_base(checkpoint, state, recipe.model.path, "resume with the base it was trained on, or start a new run")
+    if (checkpoint / RECIPE).is_file():  # (checkpoints of earlier versions hold no recipe)
+        _check_changes(checkpoint, recipe)
+    _check_steps(checkpoint, state, recipe)
+
+
+# Fields a checkpoint cannot continue under another value: its tensors' shapes and names, or what is trained.
+NEVER = ("method.type", "method.objective", "method.lora.r", "method.lora.use_dora", "method.lora.modules_to_save",
+         "method.lora.target_modules", "method.lora.dtype", "quantization.")
+# Fields that do not change what a step computes (or are checked elsewhere: model.path by identity,
+# the number of steps below; the parallel layout by the strategy's own resume checks).
+FREE = ("model.path", "model.attn_implementation", "model.trust_remote_code", "data.cache_dir", "train.max_steps",
+        "train.epochs", "train.eval_steps", "train.save_steps", "train.logging_steps", "train.resume", "train.allow_changed",
+        "train.peak_tflops", "train.compile", "train.gradient_checkpointing", "train.mixed_precision")
+COMPARED = ("model", "method", "quantization", "data", "preference", "train")
+
+
+def changed_fields(saved: dict, current: dict) -> dict[str, tuple[object, object]]:
+    """Dotted recipe fields whose values differ (saved, current), among those that alter training."""
+    def flat(value: object, prefix: str) -> dict[str, object]:
+        if isinstance(value, dict):
+            return {k: v for key, sub in value.items() for k, v in flat(sub, f"{prefix}.{key}").items()}
+        return {prefix: value}
+
+    old = {k: v for section in COMPARED for k, v in flat(saved.get(section), section).items()}
+    new = {k: v for section in COMPARED for k, v in flat(current.get(section), section).items()}
+    return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k) and not k.startswith(FREE)}
+
+
+def _check_changes(checkpoint: Path, recipe: Recipe) -> None:
+    """A resumed run is the same run: a field changed since the checkpoint is refused in one line,
+    unless it can be honoured and ``train.allow_changed`` names it (then the new value holds from the
+    checkpoint's step on)."""
+    try:
+        saved = yaml.safe_load((checkpoint / RECIPE).read_text())
+    except (OSError, yaml.YAMLError):
+        raise TrainError(f"{checkpoint / RECIPE}: not readable YAML; resume from another checkpoint") from None
+    current = recipe.model_dump(mode="json")
+    for field, (old, new) in changed_fields(saved if isinstance(saved, dict) else {}, current).items():
+        if field.startswith(NEVER):
+            raise TrainError(f"{field}: is {new!r} but {checkpoint} was trained with {old!r}, which a resumed run cannot "
+                             "change; resume with the same setting, or start a new run (another output.dir, or "
+                             "train.resume=never with output.overwrite=true)")
+        if field not in recipe.train.allow_changed:
+            raise TrainError(f"{field}: is {new!r} but {checkpoint} was trained with {old!r}; resume with the same value, "
+                             f"or pass --allow-changed {field} to continue with the new one from this checkpoint on")
+
+
+def _check_steps(checkpoint: Path, state: dict, recipe: Recipe) -> None:
+    if recipe.train.max_steps is not None and recipe.train.max_steps < state["step"]:
+        raise TrainError(f"train.max_steps: {recipe.train.max_steps} is below the step of {checkpoint} ({state['step']}); "
+                         "raise it, or start a new run")
+
+
+def check_same_base(checkpoint: Path, state: dict, path: str, fix: str, error: type[UserError] = TrainError) -> None:
+    """An adapter means something only on the base it was trained on: a model replaced at the same
+    path (even with the same shapes) is refused, not silently used."""
+    saved = state.get("base_identity")  # (checkpoints of earlier versions did not record it)
+    if saved is not None and weights_identity(path) != saved:
+        raise error(f"model.path: the model at {path} is not the one {checkpoint} was trained on (its weight files "
+                         f"differ from what the checkpoint recorded); {fix}")

@@ -3,25 +3,34 @@ atomically, and nothing in it is deleted unless the recipe says so.
 
 Layout (see the README's "Where outputs go")::
 
-    recipe.yaml  metrics.jsonl  data_stats.json  loss.png  STOPPED
+    run.yaml  metrics.jsonl  data_stats.json  loss.png  STOPPED
     checkpoints/step-N/ checkpoints/latest   tensorboard/   data/   launch/   slurm/   export/
     set-aside/<time>/    what ftl moved out of its way instead of deleting it
 
 A run directory may hold an earlier run, files a user put there, or damage; :meth:`RunDir.prepare`
 makes it ready for this run only after model, tokenizer and data have been checked, and moves
-aside whatever it cannot use.
+aside whatever it cannot use. The resolved recipe is ``run.yaml``, not ``recipe.yaml``: users keep
+their own recipe in the run directory (``ftl train runs/x/recipe.yaml`` with ``output.dir:
+runs/x``), and ftl never writes over it. (Runs made by earlier versions read theirs from
+``recipe.yaml``.)
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
 import re
 import shutil
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
+
+from ftl.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +43,24 @@ def step_of(path: Path | str) -> int:
     return int(match.group(1)) if match else -1
 
 
+class RunDirError(UserError):
+    """The run directory cannot be used as asked."""
+
+
 @dataclass(frozen=True)
 class RunDir:
     root: Path
 
     @property
     def recipe(self) -> Path:
-        """The resolved recipe: what every rank, node and requeued job reads."""
-        return self.root / "recipe.yaml"
+        """The resolved recipe this run trained with, written by ftl."""
+        return self.root / "run.yaml"
+
+    @property
+    def recipe_to_read(self) -> Path:
+        """The run's resolved recipe: ``run.yaml``, or ``recipe.yaml`` of a run made by an earlier version."""
+        legacy = self.root / "recipe.yaml"
+        return legacy if not self.recipe.is_file() and legacy.is_file() and self.checkpoints.is_dir() else self.recipe
 
     @property
     def metrics(self) -> Path:
@@ -104,7 +123,7 @@ class RunDir:
         checkpoint = Path(checkpoint).resolve()
         if STEP_DIR.match(checkpoint.name) and checkpoint.parent.name == "checkpoints":
             run = cls(checkpoint.parent.parent)
-            if run.recipe.is_file():
+            if run.recipe_to_read.is_file():
                 return run
         return None
 
@@ -112,6 +131,46 @@ class RunDir:
 
     def write(self, path: Path, text: str) -> None:
         write_atomic(path, text)
+
+    @property
+    def lock_file(self) -> Path:
+        """Held (flock) by the one process that writes this run directory; says which one."""
+        return self.root / ".ftl-lock"
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """One writer per run directory: a second ``ftl train`` on it is refused in one line instead of
+        setting aside the first's live checkpoints. The kernel releases the lock when its process
+        dies however it dies (kill -9 included), so a lock file left behind is never stale."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:  # a file in the way, a name too long, no permission
+            raise RunDirError(f"output.dir: cannot use {self.root} as a run directory: {err.strerror}") from None
+        if self.lock_file.is_symlink() or (self.lock_file.exists() and not self.lock_file.is_file()):
+            log.warning("moved %s to %s: ftl keeps its lock there", self.lock_file.name, self.move_aside([self.lock_file]))
+        try:
+            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as err:
+            raise RunDirError(f"output.dir: cannot create {self.lock_file}: {err.strerror}") from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                raise RunDirError(f"output.dir: {self.root} is in use by another ftl run ({holder}); wait for it to "
+                                  "finish or stop it, or choose another output.dir") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # releases the lock; the file stays (removing it would race a next writer)
+
+    def write_data_stats(self, stats: dict) -> None:
+        """``data_stats.json``; a file of that name that is not ftl's is moved aside first."""
+        if self.data_stats.exists() and not _is_data_stats(self.data_stats):
+            log.warning("moved %s to %s: ftl writes its data statistics there", self.data_stats.name,
+                        self.move_aside([self.data_stats]))
+        write_atomic(self.data_stats, json.dumps(stats, indent=2))
 
     def write_stopped(self, reason: str, step: int, checkpoint: str) -> None:
         write_atomic(self.stopped, json.dumps({"reason": reason, "step": step, "checkpoint": checkpoint}))
@@ -148,19 +207,29 @@ class RunDir:
         if misplaced:
             log.warning("moved %s to %s: ftl writes its own there", ", ".join(p.name for p in misplaced), self.move_aside(misplaced))
         held = self.checkpoints.is_dir() and any(self.checkpoints.iterdir())
-        if checkpoint is None and held:
-            if resume == "never" and overwrite:
+        if checkpoint is None:
+            # A fresh start writes these anew; what is there (an attempt that never saved, or a user's
+            # own files under ftl's names) is kept, out of the way, with what else cannot be used.
+            leftovers = [p for p in (self.recipe, self.loss_plot, self.stopped) if p.exists()]
+            if self.data_stats.exists() and not _is_data_stats(self.data_stats):
+                leftovers.append(self.data_stats)
+            if held and resume == "never" and overwrite:
                 log.warning("output.overwrite: deleting the earlier run's checkpoints in %s", self.checkpoints)
                 shutil.rmtree(self.checkpoints)
                 self.metrics.unlink(missing_ok=True)
-            else:
+            elif held:
                 names = ", ".join(sorted(p.name for p in self.step_dirs())) or "no step-N"
-                aside = self.move_aside([self.checkpoints, self.metrics])
+                aside = self.move_aside([self.checkpoints, self.metrics, *leftovers])
                 log.warning("%s holds no checkpoint that verifies (%s): moved it and metrics.jsonl to %s; starting from step 0",
                             self.checkpoints, names, aside)
-        elif checkpoint is None and self.metrics.exists():  # an attempt that never saved: its records are not this run's
-            self.move_aside([self.metrics])
-        self.stopped.unlink(missing_ok=True)
+                leftovers = []
+            elif self.metrics.exists():  # an attempt that never saved: its records are not this run's
+                leftovers.append(self.metrics)
+            if leftovers:
+                log.warning("moved %s to %s: this run writes its own", ", ".join(p.name for p in leftovers),
+                            self.move_aside(leftovers))
+        else:
+            self.stopped.unlink(missing_ok=True)  # ftl's own marker of the stop this run resumes from
         if checkpoint is not None and step is not None:
             if checkpoint.parent == self.checkpoints:
                 newer = [p for p in self.step_dirs() if step_of(p) > step]
@@ -171,6 +240,15 @@ class RunDir:
                 kept = [r for r in read_metrics(self.metrics) if r["step"] <= step]
                 write_atomic(self.metrics, "".join(json.dumps(r) + "\n" for r in kept))
         write_atomic(self.recipe, recipe_yaml)
+
+
+def _is_data_stats(path: Path) -> bool:
+    """Whether ``path`` is ftl's data statistics (``ftl preprocess`` writes them before a run)."""
+    try:
+        stats = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(stats, dict) and "sources" in stats and "cache" in stats
 
 
 def write_atomic(path: Path, text: str) -> None:

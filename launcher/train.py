@@ -6,15 +6,19 @@ Run as ``ftl train RECIPE`` or ``python -m ftl.train RECIPE [key=value ...]``, a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from pathlib import Path
 
 from ftl.config import Recipe, load_recipe
 from ftl.console import setup_logging
 from ftl.data import load_source
 from ftl.errors import exit_on_user_error, first_line
 from ftl.preprocess import prepare as prepare_data
+from ftl.launch import LAUNCHED_ENV
 from ftl.resume import TrainError, resume_point
+from ftl.rundir import RunDir
 from ftl.signals import EXIT_STOPPED, StopRequest
 from ftl.trainer import RunSummary, Trainer
 
@@ -23,6 +27,19 @@ __all__ = ["TrainError", "main", "preflight", "train"]
 
 def train(recipe: Recipe) -> RunSummary:
     """Train as the recipe says; returns how far it got, its losses and its newest checkpoint."""
+    with writer_lock(recipe):
+        return _train(recipe)
+
+
+def writer_lock(recipe: Recipe) -> contextlib.AbstractContextManager:
+    """The run directory's lock, taken by the process that writes it: ``ftl train``'s launcher for
+    the ranks it starts (on the first machine), else global rank 0."""
+    if os.environ.get(LAUNCHED_ENV) or int(os.environ.get("RANK", "0")) != 0 or recipe.distributed.machine_rank != 0:
+        return contextlib.nullcontext()
+    return RunDir(Path(recipe.output.dir)).lock()
+
+
+def _train(recipe: Recipe) -> RunSummary:
     trainer = Trainer(recipe)
     state, cfg = trainer.state, trainer.cfg
     trainer.begin()

@@ -22,13 +22,15 @@ class TrainState:
     total_steps: int = 0
     method: str = "lora"  # what the run trains; a checkpoint continues only the same training
     bits: int | None = None
+    base_identity: str | None = None  # ftl.weights.weights_identity of model.path: the base trained on
     initial_eval_loss: float | None = None
     final_eval_loss: float | None = None
     # Per rank, not in trainer_state.json:
     data: dict[str, Any] | None = None  # streaming: this rank's position in its part of the stream
     rng: dict[str, Any] | None = field(default=None, repr=False)  # this rank's RNG streams, as loaded
 
-    SHARED = ("step", "epoch", "position", "total_steps", "method", "bits", "initial_eval_loss", "final_eval_loss")
+    SHARED = ("step", "epoch", "position", "total_steps", "method", "bits", "base_identity", "initial_eval_loss",
+              "final_eval_loss")
 
     def shared(self) -> dict[str, Any]:
         """What ``trainer_state.json`` holds: the same on every rank."""

@@ -13,7 +13,6 @@ batch of the same rows. What the loss is belongs to the objective (``ftl.loss.Ca
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import os
@@ -42,6 +41,7 @@ from ftl.resume import TrainError, resume_point
 from ftl.rundir import RunDir
 from ftl.streaming import RowStream
 from ftl.train_state import TrainState
+from ftl.weights import weights_identity
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class Trainer:
         if self.main:
             self.run.prepare(recipe.to_yaml(), cfg.resume, recipe.output.overwrite, checkpoint,
                              read_state(checkpoint)["step"] if checkpoint is not None else None)
-            self.run.write(self.run.data_stats, json.dumps(self.data_stats, indent=2))
+            self.run.write_data_stats(self.data_stats)
         acc.wait_for_everyone()
 
         fused = apply_kernels(recipe, self.model, self.strategy, acc.device)
@@ -120,10 +120,12 @@ class Trainer:
             self._attach_reference(resuming=checkpoint is not None)
         if checkpoint is not None:
             self.state = load_training_state(checkpoint, acc, self.model, self.optimizer, self.scheduler, self.strategy)
+            self._continue_schedule(checkpoint, total_steps)
         else:
             self.state = TrainState(total_steps=total_steps, method=recipe.method.type, bits=recipe.quantization.bits)
         # Checked equal to the checkpoint's by resume_point; older checkpoints may not name them.
         self.state.total_steps, self.state.method, self.state.bits = total_steps, recipe.method.type, recipe.quantization.bits
+        self.state.base_identity = weights_identity(recipe.model.path)  # checked equal to the checkpoint's by resume_point
         self.stream = RowStream(recipe, self.tokenizer, self.rank, self.world, **(self.state.data or {})) if recipe.data.streaming else None
         out = recipe.output
         self.metrics = MetricsWriter(self.run.root, enabled=self.main, report_to=out.report_to, resume_step=self.state.step,
@@ -135,6 +137,30 @@ class Trainer:
         self.start = self.window_start = time.perf_counter()
         self.window_tokens = self.window_rows = 0
         self.peak, self.flops_per_token = peak_flops(cfg.peak_tflops), flops_counter(acc.unwrap_model(self.model))
+
+    def _continue_schedule(self, checkpoint: Path, total_steps: int) -> None:
+        """The restored scheduler under what the recipe says now (resume_point refused any change not
+        allowed): an allowed new learning rate holds from this step on, and a new number of steps
+        recomputes the schedule, which is said rather than done silently."""
+        scheduler, step, saved_total = self.scheduler, self.state.step, self.state.total_steps
+        rate, saved_rate = self.cfg.learning_rate, scheduler.base_lrs[0]
+        new_rate, new_total = saved_rate != rate, bool(saved_total) and saved_total != total_steps
+        if not (new_rate or new_total):
+            return
+        before = self.optimizer.param_groups[0]["lr"]
+        scheduler.base_lrs = [rate] * len(scheduler.base_lrs)
+        for group, factor in zip(self.optimizer.param_groups, scheduler.lr_lambdas):
+            group["initial_lr"], group["lr"] = rate, rate * factor(scheduler.last_epoch)
+        if not self.main:
+            return
+        if new_rate:
+            log.warning("train.learning_rate: %g where %s trained with %g; the schedule continues from step %d with the "
+                        "new rate", rate, checkpoint.name, saved_rate, step)
+        if new_total:
+            log.warning("%s was trained toward %d steps and this run goes to %d: the %s learning-rate schedule is recomputed "
+                        "for %d steps (the rate at step %d is %.3g, where the checkpoint's schedule had %.3g)",
+                        checkpoint.name, saved_total, total_steps, self.cfg.lr_scheduler, total_steps, step,
+                        self.optimizer.param_groups[0]["lr"], before)
 
     def _load_data(self) -> int:
         """Tokenize (or find in the cache) the train and eval rows; returns the run's optimizer steps."""
@@ -318,7 +344,7 @@ class Trainer:
         """A checkpoint of the run as it is now (every rank calls it)."""
         self.state.data = self.stream.state() if self.stream else None
         path = save_checkpoint(self.accelerator, self.model, self.tokenizer, self.optimizer, self.scheduler, self.run.root,
-                               self.state, self.strategy, self.recipe.output.keep_last)
+                               self.state, self.strategy, self.recipe.output.keep_last, self.recipe.to_yaml())
         self.summary.checkpoint = str(path)
         return path
 

@@ -72,3 +72,14 @@ def write_yaml(path: Path, data: dict) -> Path:
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def cli_exit_code(argv: list[str]) -> int:
+    """``ftl ARGV`` in this process, as a user runs it: its exit code (0 when it returns)."""
+    from ftl.cli import main
+
+    try:
+        main(argv)
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    return 0

@@ -11,6 +11,7 @@ conversations are the independent oracles.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -209,3 +210,50 @@ def test_a_template_that_writes_bos_while_the_tokenizer_adds_it_is_tokenized_wit
     assert "writes BOS '<|begin_of_text|>' and the tokenizer adds it too" in caplog.text
     ids, _ = tokenize_conversation({"messages": conversation(tools=False)}, DataSource(path="x", format="chat"), tokenizer, "x")
     assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
+
+
+HEADERS = {  # the text a message's own tokens follow, per role, and what closes its turn
+    "qwen2.5": {"system": "<|im_start|>system\n", "user": "<|im_start|>user\n", "tool": "<|im_start|>user\n<tool_response>\n",
+                "assistant": "<|im_start|>assistant\n", "eot": "<|im_end|>"},
+    "llama3.1": {"system": "Today Date: 26 Jul 2024\n\n", "user": "<|start_header_id|>user<|end_header_id|>\n\n",
+                 "tool": "<|start_header_id|>ipython<|end_header_id|>\n\n\"",
+                 "assistant": "<|start_header_id|>assistant<|end_header_id|>\n\n", "eot": "<|eot_id|>"},
+    "gemma": {"system": "<|turn>system\n", "user": "<|turn>user\n", "assistant": "<|turn>model\n", "eot": "<turn|>"},
+}
+# One letter, words of the role headers, of Llama 3.1's date line and of Qwen2.5's default system prompt.
+SHORT = ["a", "e", "user", "system", "model", "assistant", "You", "Qwen", "Date", "Today", "start"]
+
+
+@pytest.mark.parametrize("name, role", [(n, r) for n in sorted(HEADERS) for r in ("system", "user", "tool", "assistant")
+                                         if r in HEADERS[n]])  # (Gemma renders a tool result only after a tool call)
+def test_a_trained_message_with_short_content_is_located_by_rendering(tokenizers, name, role):
+    """A trained system/user/tool message (and a conversation that opens with a reply) whose content
+    also appears earlier in the rendered text (a header, a date line, a default system prompt)
+    trains exactly its own tokens and its end of turn, token for token, nothing before them."""
+    headers, tokenizer = HEADERS[name], tokenizers[name]
+    for content in SHORT:
+        target = {"role": role, "content": content, "train": True}
+        before = {"system": [], "user": [], "tool": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}],
+                  "assistant": []}[role]
+        if role == "tool":
+            target.update(tool_call_id="call12345", name="get_weather")
+        messages = before + [target, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok", "train": False}]
+        for m in before:
+            m["train"] = False
+        ids, targets = tokenize_conversation({"messages": messages}, DataSource(path="x", format="chat"), tokenizer, "x")
+        [(a, b)] = _runs(targets)
+        trained, preceding = tokenizer.decode(ids[a:b]), tokenizer.decode(ids[:a])
+        # (a token that straddles the start, Llama 3.1's '"a' of a tool result, is the message's)
+        assert any((preceding + trained[:j]).endswith(headers[role]) and trained[j:].startswith(content) for j in range(2)), \
+            (content, preceding[-60:], trained)
+        assert trained.endswith(headers["eot"]), (content, trained)
+        assert len(trained) <= len(content) + len(headers["eot"]) + len("\n</tool_response>"), (content, trained)
+
+
+@pytest.mark.parametrize("name", ["qwen2.5", "llama3.1"])
+def test_special_token_text_in_a_message_is_refused_naming_the_row(tokenizers, name):
+    """`<|im_end|>` typed into a message would become the control token and forge a turn boundary."""
+    eot = HEADERS[name]["eot"]
+    row = {"messages": [{"role": "user", "content": f"hi{eot}"}, {"role": "assistant", "content": "ok"}]}
+    with pytest.raises(ChatError, match=rf"data.jsonl: row 7: messages\[0\] contains the text of the special token '{re.escape(eot)}'"):
+        tokenize_conversation(row, DataSource(path="x", format="chat"), tokenizers[name], "data.jsonl: row 7")

@@ -152,3 +152,24 @@ def test_a_stop_signal_before_training_began_exits_as_stopped(tiny_llama: Path, 
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err[-2000:]
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", [["demo-data"], ["tiny-model", "--hidden-size", "32"], ["demo", "--tiny", "--workdir"]])
+def test_helper_commands_refuse_a_non_empty_directory_without_force(tmp_path, command, capsys):
+    """demo-data, tiny-model and demo write into a directory of their own: a user's files there
+    (a data/train.jsonl, a model) stay as they are unless --force says otherwise."""
+    from conftest import cli_exit_code
+
+    target = tmp_path / "mine"
+    (target / "data").mkdir(parents=True)
+    (target / "train.jsonl").write_text('{"mine": 1}\n')
+    (target / "data" / "train.jsonl").write_text('{"mine": 2}\n')
+    argv = [command[0], *command[1:], str(target)] if command[0] != "demo" else [*command, str(target)]
+    assert cli_exit_code(argv) == 2
+    err = capsys.readouterr().err
+    assert "is not empty" in err and "--force" in err
+    assert (target / "train.jsonl").read_text() == '{"mine": 1}\n' and (target / "data" / "train.jsonl").read_text() == '{"mine": 2}\n'
+    assert sorted(p.name for p in target.rglob("*")) == ["data", "train.jsonl", "train.jsonl"]
+    if command[0] == "demo-data":
+        assert cli_exit_code([*argv, "--force", "--train-rows", "3", "--eval-rows", "2"]) == 0
+        assert (target / "train.jsonl").read_text() != '{"mine": 1}\n'

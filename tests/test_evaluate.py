@@ -41,7 +41,7 @@ def test_a_run_that_trusts_remote_code_needs_the_flag(tiny_llama, demo_data, tmp
     recipe = validate_recipe(make_recipe(tiny_llama, demo_data[0], run_dir, model={"trust_remote_code": True}))
     checkpoint = run_dir / "checkpoints" / "step-1"
     checkpoint.mkdir(parents=True)
-    (run_dir / "recipe.yaml").write_text(recipe.resolved().to_yaml())
+    (run_dir / "run.yaml").write_text(recipe.resolved().to_yaml())
     (checkpoint / "adapter_config.json").write_text("{}")
     (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 1}))
     write_manifest(checkpoint)

@@ -16,7 +16,7 @@ from ftl.config import ExportSection, validate_recipe
 from ftl.errors import UserError
 from ftl.export import export
 from ftl.train import train
-from conftest import make_recipe
+from conftest import cli_exit_code, make_recipe
 
 LORA = {"r": 8, "alpha": 16, "dropout": 0.0}
 VARIANTS = {
@@ -27,6 +27,9 @@ VARIANTS = {
     "qlora": {"method": {"type": "qlora", "lora": LORA}, "quantization": {"compute_dtype": "float32"}},
     "qlora-dora": {"method": {"type": "qlora", "lora": {**LORA, "use_dora": True}}, "quantization": {"compute_dtype": "float32"}},
     "full": {"method": {"type": "full"}},
+    # every default a user keeps: bf16 base weights, bf16 4-bit compute
+    "lora-defaults": {"model": {"dtype": "bfloat16"}, "method": {"type": "lora", "lora": LORA}},
+    "qlora-defaults": {"model": {"dtype": "bfloat16"}, "method": {"type": "qlora", "lora": LORA}},
 }
 FP32 = ExportSection(dtype="float32")
 
@@ -57,6 +60,30 @@ def test_float32_export_reproduces_the_trained_model(runs, variant, tmp_path):
     # float32 files are the float32 merge itself: nothing is rounded
     assert report["weights_equal_rounded_merge"] and report["rounding_max_abs_logit_diff"] == 0.0
     assert json.loads((tmp_path / "out" / "verify.json").read_text())["passed"] is True
+
+
+@pytest.mark.parametrize("variant", ["lora-defaults", "qlora-defaults"])
+def test_default_export_of_a_default_run_passes_and_still_catches_a_merge_bug(runs, variant, tmp_path, monkeypatch, capsys):
+    """The recipe's defaults (bf16 base, bf16 4-bit compute, bf16 export) pass their own verification:
+    the trained model is compared in float32 with the float32 merge into the base as training loaded
+    it (its bf16 rounding), so bf16 noise is not mistaken for a merge error, and a merge error is
+    still caught (here: a LoRA scale 10% off)."""
+    assert cli_exit_code(["export", str(runs(variant)), "--out", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "verify.json").read_text())
+    assert report["passed"] and report["dtype"] == "bfloat16" and report["weights_equal_rounded_merge"], report
+    assert report["merge_max_abs_logit_diff"] < 1e-5 * report["reference_logit_std"] * 10, report
+
+    real_merge = merge.Adapter.merge
+
+    def wrong_scale(self, name, weight):
+        return weight + 1.1 * (real_merge(self, name, weight) - weight)
+
+    monkeypatch.setattr(merge.Adapter, "merge", wrong_scale)
+    capsys.readouterr()
+    assert cli_exit_code(["export", str(runs(variant)), "--out", str(tmp_path / "bad")]) == 2
+    assert "verification failed" in capsys.readouterr().err
+    failed = json.loads((tmp_path / "bad.failed" / "verify.json").read_text())
+    assert failed["merge_max_abs_logit_diff"] > failed["merge_tolerance"], failed
 
 
 def test_export_is_a_standard_sharded_model_directory(runs, tiny_llama, tmp_path):
@@ -150,12 +177,15 @@ def test_failed_verification_exits_non_zero_and_leaves_nothing_at_out(runs, tmp_
     """An export that does not reproduce the trained model (here: the adapter left out) fails, and a
     serving job pointed at --out finds nothing there."""
     monkeypatch.setattr(merge.Adapter, "merge", lambda self, name, weight: weight)
+    (tmp_path / "out.failed").mkdir()  # somebody's, whoever made it: kept as it is
+    (tmp_path / "out.failed" / "notes.txt").write_text("mine")
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["export", str(runs("lora")), "--out", str(tmp_path / "out"), "--dtype", "float32"])
     assert exit_info.value.code == 2
     assert "verification failed" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
-    report = json.loads((tmp_path / "out.failed" / "verify.json").read_text())
+    assert [p.name for p in (tmp_path / "out.failed").iterdir()] == ["notes.txt"]
+    report = json.loads((tmp_path / "out.failed-2" / "verify.json").read_text())
     assert report["passed"] is False and report["merge_max_abs_logit_diff"] > report["merge_tolerance"]
     # the merge is caught even though the files are exactly what the (broken) merge computed
     assert report["weights_equal_rounded_merge"]
@@ -220,7 +250,7 @@ def _zero_checkpoint_with(payload: object, tiny_llama: Path, demo_data, tmp_path
     recipe = validate_recipe(make_recipe(tiny_llama, demo_data[0], run_dir, method={"type": "full"})).resolved()
     checkpoint = run_dir / "checkpoints" / "step-1"
     (checkpoint / "deepspeed").mkdir(parents=True)
-    (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+    (run_dir / "run.yaml").write_text(recipe.to_yaml())
     (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 1}))
     torch.save(payload, checkpoint / "deepspeed" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
     write_manifest(checkpoint)  # an attacker can write a matching manifest too
@@ -254,7 +284,7 @@ def test_export_ships_the_chat_template_the_model_was_trained_with(runs, demo_da
         import shutil
 
         shutil.copytree(runs("lora"), run, ignore=shutil.ignore_patterns("export*"))
-        (run / "recipe.yaml").write_text((run / "recipe.yaml").read_text().replace("format: alpaca", "format: completion"))
+        (run / "run.yaml").write_text((run / "run.yaml").read_text().replace("format: alpaca", "format: completion"))
     export(run, tmp_path / "out", ExportSection(dtype="float32", verify=False))
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
     assert tokenizer.chat_template != AutoTokenizer.from_pretrained(tiny_llama).chat_template
@@ -338,4 +368,15 @@ def test_gguf_conversion_failure_is_one_line_and_leaves_nothing(runs, tmp_path, 
     spot); the export fails with its reason and no directory is left at --out."""
     with pytest.raises(UserError, match=r"--gguf: llama.cpp's convert_hf_to_gguf.py failed on the export: .*pre-tokenizer"):
         export(runs("lora"), tmp_path / "out", ExportSection(dtype="float32", gguf="f32"))
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_a_converter_that_writes_no_gguf_is_an_error(runs, tmp_path, monkeypatch):
+    """--gguf --no-verify: a converter that exits 0 without writing the file is not reported as done."""
+    fake = tmp_path / "llama.cpp"
+    fake.mkdir()
+    (fake / "convert_hf_to_gguf.py").write_text("import sys\nsys.exit(0)\n")
+    monkeypatch.setenv("FTL_LLAMA_CPP", str(fake))
+    with pytest.raises(UserError, match=r"--gguf: .*exited without error but wrote no GGUF file at model-f16.gguf"):
+        export(runs("lora"), tmp_path / "out", ExportSection(dtype="float32", gguf="f16", verify=False))
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))

@@ -262,7 +262,7 @@ def finished_run(tiny_llama, base_recipe, tmp_path_factory) -> tuple[Path, dict]
 # Rewritten by design when a run continues: the resolved recipe, the metrics (cut back to the
 # checkpoint), the latest pointer, the stop marker, statistics, plots, TensorBoard events and the
 # data cache (derived data, rebuilt when damaged).
-VOLATILE = ("recipe.yaml", "metrics.jsonl", "checkpoints/latest", "STOPPED", "data_stats.json", "loss.png", "tensorboard/", "data/")
+VOLATILE = (".ftl-lock", "run.yaml", "metrics.jsonl", "checkpoints/latest", "STOPPED", "data_stats.json", "loss.png", "tensorboard/", "data/")
 
 run_damage = st.lists(st.tuples(
     st.sampled_from(["truncate", "garble", "delete", "dir", "append", "text"]),

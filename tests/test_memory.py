@@ -153,7 +153,7 @@ def test_train_with_gpu_memory_runs_the_chosen_micro_batch(tmp_path, tiny_llama,
     with pytest.raises(SystemExit) as done:
         main(["train", str(path)])
     assert done.value.code == 0
-    written = load_recipe(tmp_path / "run" / "recipe.yaml")
+    written = load_recipe(tmp_path / "run" / "run.yaml")
     assert written.train.micro_batch_size == 4 and written.train.gradient_accumulation_steps == 1
     assert torch.cuda.is_available() or written.distributed.strategy == "single"
 

@@ -3,6 +3,7 @@ and QLoRA on chat data, exported, and the export generates exactly what the trai
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from ftl.evaluate import prompts_and_answers
 from ftl.export import export
 from ftl.model import load_for_inference
 from ftl.train import train
-from conftest import make_recipe
+from conftest import cli_exit_code, make_recipe
 
 
 def _greedy(path: Path, prompts: list[list[int]]) -> list[list[int]]:
@@ -69,3 +70,27 @@ def test_real_model_trains_and_its_export_generates_the_same(artifacts, tmp_path
     from test_export import read_with_transformers4
 
     assert read_with_transformers4(artifacts, tmp_path / "export-bf16")["rope_theta"] == 100000.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_real_model_with_every_default_exports_and_verifies(artifacts, tmp_path, method):
+    """What a user who keeps the defaults gets (bf16 base, bf16 4-bit compute, bf16 export, f16 GGUF):
+    `ftl export --gguf` exits 0 with a verified merge, on the real SmolLM2."""
+    model = artifacts / "models" / "smollm2-135m-instruct"
+    train_path, eval_path = write_extraction_data(tmp_path / "data", n_train=16, n_eval=4)
+    recipe = make_recipe(model, train_path, tmp_path / "run", eval_path, method={"type": method},
+                         data={"train": {"path": str(train_path), "format": "chat"},
+                               "eval": {"path": str(eval_path), "format": "chat"}, "max_length": 96},
+                         train={"max_steps": 2, "micro_batch_size": 4, "logging_steps": 1, "seed": 0})
+    del recipe["model"]["dtype"]
+    if method == "qlora":
+        recipe["quantization"] = {"bits": 4}
+    resolved = validate_recipe(recipe)
+    assert resolved.model.dtype == "bfloat16" and resolved.quantization.compute_dtype == "bfloat16"
+    train(resolved)
+    assert cli_exit_code(["export", str(tmp_path / "run"), "--out", str(tmp_path / "export"), "--gguf"]) == 0
+    report = json.loads((tmp_path / "export" / "verify.json").read_text())
+    assert report["passed"] and report["dtype"] == "bfloat16" and report["weights_equal_rounded_merge"], report
+    assert report["merge_max_abs_logit_diff"] <= 1e-4 * report["reference_logit_std"], report
+    assert report["gguf"] == "model-f16.gguf" and report["gguf_greedy_agreement"] > 0.9, report

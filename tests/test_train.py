@@ -66,7 +66,7 @@ def test_lora_checkpoint_is_a_peft_adapter(tiny_llama: Path, demo_data, tmp_path
     assert not (step / "model.safetensors").exists()
     weights = load_file(step / "adapter_model.safetensors")
     assert weights and all("lora_" in k for k in weights)
-    assert (tmp_path / "run/recipe.yaml").exists()
+    assert (tmp_path / "run/run.yaml").exists()
     record = read_metrics(tmp_path / "run/metrics.jsonl")[-1]
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s", "trainable_tokens"} <= record.keys()
 
@@ -127,7 +127,7 @@ def test_mixed_precision_auto_trains_as_what_the_cpu_computes_natively(tiny_llam
     named = _train(tiny_llama, demo_data, tmp_path / "named", train={"max_steps": 2, "mixed_precision": "bf16" if native else "no"})
     other = _train(tiny_llama, demo_data, tmp_path / "other", train={"max_steps": 2, "mixed_precision": "no" if native else "bf16"})
     assert auto.final_train_loss == named.final_train_loss != other.final_train_loss
-    written = load_recipe(tmp_path / "auto" / "recipe.yaml")
+    written = load_recipe(tmp_path / "auto" / "run.yaml")
     assert written.train.mixed_precision == ("bf16" if native else "no")
 
 
