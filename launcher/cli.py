@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from rich.markup import escape
 
@@ -43,16 +45,49 @@ def cmd_validate(args: argparse.Namespace) -> int:
     problems: list[str] = []
     for path in files:
         try:
-            recipe = load_recipe(path, overrides)
+            recipe = load_recipe(path, overrides, check_files=not args.no_check_files)
         except RecipeError as err:
             problems += err.problems
             continue
         if len(files) == 1 and not args.quiet:
-            console.print(recipe.to_yaml(), end="")
+            console.print(_shown(recipe, args.full), end="", highlight=False, markup=False)
         console.print(f"[green]ok[/] {escape(str(path))}", markup=True)
     if problems:
         raise RecipeError(problems)
     return 0
+
+
+def _shown(recipe: Any, full: bool) -> str:
+    """What ``ftl validate`` prints: the fields the recipe sets (or implies), resolved (absolute paths),
+    and what each ``auto`` became on this machine; with ``full``, every field and default."""
+    import yaml
+    from pydantic import BaseModel
+
+    from ftl.plan import local_device
+
+    resolved = recipe.resolved().for_device(local_device())
+    everything = resolved.model_dump(mode="json")
+
+    def set_fields(model: BaseModel, dumped: dict) -> dict:
+        out = {}
+        for name in [n for n in type(model).model_fields if full or n in model.model_fields_set]:  # (in schema order)
+            value = getattr(model, name)
+            if isinstance(value, BaseModel):
+                out[name] = set_fields(value, dumped[name])
+            elif isinstance(value, list) and value and isinstance(value[0], BaseModel):
+                out[name] = [set_fields(v, d) for v, d in zip(value, dumped[name])]
+            else:
+                out[name] = dumped[name]
+        return out
+
+    def autos(given: Any, became: Any, key: str) -> list[str]:
+        if isinstance(given, dict):
+            return [line for k in given for line in autos(given[k], became.get(k) if isinstance(became, dict) else None, f"{key}{k}.")]
+        return [f"# {key[:-1]}: auto -> {became}"] if given == "auto" and became != "auto" else []
+
+    text = yaml.safe_dump(set_fields(recipe, everything), sort_keys=False)
+    notes = autos(recipe.model_dump(mode="json"), everything, "")
+    return text + "".join(f"{line}\n" for line in notes) + ("" if full else "# (defaults not shown: ftl validate --full)\n")
 
 
 def _stop_before_training() -> None:
@@ -144,8 +179,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         from ftl.measure import measure
 
         measured = measure(recipe)
+    # One process trains inside `ftl train` itself and writes no launch/ files.
+    command = plan.shell_command() if plan.world_size > 1 else shlex.join(["ftl", "train", *args.items])
     if args.json:
-        print(json.dumps({**plan.summary(), **batch, "env": plan.env, "command": plan.shell_command(),
+        print(json.dumps({**plan.summary(), **batch, "env": plan.env, "command": command,
                           "accelerate": plan.accelerate, "deepspeed": plan.deepspeed, "offload": recipe.distributed.zero.model_dump(include={"offload_optimizer", "offload_params"}),
                           "memory_gib": memory.table() if memory else None, "memory_unavailable": unavailable,
                           "peak_phase": memory.peak_phase if memory else None, "largest_fit": largest,
@@ -175,8 +212,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
         ratio = measured["measured_gib"] / measured["estimate_gib"]
         console.print(f"measured peak {measured['measured_gib']:.3f} GiB vs estimate {measured['estimate_gib']:.3f} GiB "
                       f"({ratio:.2f}x; {measured['mode']})", highlight=False)
-    console.print("\n[bold]command[/] (written to the run dir's launch/ by `ftl train`):", markup=True)
-    console.print(plan.shell_command(), highlight=False, soft_wrap=True)
+    if plan.world_size > 1:
+        console.print("\n[bold]command[/] (written to the run dir's launch/ by `ftl train`):", markup=True)
+    else:
+        console.print("\n[bold]command[/] (one process: `ftl train` trains in its own process; no launch/ files):", markup=True)
+    console.print(command, highlight=False, soft_wrap=True)
     if plan.deepspeed is not None:
         console.print("\n[bold]deepspeed.json[/]", markup=True)
         console.print_json(data=plan.deepspeed)
@@ -333,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check recipes and print the resolved recipe")
     p.add_argument("items", nargs="+", metavar="RECIPE_OR_OVERRIDE")
     p.add_argument("-q", "--quiet", action="store_true", help="only say ok or print the errors")
+    p.add_argument("--full", action="store_true", help="print every field with its default, not only what the recipe sets")
+    p.add_argument("--no-check-files", action="store_true",
+                   help="check the recipe alone, not that its local model and data paths exist (a recipe for another machine)")
     p.set_defaults(fn=cmd_validate)
 
     p = sub.add_parser("train", help="train a recipe (several processes are started with accelerate launch)",

@@ -8,6 +8,7 @@ distributed, slurm, export) slot in as new sub-models of :class:`Recipe`.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -288,7 +289,7 @@ class SlurmSection(_Section):
     account: str | None = None
     qos: str | None = None
     nodes: int = Field(1, ge=1, le=100_000, description="Machines; distributed.num_machines follows it.")
-    gpus_per_node: int | None = Field(None, ge=0, le=1024, description="--gpus-per-node; distributed.num_processes defaults to it.")
+    gpus_per_node: int | None = Field(None, ge=0, le=1024, description="--gpus-per-node; unset: distributed.num_processes (when above 1), which defaults to it in turn; 0 for a CPU cluster.")
     cpus_per_task: int | None = Field(None, ge=1, le=100_000, description="CPUs for each node's task (one task per node).")
     mem: str | None = Field(None, description="Memory per node, e.g. 500G.")
     time: str = Field("24:00:00", description="Time limit, e.g. 2-00:00:00.")
@@ -366,17 +367,46 @@ class Recipe(_Section):
         def absolute(path: str | None) -> str | None:
             if path is None:
                 return None
-            candidate = Path(path).expanduser()
+            candidate = expand_path(path)
             return str(candidate.resolve()) if candidate.exists() else path
 
         data["model"]["path"] = absolute(data["model"]["path"])
         data["model"]["tokenizer"] = absolute(data["model"]["tokenizer"])
         for source in data["data"]["train"] + (data["data"]["eval"] or []):
             source["path"] = absolute(source["path"])
-        data["output"]["dir"] = str(Path(data["output"]["dir"]).expanduser().resolve())
+        data["output"]["dir"] = str(expand_path(data["output"]["dir"]).resolve())
         if data["data"]["cache_dir"]:
-            data["data"]["cache_dir"] = str(Path(data["data"]["cache_dir"]).expanduser().resolve())
+            data["data"]["cache_dir"] = str(expand_path(data["data"]["cache_dir"]).resolve())
         return Recipe.model_validate(data)
+
+    def missing_files(self) -> list[tuple[tuple, str]]:
+        """Local paths that do not exist (``ftl validate`` reports them before ``train`` would, a
+        minute later). A name that reads as a hub id (``org/model``, a datasets name) is not checked."""
+        problems: list[tuple[tuple, str]] = []
+        for key, path, what in [(("model", "path"), self.model.path, "model directory"),
+                                (("model", "tokenizer"), self.model.tokenizer, "tokenizer directory"),
+                                *[(("data", split, i, "path"), s.path, "data file")
+                                  for split in ("train", "eval") for i, s in enumerate(getattr(self.data, split) or [])]]:
+            if path is None or expand_path(path).exists() or not _looks_local(path, data=what == "data file"):
+                continue
+            problems.append((key, f"{path}: {what} not found (relative paths are resolved from {Path.cwd()})"))
+        return problems
+
+
+def expand_path(path: str) -> Path:
+    """``~`` and environment variables expanded; ``$FTL_ARTIFACTS`` is the artifacts directory
+    (``make artifacts``) even where the variable is unset, as the README's recipes use it."""
+    from ftl.artifacts import artifacts_dir
+
+    text = re.sub(r"\$(\{FTL_ARTIFACTS\}|FTL_ARTIFACTS(?![A-Za-z0-9_]))", lambda _: str(artifacts_dir()), path)
+    return Path(os.path.expandvars(text)).expanduser()
+
+
+def _looks_local(path: str, data: bool) -> bool:
+    """A path meant as a local file or directory rather than a hub id (``org/name``)."""
+    if path.startswith(("/", "./", "../", "~", "$")) or path.count("/") > 1 or path.endswith("/"):
+        return True
+    return data and Path(path).suffix in (".json", ".jsonl", ".parquet", ".csv")
 
 
 def bf16_native(device: str) -> bool:
@@ -394,8 +424,9 @@ def bf16_native(device: str) -> bool:
 # ----------------------------------------------------------------------------- loading
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read a recipe file, apply ``key.sub=value`` overrides and validate it."""
+def load_recipe(path: str | Path, overrides: list[str] | None = None, check_files: bool = False) -> Recipe:
+    """Read a recipe file, apply ``key.sub=value`` overrides and validate it (``check_files``: also
+    that its local model and data paths exist, each error at its ``file:line``)."""
     path = Path(path)
     try:
         raw, lines = recipe_yaml.parse(recipe_yaml.read_text(path), str(path))
@@ -405,7 +436,12 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise RecipeError([f"{path}: a recipe is a YAML mapping with sections model, data, method, train, output"])
     for override in overrides or []:
         lines[_apply_override(raw, override)] = "command-line override"
-    return validate_recipe(raw, source=str(path), lines=lines)
+    recipe = validate_recipe(raw, source=str(path), lines=lines)
+    missing = recipe.missing_files() if check_files else []
+    if missing:
+        raise RecipeError([f"{recipe_errors.locate(str(path), lines, key)}: {'.'.join(map(str, key))}: {message}"
+                           for key, message in missing])
+    return recipe
 
 
 def validate_recipe(raw: dict, source: str = "<recipe>", lines: dict[tuple, int | str] | None = None) -> Recipe:
@@ -436,9 +472,10 @@ def with_values(recipe: Recipe, values: dict[str, Any]) -> Recipe:
 
 
 def with_implied(recipe: Recipe) -> Recipe:
-    """A copy with what the recipe implies filled in: ``method.type: qlora`` means a 4-bit base, a
-    Slurm job's nodes are its machines and its GPUs per node its processes per machine (unless
-    those are set otherwise, which ``ftl.rules`` reports)."""
+    """A copy with what the recipe implies filled in: ``method.type: qlora`` means a 4-bit base; a
+    Slurm job's nodes are its machines and its GPUs per node its processes per machine, whichever
+    of the two the recipe sets (set both otherwise, and ``ftl.rules`` reports the disagreement).
+    ``slurm.gpus_per_node: 0`` asks for no GPUs (a CPU cluster)."""
     quant, dist, slurm = recipe.quantization, recipe.distributed, recipe.slurm
     updates: dict[str, Any] = {}
     if recipe.method.type == "qlora" and quant.bits is None:
@@ -447,6 +484,10 @@ def with_implied(recipe: Recipe) -> Recipe:
     processes = slurm.gpus_per_node if slurm.gpus_per_node and dist.num_processes == 1 else dist.num_processes
     if (machines, processes) != (dist.num_machines, dist.num_processes):
         updates["distributed"] = dist.model_copy(update={"num_machines": machines, "num_processes": processes})
+    nodes = machines if slurm.nodes == 1 else slurm.nodes  # (a 1-node job of several machines is never meant)
+    gpus = processes if slurm.gpus_per_node is None and processes > 1 else slurm.gpus_per_node
+    if (nodes, gpus) != (slurm.nodes, slurm.gpus_per_node):
+        updates["slurm"] = slurm.model_copy(update={"nodes": nodes, "gpus_per_node": gpus})
     return recipe.model_copy(update=updates) if updates else recipe
 
 

@@ -115,7 +115,7 @@ def _machines(recipe: Recipe) -> Problems:
     dist, slurm = recipe.distributed, recipe.slurm
     problems: Problems = []
     # A Slurm job's nodes are its machines, and GPUs per node its processes per machine (with_implied).
-    if slurm.nodes > 1 and dist.num_machines != slurm.nodes:
+    if dist.num_machines != slurm.nodes:
         problems.append((("distributed", "num_machines"), f"is {dist.num_machines} but slurm.nodes is {slurm.nodes}; set one of them"))
     if slurm.gpus_per_node and dist.num_processes != slurm.gpus_per_node:
         problems.append((("distributed", "num_processes"), f"is {dist.num_processes} but slurm.gpus_per_node is "

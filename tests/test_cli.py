@@ -21,16 +21,40 @@ def ftl(*args: str, cwd: Path = ROOT, timeout: int = 300) -> subprocess.Complete
 
 def test_validate_every_recipe() -> None:
     recipes = sorted(str(p) for p in (ROOT / "recipes").glob("*.yaml"))
-    result = ftl("validate", "-q", *recipes)
+    result = ftl("validate", "-q", "--no-check-files", *recipes)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("ok ") == len(recipes)
 
 
 def test_validate_prints_resolved_recipe() -> None:
-    result = ftl("validate", "recipes/demo-tiny.yaml", "train.learning_rate=5e-4")
+    result = ftl("validate", "recipes/demo-tiny.yaml", "train.learning_rate=5e-4", "--no-check-files")
     assert result.returncode == 0, result.stderr
     assert "learning_rate: 0.0005" in result.stdout
-    assert "adam_beta2: 0.999" in result.stdout  # defaults are shown
+    assert "adam_beta2: 0.999" not in result.stdout and "ftl validate --full" in result.stdout  # defaults: with --full
+    full = ftl("validate", "recipes/demo-tiny.yaml", "--full", "--no-check-files")
+    assert full.returncode == 0 and "adam_beta2: 0.999" in full.stdout
+
+
+def test_validate_checks_local_files_at_their_line_and_expands_ftl_artifacts(tiny_llama: Path, demo_data, tmp_path: Path) -> None:
+    """A missing data file or model directory fails `ftl validate` (not `train` a minute later),
+    named at its file:line; $FTL_ARTIFACTS and ~ are expanded; a hub id is not a local path."""
+    text = (f"model:\n  path: $FTL_ARTIFACTS/models/tiny\n  dtype: float32\ndata:\n  train: {{path: {demo_data[0]}}}\n"
+            f"  eval: {{path: {tmp_path}/no-such.jsonl}}\noutput:\n  dir: {tmp_path}/run\n")
+    (tmp_path / "r.yaml").write_text(text)
+    env = {"FTL_ARTIFACTS": str(tmp_path / "artifacts")}
+    result = subprocess.run([sys.executable, "-m", "ftl", "validate", "-q", str(tmp_path / "r.yaml")], capture_output=True,
+                            text=True, env={**os.environ, **env, "COLUMNS": "300"})
+    assert result.returncode == 2
+    assert [line.split(": ")[1] for line in result.stderr.strip().splitlines()] == [f"{tmp_path}/r.yaml:2", f"{tmp_path}/r.yaml:6"], result.stderr
+    assert "model.path: $FTL_ARTIFACTS/models/tiny: model directory not found" in result.stderr
+    (tmp_path / "artifacts" / "models").mkdir(parents=True)
+    (tmp_path / "artifacts" / "models" / "tiny").symlink_to(tiny_llama)
+    result = subprocess.run([sys.executable, "-m", "ftl", "validate", str(tmp_path / "r.yaml"), f"data.eval.path={demo_data[1]}"],
+                            capture_output=True, text=True, env={**os.environ, **env, "COLUMNS": "300"})
+    assert result.returncode == 0, result.stderr
+    assert f"path: {tmp_path}/artifacts/models/tiny" in result.stdout or f"path: {tiny_llama}" in result.stdout
+    result = ftl("validate", "-q", str(tmp_path / "r.yaml"), "model.path=some-org/some-model", f"data.eval.path={demo_data[1]}")
+    assert result.returncode == 0, result.stderr  # a hub id: not checked here
 
 
 def test_misspelt_key_is_one_line_without_traceback(tmp_path: Path) -> None:

@@ -127,6 +127,11 @@ def test_ftl_plan_json(tmp_path):
     assert plan["mixed_precision"] == "bf16" and plan["deepspeed"]["bf16"]["enabled"] is True
     assert plan["command"].startswith("OMP_NUM_THREADS=") and "accelerate launch --config_file" in plan["command"]
     assert not (tmp_path / "launch").exists()  # planning writes nothing
+    # one process: the command is `ftl train` itself (it writes no launch/ files to point at)
+    out = subprocess.run([sys.executable, "-m", "ftl", "plan", str(recipe), f"output.dir={tmp_path}",
+                          "distributed.strategy=single", "distributed.num_processes=1"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert f"ftl train {recipe} output.dir={tmp_path}" in out.stdout and "launch/" not in out.stdout.replace("no launch/", "")
 
 
 def test_zero_and_rendezvous_options_reach_the_configs(tmp_path):

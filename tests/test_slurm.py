@@ -259,3 +259,28 @@ def test_a_preempted_two_node_dpo_job_resumes_to_the_local_trace(cluster, tiny_l
     assert sorted(trace) == sorted(expected) and len(expected) == 16
     for step, loss in expected.items():
         assert trace[step] == pytest.approx(loss, rel=1e-5), step
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parent.parent.glob("recipes/*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_renders_the_job_its_shape_says(path):
+    """The job's nodes are the recipe's machines and its GPUs per node the processes per machine
+    (recipes/llama3.1-70b-qlora-2x8.yaml, the README's example, has no slurm section: 2 nodes x 8 GPUs)."""
+    from ftl.config import load_recipe
+
+    recipe = load_recipe(path)
+    script = render(recipe)
+    dist = recipe.distributed
+    assert f"#SBATCH --nodes={dist.num_machines}\n" in script
+    gpus = [line for line in script.splitlines() if line.startswith("#SBATCH --gpus-per-node=")]
+    assert gpus == ([f"#SBATCH --gpus-per-node={dist.num_processes}"] if dist.num_processes > 1 else []), gpus
+    if path.name == "llama3.1-70b-qlora-2x8.yaml":
+        assert (dist.num_machines, dist.num_processes) == (2, 8)
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+
+
+def test_a_recipe_that_asks_for_no_gpus_gets_none(tiny_llama, demo_data, tmp_path):
+    """slurm.gpus_per_node: 0 (a CPU cluster) is kept; a 1-node job of 2 machines follows the machines."""
+    raw = slurm_recipe(tiny_llama, demo_data, tmp_path / "run", gpus_per_node=0, nodes=1)
+    raw["distributed"].update(num_processes=2, num_machines=2)
+    script = render(validate_recipe(raw))
+    assert "#SBATCH --nodes=2\n" in script and "--gpus-per-node" not in script
