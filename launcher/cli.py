@@ -331,12 +331,37 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ftl.config import DataSource
     from ftl.evaluate import evaluate_path
 
-    source = DataSource(path=args.data, format=args.format)
-    accuracy, n, examples = evaluate_path(args.model, source, args.limit, trust_remote_code=args.trust_remote_code)
+    model, source = _eval_target(Path(args.model), args.data, args.format)
+    console.print(f"evaluating {escape(str(model))} on {escape(args.data)} ({source.format} format)", markup=True,
+                  highlight=False, soft_wrap=True)
+    accuracy, n, examples = evaluate_path(model, source, args.limit, trust_remote_code=args.trust_remote_code)
     for example in examples:
         console.print(f"  expected {example['expected']!r:<24} generated {example['generated']!r}")
     console.print(f"exact match: [bold]{accuracy:.1%}[/] of {n} rows", markup=True)
     return 0
+
+
+def _eval_target(model: Path, data: str, fmt: str | None) -> tuple[Path, Any]:
+    """What `ftl eval` evaluates: a run directory means its newest complete checkpoint; the data's
+    format (unless --format) is the one the run trained with, else read from the data's first row."""
+    from ftl.checkpoint import find_resumable
+    from ftl.config import DataSource, load_recipe
+    from ftl.evaluate import detect_format
+    from ftl.rundir import RunDir
+
+    run = RunDir(model) if RunDir(model).checkpoints.is_dir() else RunDir.of_checkpoint(model)
+    if run is not None and model == run.root:
+        model = find_resumable(run.root)
+        if model is None:
+            raise UserError(f"{run.root}: a run directory with no complete checkpoint to evaluate")
+    recipe = load_recipe(run.recipe_to_read) if run is not None and run.recipe_to_read.is_file() else None
+    if recipe is not None:
+        sources = recipe.data.train + (recipe.data.eval or [])
+        same = [s for s in sources if Path(s.path).resolve() == Path(data).resolve()]
+        if same and fmt in (None, same[0].format):
+            return model, same[0]  # with its field mapping and chat settings
+        fmt = fmt or sources[0].format
+    return model, DataSource(path=data, format=fmt or detect_format(data))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -365,10 +390,32 @@ def _count(minimum: int) -> callable:
     return parse
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ftl")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _env_log_level() -> str:
+    level = os.environ.get("FTL_LOG_LEVEL", "INFO").upper()
+    if level not in LOG_LEVELS:
+        raise UserError(f"FTL_LOG_LEVEL: '{level[:40]}' is not a log level; use one of {', '.join(LOG_LEVELS)}")
+    return level
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ftl", description="Fine-tune LLMs from one YAML recipe.")
-    parser.add_argument("--log-level", default=os.environ.get("FTL_LOG_LEVEL", "INFO"))
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="ftl", description="Fine-tune LLMs from one YAML recipe. In order of use: "
+                                     "validate, preprocess, plan, train, eval, export (and slurm for clusters).")
+    parser.add_argument("--version", action="version", version=f"ftl {_version()}")
+    parser.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default=_env_log_level(),
+                        help="how much ftl logs on stderr (default INFO, or $FTL_LOG_LEVEL)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("validate", help="check recipes and print the resolved recipe")
     p.add_argument("items", nargs="+", metavar="RECIPE_OR_OVERRIDE")
@@ -378,13 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check the recipe alone, not that its local model and data paths exist (a recipe for another machine)")
     p.set_defaults(fn=cmd_validate)
 
-    p = sub.add_parser("train", help="train a recipe (several processes are started with accelerate launch)",
-                       description="Train RECIPE. Any recipe field can be overridden after it as key.sub=value (a YAML "
-                       "value), e.g. `ftl train my.yaml train.learning_rate=1e-4 train.max_steps=200`.")
+    p = sub.add_parser("preprocess", help="tokenize, mix, pack and cache the data once; print its statistics")
     p.add_argument("items", nargs="+", metavar="RECIPE_OR_OVERRIDE")
-    p.add_argument("--allow-changed", action="append", default=[], metavar="FIELD",
-                   help="on resume, continue although FIELD (e.g. train.learning_rate) differs from the checkpoint's recipe")
-    p.set_defaults(fn=cmd_train)
+    p.set_defaults(fn=cmd_preprocess)
 
     p = sub.add_parser("plan", help="print how a recipe runs: strategy, processes, DeepSpeed JSON, launch command")
     p.add_argument("items", nargs="+", metavar="RECIPE_OR_OVERRIDE")
@@ -393,6 +436,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--measure", action="store_true", help="train 3 steps here (or 1- and 2-layer proxies) and compare peak memory with the estimate")
     p.add_argument("--gpu-mem", help="memory of one GPU, e.g. 80GB (default: distributed.gpu_memory); strategy auto then picks what fits")
     p.set_defaults(fn=cmd_plan)
+
+    p = sub.add_parser("train", help="train a recipe (several processes are started with accelerate launch)",
+                       description="Train RECIPE. Any recipe field can be overridden after it as key.sub=value (a YAML "
+                       "value), e.g. `ftl train my.yaml train.learning_rate=1e-4 train.max_steps=200`.")
+    p.add_argument("items", nargs="+", metavar="RECIPE_OR_OVERRIDE")
+    p.add_argument("--allow-changed", action="append", default=[], metavar="FIELD",
+                   help="on resume, continue although FIELD (e.g. train.learning_rate) differs from the checkpoint's recipe")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("eval", help="exact-match accuracy of a model or checkpoint by greedy generation")
+    p.add_argument("model", help="model directory, run directory (its newest checkpoint) or checkpoint (full model or PEFT adapter)")
+    p.add_argument("--data", required=True, help="alpaca or chat data file with reference answers")
+    p.add_argument("--format", choices=["alpaca", "chat", "sharegpt"],
+                   help="default: the format the run trained with, else read from the data's first row")
+    p.add_argument("--limit", type=_count(1), help="only the first N rows")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow a run whose recipe sets model.trust_remote_code to import its model's Python files")
+    p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("export", help="merged, sharded safetensors model (or adapter) from a run or checkpoint, verified")
     p.add_argument("source", help="run directory (newest complete checkpoint) or checkpoint directory")
@@ -407,16 +467,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true", help="allow a run whose recipe sets model.trust_remote_code to import its model's Python files")
     p.set_defaults(fn=cmd_export)
 
-    p = sub.add_parser("preprocess", help="tokenize, mix, pack and cache the data once; print its statistics")
-    p.add_argument("items", nargs="+", metavar="RECIPE_OR_OVERRIDE")
-    p.set_defaults(fn=cmd_preprocess)
-
     p = sub.add_parser("slurm", help="render or submit the recipe as a (multi-node) Slurm job")
     p.add_argument("action", choices=["render", "submit"])
     p.add_argument("items", nargs="+", metavar="RECIPE_OR_OVERRIDE")
     p.add_argument("--export", action="store_true", help="render: the export script; submit: also an export job that runs afterok")
     p.add_argument("--dependency", help="sbatch --dependency for the training job, e.g. afterok:123")
     p.set_defaults(fn=cmd_slurm)
+
+    p = sub.add_parser("demo", help="fine-tune the real SmolLM2-135M-Instruct with LoRA, export it, and compare held-out accuracy")
+    p.add_argument("--tiny", action="store_true", help="a tiny random Llama instead (no artifacts needed)")
+    p.add_argument("--recipe", help="default recipes/demo.yaml (recipes/demo-tiny.yaml with --tiny, recipes/demo-dpo.yaml with --objective dpo)")
+    p.add_argument("--objective", choices=["sft", "dpo"], default="sft",
+                   help="dpo: a model fine-tuned to prefer wrong answers, corrected by DPO (held-out preference accuracy)")
+    p.add_argument("--workdir", help="default runs/demo (runs/demo-dpo with --objective dpo); a new directory or an earlier demo's")
+    p.add_argument("--force", action="store_true", help="use a --workdir that is not an earlier demo's (the demo rebuilds data/, run/ and the model there)")
+    p.set_defaults(fn=cmd_demo)
 
     p = sub.add_parser("tiny-model", help="write a tiny random model with a locally trained tokenizer")
     p.add_argument("out_dir")
@@ -436,23 +501,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="write into a non-empty directory (train.jsonl and eval.jsonl are replaced)")
     p.set_defaults(fn=cmd_demo_data)
-
-    p = sub.add_parser("eval", help="exact-match accuracy of a model or checkpoint by greedy generation")
-    p.add_argument("model", help="model directory or checkpoint (full model or PEFT adapter)")
-    p.add_argument("--data", required=True, help="alpaca or chat data file with reference answers")
-    p.add_argument("--format", default="alpaca", choices=["alpaca", "chat", "sharegpt"])
-    p.add_argument("--limit", type=_count(1), help="only the first N rows")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow a run whose recipe sets model.trust_remote_code to import its model's Python files")
-    p.set_defaults(fn=cmd_eval)
-
-    p = sub.add_parser("demo", help="fine-tune the real SmolLM2-135M-Instruct with LoRA, export it, and compare held-out accuracy")
-    p.add_argument("--tiny", action="store_true", help="a tiny random Llama instead (no artifacts needed)")
-    p.add_argument("--recipe", help="default recipes/demo.yaml (recipes/demo-tiny.yaml with --tiny, recipes/demo-dpo.yaml with --objective dpo)")
-    p.add_argument("--objective", choices=["sft", "dpo"], default="sft",
-                   help="dpo: a model fine-tuned to prefer wrong answers, corrected by DPO (held-out preference accuracy)")
-    p.add_argument("--workdir", help="default runs/demo (runs/demo-dpo with --objective dpo); a new directory or an earlier demo's")
-    p.add_argument("--force", action="store_true", help="use a --workdir that is not an earlier demo's (the demo rebuilds data/, run/ and the model there)")
-    p.set_defaults(fn=cmd_demo)
     return parser
 
 
@@ -460,7 +508,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if "train" in argv[:3]:
         _stop_before_training()
-    parser = build_parser()
+    parser = exit_on_user_error(build_parser)
     args, extra = parser.parse_known_args(argv)
     # Overrides may follow options (`ftl plan R --json a.b=1`); argparse stops collecting at --json.
     if extra and hasattr(args, "items") and all("=" in e and not e.startswith("-") for e in extra):

@@ -17,28 +17,51 @@ from ftl.chat import parse_conversation, render
 from ftl.data import DataError, load_source, render_segments
 
 
-def prompts_and_answers(source: DataSource, tokenizer: Any, limit: int | None = None) -> list[tuple[list[int], str]]:
-    """(prompt token ids, reference answer) for each row of an alpaca or chat source."""
-    if source.format == "completion":
-        raise DataError(f"{source.path}: exact match needs prompts and answers (alpaca or chat format)")
+def questions(source: DataSource, limit: int | None = None) -> list[tuple[Any, str, str]]:
+    """(prompt: text or (messages, tools), reference answer, where) per row: the data checked before
+    any model is loaded."""
+    if source.format not in ("alpaca", "chat", "sharegpt"):
+        raise DataError(f"{source.path}: exact match needs prompts and answers (alpaca, chat or sharegpt format, not {source.format})")
     rows = load_source(source)
-    pairs = []
+    found = []
     for index, row in enumerate(rows):
         if limit is not None and index >= limit:
             break
         where = f"{source.path}: row {index}"
         if source.format == "alpaca":
             prompt, answer = render_segments(row, source, where)
-            ids = tokenizer(prompt[0], add_special_tokens=True)["input_ids"]
-            pairs.append((ids, answer[0]))
+            found.append((prompt[0], answer[0], where))
         else:
             messages, tools = parse_conversation(row, source, where)
             if messages[-1]["role"] != "assistant":
                 raise DataError(f"{where}: for exact match, the conversation must end with an assistant turn")
-            text = render(tokenizer, messages[:-1], tools, True, where)
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            pairs.append((ids, messages[-1]["content"]))
+            found.append(((messages[:-1], tools), messages[-1]["content"], where))
+    return found
+
+
+def prompts_and_answers(source: DataSource, tokenizer: Any, limit: int | None = None,
+                        rows: list[tuple[Any, str, str]] | None = None) -> list[tuple[list[int], str]]:
+    """(prompt token ids, reference answer) for each row of an alpaca or chat source."""
+    pairs = []
+    for prompt, answer, where in rows if rows is not None else questions(source, limit):
+        if source.format == "alpaca":
+            pairs.append((tokenizer(prompt, add_special_tokens=True)["input_ids"], answer))
+        else:
+            text = render(tokenizer, prompt[0], prompt[1], True, where)
+            pairs.append((tokenizer(text, add_special_tokens=False)["input_ids"], answer))
     return pairs
+
+
+def detect_format(path: str | Path) -> str:
+    """The format of a data file whose format is not given: a run's recipe names it; otherwise its
+    first row's fields (``messages``: chat, ``conversations``: sharegpt, ``instruction``: alpaca)."""
+    rows = load_source(DataSource(path=str(path), format="completion"))
+    first = rows[0] if len(rows) else {}
+    for field, name in (("messages", "chat"), ("conversations", "sharegpt"), ("instruction", "alpaca")):
+        if field in first:
+            return name
+    raise DataError(f"{path}: cannot tell its format from its first row (no messages, conversations or instruction "
+                    "field); pass --format")
 
 
 @torch.no_grad()
@@ -83,8 +106,9 @@ def evaluate_path(
     path = Path(model_path)
     if (path / STATE).exists() or (path / MANIFEST).exists():
         verify(path)  # a checkpoint: only an intact one is evaluated (export verifies its own)
+    rows = questions(data, limit)  # bad data fails before minutes of model loading
     model, tokenizer = load_for_inference(path, trust_remote_code=trust_remote_code)
-    pairs = prompts_and_answers(data, tokenizer, limit)
+    pairs = prompts_and_answers(data, tokenizer, limit, rows)
     accuracy, examples = exact_match(model, tokenizer, pairs)
     return accuracy, len(pairs), examples
 

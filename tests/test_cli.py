@@ -197,3 +197,18 @@ def test_helper_commands_refuse_a_non_empty_directory_without_force(tmp_path, co
     if command[0] == "demo-data":
         assert cli_exit_code([*argv, "--force", "--train-rows", "3", "--eval-rows", "2"]) == 0
         assert (target / "train.jsonl").read_text() != '{"mine": 1}\n'
+
+
+def test_version_log_levels_and_commands_in_order_of_use() -> None:
+    from importlib.metadata import version
+
+    result = ftl("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"ftl {version('ftl')}"
+    result = ftl("--log-level", "LOUD", "validate", "x.yaml")
+    assert result.returncode == 2 and "choose from 'DEBUG', 'INFO', 'WARNING', 'ERROR'" in result.stderr
+    result = subprocess.run([sys.executable, "-m", "ftl", "validate", "x.yaml"], capture_output=True, text=True,
+                            env={**os.environ, "FTL_LOG_LEVEL": "loud"})
+    assert result.returncode == 2 and "FTL_LOG_LEVEL: 'LOUD' is not a log level" in result.stderr and "Traceback" not in result.stderr
+    listed = [line.split()[0] for line in ftl("--help").stdout.splitlines() if line.startswith("    ") and line.split()]
+    assert listed[:7] == ["validate", "preprocess", "plan", "train", "eval", "export", "slurm"], listed
+    assert "key.sub=value" in ftl("train", "--help").stdout

@@ -64,3 +64,25 @@ def test_eval_of_a_corrupt_checkpoint_is_refused(tiny_llama, demo_data, tmp_path
         cli_main(["eval", str(weights.parent), "--data", str(demo_data[1]), "--limit", "2"])
     assert exit_info.value.code == 2
     assert "adapter_model.safetensors has" in capsys.readouterr().err
+
+
+def test_eval_of_a_chat_run_reads_its_format_and_checks_the_data_first(tiny_llama, tmp_path, capsys, monkeypatch):
+    """`ftl eval RUN --data chat.jsonl` (no --format): the run directory means its newest checkpoint,
+    the format is the one it trained with; a row that cannot be evaluated fails before any model loads."""
+    from ftl import model as ftl_model
+    from ftl.train import train
+    from conftest import cli_exit_code
+
+    chat = [{"messages": [{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": w}]} for w in ("red", "blue")] * 4
+    data = write_jsonl(tmp_path / "chat.jsonl", chat)
+    train(validate_recipe(make_recipe(tiny_llama, data, tmp_path / "run", data={"train": {"path": str(data), "format": "chat"}},
+                                      train={"max_steps": 1})))
+    capsys.readouterr()
+    assert cli_exit_code(["eval", str(tmp_path / "run"), "--data", str(data), "--limit", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "step-1" in out and "(chat format)" in out and "exact match:" in out
+    # an exported model has no recipe: the format is read from the data
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "no reply"}]}])
+    monkeypatch.setattr(ftl_model, "load_for_inference", lambda *a, **k: pytest.fail("loaded a model for bad data"))
+    assert cli_exit_code(["eval", str(tiny_llama), "--data", str(bad)]) == 2
+    assert "bad.jsonl: row 0: for exact match, the conversation must end with an assistant turn" in capsys.readouterr().err
