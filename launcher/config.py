@@ -187,6 +187,9 @@ class TrainSection(_Section):
     seed: int = Field(42, ge=0, lt=2**32, description="Seeds Python, NumPy and torch (0 to 2**32 - 1).")
     eval_steps: int | None = Field(None, ge=1, le=10**9, description="Evaluate every N optimizer steps (and at the end).")
     save_steps: int | None = Field(None, ge=1, le=10**9, description="Checkpoint every N optimizer steps (and at the end).")
+    save_minutes: float | None = Field(30.0, gt=0, le=10**7, description="Without save_steps: checkpoint when this many "
+                                       "minutes of training passed since the last one (and at the end), so a crash loses at "
+                                       "most that much; null: only at the end.")
     logging_steps: int = Field(1, ge=1, le=10**9)
     gradient_checkpointing: bool = False
     compile: bool = Field(False, description="torch.compile each decoder layer (inductor): the first steps compile "

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from rich.table import Table
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ftl.console import console
 from ftl.rundir import RunDir
@@ -82,8 +82,18 @@ def _wandb_id(run_dir: Path) -> str:
     return hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
 
 
-def plot_losses(records: list[dict[str, Any]], out: Path) -> None:
-    """``loss.png``: train and eval loss against step."""
+def smoothed(values: list[float], weight: float = 0.9) -> list[float]:
+    """TensorBoard's smoothing: an exponential moving average, debiased at the start."""
+    out, average = [], 0.0
+    for i, value in enumerate(values, 1):
+        average = weight * average + (1 - weight) * value
+        out.append(average / (1 - weight**i))
+    return out
+
+
+def plot_losses(records: list[dict[str, Any]], out: Path, title: str = "") -> None:
+    """``loss.png``: the train loss raw (faint) and smoothed, eval loss as points, against step; a
+    log-scale loss axis where the losses span more than a decade."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -93,9 +103,15 @@ def plot_losses(records: list[dict[str, Any]], out: Path) -> None:
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
     if train:
-        ax.plot(*zip(*train), label="train")
+        steps, losses = zip(*train)
+        ax.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=1, label="train (raw)")
+        ax.plot(steps, smoothed(list(losses)), color="tab:blue", label="train (smoothed)")
     if evals:
-        ax.plot(*zip(*evals), "o-", label="eval")
+        ax.plot(*zip(*evals), "o", color="tab:orange", label="eval")
+    positive = [v for _, v in train + evals if v > 0]
+    if positive and max(positive) > 10 * min(positive):
+        ax.set_yscale("log")
+    ax.set_title(title)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (per trainable token)")
     ax.grid(alpha=0.3)
@@ -112,7 +128,13 @@ def summary_table(records: list[dict[str, Any]], summary: RunSummary) -> Table:
     rows: list[tuple[str, str]] = [("steps", f"{summary.steps} of {summary.total_steps}"),
                                    ("time", f"{summary.elapsed_s:.1f}s this session")]
     if train:
-        rows.append(("train loss", f"{train[0]['loss']:.4f} -> {train[-1]['loss']:.4f}"))
+        n = max(1, min(10, len(train) // 10))  # a window of logged steps: one step's loss is noise
+        first, last = (sum(r["loss"] for r in part) / n for part in (train[:n], train[-n:]))
+        rows.append(("train loss", f"{first:.4f} -> {last:.4f}" + (f" (means of the first and last {n} logged steps)" if n > 1 else "")))
+        if "reward_accuracy" in train[-1]:  # preference objectives
+            tail = train[-n:]
+            rows.append(("reward accuracy, margin", f"{sum(r['reward_accuracy'] for r in tail) / n:.1%}, "
+                         f"{sum(r['reward_margin'] for r in tail) / n:.3f} (last {n} logged steps)"))
         rows.append(("tokens/s", f"{sum(r['tokens_per_s'] for r in train) / len(train):,.0f} (mean of logged steps, all devices)"))
         mfu = [r["mfu"] for r in train if "mfu" in r]
         rows.append(("model TFLOP/s per device", f"{sum(r['tflops_per_device'] for r in train) / len(train):.2f}"
@@ -147,6 +169,12 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def clock(seconds: float) -> str:
+    """H:MM:SS, as rich's time columns show it."""
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
 class TrainingProgress:
     """Progress bar on a terminal, plain log lines otherwise; silent off the main process."""
 
@@ -163,11 +191,11 @@ class TrainingProgress:
                 MofNCompleteColumn(),
                 TextColumn("{task.fields[stats]}"),
                 TimeElapsedColumn(),
-                TextColumn("eta"),
-                TimeRemainingColumn(),
+                TextColumn("eta {task.fields[eta]}"),
                 console=console,
             )
-            self.task = self.progress.add_task("train", total=total_steps, stats="")
+            # ftl's own ETA (metrics' eta_s): rich's estimate empties when logged steps are far apart.
+            self.task = self.progress.add_task("train", total=total_steps, stats="", eta="-:--:--")
             self.progress.start()
 
     def update(self, step: int, record: dict[str, Any]) -> None:
@@ -179,12 +207,13 @@ class TrainingProgress:
         if "mfu" in record:
             stats += f"  MFU {record['mfu']:.1%}"
         stats += f"  mem {record['peak_memory_gib']:.1f}GiB"
+        eta = record.get("eta_s")
+        if eta is None:
+            eta = (time.perf_counter() - self.start) / max(step, 1) * (self.total - step)
         if self.progress is not None:
-            self.progress.update(self.task, completed=step, stats=stats)
+            self.progress.update(self.task, completed=step, stats=stats, eta=clock(eta))
         else:
-            elapsed = time.perf_counter() - self.start
-            eta = elapsed / max(step, 1) * (self.total - step)
-            console.print(f"step {step}/{self.total}  {stats}  eta {eta:.0f}s")
+            console.print(f"step {step}/{self.total}  {stats}  eta {clock(eta)}")
 
     def message(self, text: str) -> None:
         if self.enabled:

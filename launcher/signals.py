@@ -46,13 +46,14 @@ class StopRequest:
         self.reason = signal.Signals(signum).name
         log.warning("%s received: stopping after this step with a checkpoint (Ctrl-C again aborts)", self.reason)
 
-    def agreed(self, accelerator: Accelerator) -> str | None:
-        """The reason to stop if any rank was signalled (ranks stop at the same step)."""
+    def agreed(self, accelerator: Accelerator, save_due: bool = False) -> tuple[str | None, bool]:
+        """The reason to stop if any rank was signalled, and whether the first rank's clock says a
+        timed checkpoint is due (ranks stop and save at the same step; one collective for both)."""
         if accelerator.num_processes == 1:
-            return self.reason
+            return self.reason, save_due
         import torch
 
-        flag = torch.tensor([1 if self.reason else 0], device=accelerator.device)
-        if accelerator.reduce(flag, reduction="sum").item() == 0:
-            return None
-        return self.reason or "signal on another rank"
+        flags = torch.tensor([1 if self.reason else 0, 1 if save_due and accelerator.is_main_process else 0],
+                             device=accelerator.device)
+        stop, due = accelerator.reduce(flags, reduction="sum").tolist()
+        return (self.reason or "signal on another rank") if stop else None, bool(due)

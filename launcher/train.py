@@ -53,8 +53,8 @@ def _train(recipe: Recipe) -> RunSummary:
                 trainer.log(result)
             if trainer.eval_set is not None and ((cfg.eval_steps and state.step % cfg.eval_steps == 0) or last):
                 state.final_eval_loss = trainer.evaluate()
-            reason = stop.agreed(trainer.accelerator)
-            if (cfg.save_steps and state.step % cfg.save_steps == 0) or last or reason:
+            reason, timed = stop.agreed(trainer.accelerator, trainer.save_due())
+            if (cfg.save_steps and state.step % cfg.save_steps == 0) or timed or last or reason:
                 trainer.save()
             if reason and not last:
                 trainer.stop(reason)

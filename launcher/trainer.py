@@ -134,7 +134,7 @@ class Trainer:
         self.summary = RunSummary(total_steps, resumed_from=str(checkpoint) if checkpoint else None,
                                   checkpoint=str(checkpoint) if checkpoint else None)
         self.first_step = self.state.step
-        self.start = self.window_start = time.perf_counter()
+        self.start = self.window_start = self.last_save = time.perf_counter()
         self.window_tokens = self.window_rows = 0
         self.peak, self.flops_per_token = peak_flops(cfg.peak_tflops), flops_counter(acc.unwrap_model(self.model))
 
@@ -340,8 +340,15 @@ class Trainer:
         self.progress.message(f"step {step}: eval loss {result:.4f}")
         return result
 
+    def save_due(self) -> bool:
+        """``train.save_minutes`` of training time have passed since the last checkpoint (or the start):
+        without ``save_steps``, a crash then loses at most that much."""
+        minutes = self.cfg.save_minutes
+        return bool(minutes) and not self.cfg.save_steps and time.perf_counter() - self.last_save >= 60 * minutes
+
     def save(self) -> Path:
         """A checkpoint of the run as it is now (every rank calls it)."""
+        self.last_save = time.perf_counter()
         self.state.data = self.stream.state() if self.stream else None
         path = save_checkpoint(self.accelerator, self.model, self.tokenizer, self.optimizer, self.scheduler, self.run.root,
                                self.state, self.strategy, self.recipe.output.keep_last, self.recipe.to_yaml())
@@ -366,7 +373,7 @@ class Trainer:
             self.progress.message(f"{self.run.root} is already complete ({summary.steps} steps)")
         elif self.main:
             records = read_metrics(self.metrics.path)
-            plot_losses(records, self.run.loss_plot)
+            plot_losses(records, self.run.loss_plot, title=self.recipe.output.run_name or self.run.root.name)
             console.print(summary_table(records, summary))
         self.accelerator.end_training()
         return summary

@@ -99,3 +99,22 @@ def test_wandb_without_the_package_is_a_recipe_error(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     with pytest.raises(RecipeError, match="output.report_to: wandb is not installed"):
         validate_recipe(make_recipe(tmp_path, tmp_path / "t.jsonl", tmp_path / "run", output={"dir": str(tmp_path), "report_to": ["wandb"]}))
+
+
+def test_summary_means_windows_and_the_progress_shows_ftls_eta(capsys):
+    """One logged step's loss is noise: the summary compares means of the first and last windows of
+    logged steps; the progress line shows the ETA ftl computes (eta_s), however far apart steps are."""
+    from ftl.metrics import TrainingProgress, smoothed, summary_table
+    from ftl.trainer import RunSummary
+    from ftl.console import console
+
+    records = [{"step": s, "loss": 5.0 if s % 2 else 1.0, "tokens_per_s": 1.0, "tflops_per_device": 0.0,
+                "peak_memory_gib": 0.1, "reward_accuracy": 0.5, "reward_margin": 0.2} for s in range(1, 41)]
+    console.print(summary_table(records, RunSummary(total_steps=40, steps=40)))
+    out = " ".join(capsys.readouterr().out.split())
+    assert "train loss 3.0000 -> 3.0000 (means of the first and last 4 logged steps)" in out  # not 5 -> 1
+    assert "reward accuracy, margin 50.0%, 0.200 (last 4 logged steps)" in out
+    progress = TrainingProgress(100)
+    progress.update(10, {"loss": 1.0, "lr": 1e-4, "tokens_per_s": 5.0, "peak_memory_gib": 0.1, "eta_s": 3725.0})
+    assert "eta 1:02:05" in capsys.readouterr().out
+    assert smoothed([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])  # debiased: no ramp from 0

@@ -151,3 +151,15 @@ def test_compiled_layers_trace_the_eager_run(tiny_llama: Path, demo_data, tmp_pa
     torch.testing.assert_close(torch.tensor(traces[True]), torch.tensor(traces[False]), rtol=1e-4, atol=0)
     eager, compiled = (load_file(str(next((tmp_path / name).rglob("adapter_model.safetensors")))) for name in ("eager", "compiled"))
     assert eager.keys() == compiled.keys()
+
+
+def test_timed_checkpoints_without_save_steps(tiny_llama: Path, demo_data, tmp_path: Path) -> None:
+    """save_steps unset: a checkpoint whenever save_minutes of training passed (here: a few microseconds,
+    so every step), so a crash never loses the whole run; null saves only at the end."""
+    from ftl.rundir import RunDir
+
+    train(validate_recipe(make_recipe(tiny_llama, demo_data[0], tmp_path / "timed", train={"max_steps": 3, "save_minutes": 1e-7})))
+    assert sorted(p.name for p in RunDir(tmp_path / "timed").step_dirs()) == ["step-1", "step-2", "step-3"]
+    train(validate_recipe(make_recipe(tiny_llama, demo_data[0], tmp_path / "end", train={"max_steps": 3, "save_minutes": None})))
+    assert [p.name for p in RunDir(tmp_path / "end").step_dirs()] == ["step-3"]
+    assert validate_recipe(make_recipe(tiny_llama, demo_data[0], tmp_path / "x")).train.save_minutes == 30
