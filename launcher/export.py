@@ -300,9 +300,24 @@ def _write_model_card(out: Path, checkpoint: Path, recipe: Recipe, report: dict[
                      f"({'exactly' if report['weights_equal_rounded_merge'] else 'NOT exactly'}); {report['dtype']} rounding "
                      f"moves logits by up to {report['rounding_max_abs_logit_diff']:.3g} (greedy agreement "
                      f"{report['rounding_greedy_agreement']:.1%}); {'passed' if report['passed'] else 'FAILED'}")
+    lines += ["", "## Use", ""] + (_adapter_usage(base) if report.get("adapter_only") else [
+        "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+        'model = AutoModelForCausalLM.from_pretrained("path/to/this/directory")',
+        'tokenizer = AutoTokenizer.from_pretrained("path/to/this/directory")', "```"])
     recipe_text = yaml.safe_dump(_without_local_paths(recipe.model_dump(mode="json")), sort_keys=False).strip()
     lines += ["", "## Recipe", "", "```yaml", recipe_text, "```", ""]
     (out / "README.md").write_text("\n".join(lines))
+
+
+def _adapter_usage(base: str) -> list[str]:
+    """How to load the adapter alone: onto its base with peft (``AutoPeftModelForCausalLM`` finds the
+    base only by a hub id; a local base is named here without its path)."""
+    return [f"A LoRA adapter of `{base}`. Load the base (a local copy: its directory) and put the adapter on it:", "",
+            "```python", "from peft import PeftModel", "from transformers import AutoModelForCausalLM", "",
+            f'base = AutoModelForCausalLM.from_pretrained("path/to/{base}")',
+            'model = PeftModel.from_pretrained(base, "path/to/this/directory")',
+            "model = model.merge_and_unload()  # optional: one plain model", "```", "",
+            "vLLM loads it with `LLM(model=BASE, enable_lora=True)` and a `LoRARequest` naming this directory."]
 
 
 def _without_local_paths(value: Any) -> Any:

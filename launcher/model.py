@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -278,13 +279,20 @@ def freeze_patterns(model: torch.nn.Module, patterns: list[str]) -> None:
             param.requires_grad_(False)
 
 
+def parameter_count(param: torch.Tensor) -> int:
+    """Parameters a tensor holds: a bitsandbytes 4-bit weight packs two per byte (its ``numel`` is half
+    the layer's parameters), and its quantization state knows the layer's shape."""
+    state = getattr(param, "quant_state", None)
+    return math.prod(state.shape) if state is not None and getattr(state, "shape", None) else param.numel()
+
+
 def build_model(recipe: Recipe) -> tuple[PreTrainedModel, Any]:
     """Tokenizer and trainable model for ``recipe``."""
     tokenizer = load_tokenizer(recipe.model)
     model = load_base_model(recipe.model, tokenizer, recipe.quantization)
     model = apply_method(model, recipe.method, recipe.train.gradient_checkpointing, recipe.quantization.upcast_unquantized)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(parameter_count(p) for p in model.parameters())
     log.info("trainable parameters: %d of %d (%.2f%%)", trainable, total, 100 * trainable / max(total, 1))
     return model, tokenizer
 

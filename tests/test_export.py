@@ -162,6 +162,12 @@ def test_adapter_only_is_what_serving_engines_load(runs, tiny_llama, tmp_path):
     assert config["base_model_name_or_path"] == tiny_llama.name
     card = (out / "README.md").read_text()
     assert "library_name: peft" in card and str(tmp_path.parent) not in card
+    # the card's own snippet, run as written (paths filled in), loads the adapter onto the base
+    snippet = card.split("```python\n")[1].split("```")[0]
+    snippet = snippet.replace(f"path/to/{tiny_llama.name}", str(tiny_llama)).replace("path/to/this/directory", str(out))
+    namespace: dict = {}
+    exec(snippet, namespace)
+    assert not any("lora" in k for k in namespace["model"].state_dict())  # merged by the snippet's last line
     # peft loads it onto the base and reproduces the checkpoint's adapter
     base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
     loaded = PeftModel.from_pretrained(base, out)

@@ -40,6 +40,13 @@ def test_qlora_loads_real_4bit_layers_and_trains_only_lora(tiny_llama: Path, dem
     assert not isinstance(model.base_model.model.lm_head, bnb.nn.Linear4bit)  # skip_modules default
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_A" in n or "lora_B" in n for n in trainable)
+    # the parameter count of the 4-bit model is the full-precision model's, plus the adapters
+    from transformers import AutoModelForCausalLM
+
+    from ftl.model import parameter_count
+
+    lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert sum(parameter_count(p) for p in model.parameters()) == AutoModelForCausalLM.from_pretrained(tiny_llama).num_parameters() + lora
 
 
 def test_qlora_is_the_default_for_method_qlora(tmp_path: Path) -> None:
