@@ -28,13 +28,14 @@ classes), so a planted pickle is refused before DeepSpeed sees it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from accelerate import Accelerator
@@ -83,24 +84,28 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     weights = strategy.full_state_dict(accelerator, model)  # collective under ZeRO-3 and FSDP2
-    strategy.save_state(model, optimizer, tmp)  # collective; nothing for one process and DDP
+    with _writing(tmp, run):
+        strategy.save_state(model, optimizer, tmp)  # collective; nothing for one process and DDP
     if accelerator.is_main_process:
-        if weights is not False:
-            accelerator.unwrap_model(model).save_pretrained(tmp, safe_serialization=True, state_dict=weights)
-        tokenizer.save_pretrained(tmp)
-        if not strategy.owns_optimizer_state:
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / STATE).write_text(json.dumps(state.shared(), indent=2))
-        if recipe_yaml is not None:  # the recipe that trained it: a resume checks its own against this one
-            (tmp / RECIPE).write_text(recipe_yaml)
+        with _writing(tmp, run):
+            if weights is not False:
+                accelerator.unwrap_model(model).save_pretrained(tmp, safe_serialization=True, state_dict=weights)
+            tokenizer.save_pretrained(tmp)
+            if not strategy.owns_optimizer_state:
+                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            (tmp / STATE).write_text(json.dumps(state.shared(), indent=2))
+            if recipe_yaml is not None:  # the recipe that trained it: a resume checks its own against this one
+                (tmp / RECIPE).write_text(recipe_yaml)
     accelerator.wait_for_everyone()
-    torch.save(rng_state(), tmp / f"rng_state_rank{accelerator.process_index}.pt")
-    if state.data is not None:
-        (tmp / f"data_state_rank{accelerator.process_index}.json").write_text(json.dumps(state.data))
+    with _writing(tmp, run):
+        torch.save(rng_state(), tmp / f"rng_state_rank{accelerator.process_index}.pt")
+        if state.data is not None:
+            (tmp / f"data_state_rank{accelerator.process_index}.json").write_text(json.dumps(state.data))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_manifest(tmp)
+        with _writing(tmp, run):
+            write_manifest(tmp)
         if final.exists():  # not this run's (it resumed before this step): kept, out of the way
             log.warning("moved an earlier %s to %s", final.name, run.move_aside([final]))
         os.replace(tmp, final)
@@ -110,6 +115,23 @@ def save_checkpoint(
             _prune(run_dir, keep_last, keep=final)
     accelerator.wait_for_everyone()
     return final
+
+
+@contextlib.contextmanager
+def _writing(tmp: Path, run: RunDir) -> Iterator[None]:
+    """A write that fails (a full disk, a quota, a vanished mount) leaves no half checkpoint and is
+    one line naming what is intact; torch reports a full disk as a RuntimeError of its writer."""
+    try:
+        yield
+    except (OSError, RuntimeError) as err:
+        if isinstance(err, RuntimeError) and "write" not in str(err).lower():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        latest = run.latest.read_text().strip() if run.latest.is_file() else None
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else first_line(err)
+        raise CheckpointError(f"{tmp.parent}: could not write checkpoint {tmp.name.removesuffix('.tmp')}: {reason}; "
+                              + (f"{latest} is intact and a resume continues from it" if latest else "no earlier checkpoint")
+                              + " (free space and run the same command)") from None
 
 
 def check_deepspeed_pickles(checkpoint: Path) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 from rich.markup import escape
 
-from ftl.console import console, setup_logging
+from ftl.console import console, console_err, setup_logging
 from ftl.errors import UserError, exit_on_user_error
 
 
@@ -233,8 +233,18 @@ def cmd_export(args: argparse.Namespace) -> int:
                                  "qlora_merge": args.qlora_merge, "gguf": args.gguf}.items() if v is not None}
     if args.no_verify:
         updates["verify"] = False
-    report = export(Path(args.source), Path(args.out) if args.out else None, adapter_only=args.adapter_only, updates=updates,
-                    trust_remote_code=args.trust_remote_code)
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)  # a killed export cleans up as a Ctrl-C'd one does
+    try:
+        report = export(Path(args.source), Path(args.out) if args.out else None, adapter_only=args.adapter_only,
+                        updates=updates, trust_remote_code=args.trust_remote_code)
+    except KeyboardInterrupt:
+        console_err.print("ftl export: interrupted; nothing was written at the output directory", highlight=False)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if report.get("verified"):
         console.print(
             f"verification ({report['sequences']} sequences, {report['positions']} positions): the float32 merge matches the "
@@ -302,7 +312,10 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
         corpus_path = Path(args.corpus)
         if not corpus_path.is_file():
             raise UserError(f"--corpus: {corpus_path} is not a file")
-        corpus = corpus_path.read_text().splitlines()
+        try:
+            corpus = corpus_path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as err:
+            raise UserError(f"--corpus: {corpus_path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
     _empty_target(Path(args.out_dir), "out_dir", args.force)
     out = write_tiny_model(args.out_dir, args.arch, args.hidden_size, args.layers, args.vocab_size, args.seed, corpus)
     console.print(f"wrote tiny {args.arch} model and tokenizer to {out}")
@@ -377,15 +390,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if result["accuracy_after"] > result["accuracy_before"] else 1
 
 
-def _count(minimum: int) -> callable:
-    """An argparse type: an integer of at least ``minimum`` (argparse prints the one-line error)."""
+def _count(minimum: int, maximum: int | None = None) -> callable:
+    """An argparse type: an integer of at least ``minimum`` (and at most ``maximum``; argparse prints
+    the one-line error)."""
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+            raise argparse.ArgumentTypeError(f"'{text[:40]}' is not an integer") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum} (got {value})")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum} (got {text[:40]})")
         return value
     return parse
 
@@ -490,7 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=_count(1), default=2)
     p.add_argument("--vocab-size", type=_count(300), default=2048, help="upper bound; a small corpus gives fewer")
     p.add_argument("--corpus", help="text file to train the tokenizer on (default: built-in demo text)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_count(0, 2**32 - 1), default=0)
     p.add_argument("--force", action="store_true", help="write into a non-empty directory (its files of the same names are replaced)")
     p.set_defaults(fn=cmd_tiny_model)
 
@@ -498,7 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.add_argument("--train-rows", type=_count(1), default=2000)
     p.add_argument("--eval-rows", type=_count(1), default=200)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_count(0, 2**32 - 1), default=0)
     p.add_argument("--force", action="store_true", help="write into a non-empty directory (train.jsonl and eval.jsonl are replaced)")
     p.set_defaults(fn=cmd_demo_data)
     return parser

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -92,9 +93,13 @@ def export(
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"{out} is not empty; choose another --out or remove it")
     # Written beside the target under a name of this process's own, renamed into place when complete.
-    tmp = out.with_name(f".{out.name}.export-{os.getpid()}")
+    tmp = out.with_name(f".{out.name}.export-{socket.gethostname()}-{os.getpid()}")
+    _remove_dead_exports(out)
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as err:  # a file where a directory of the path should be, no permission, a full disk
+        raise ExportError(f"--out: cannot create {out.parent}/: {err.strerror}") from None
     try:
         is_adapter = (checkpoint / "adapter_config.json").is_file()
         if adapter_only:
@@ -124,8 +129,10 @@ def export(
             (tmp / "verify.json").write_text(json.dumps(report, indent=2))
         _write_model_card(tmp, checkpoint, recipe, report)
         _readable(tmp)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)  # ours alone; nothing of the user's is touched
+        if isinstance(err, OSError):
+            raise ExportError(f"export to {out} failed: {err.strerror or err} (nothing was written there)") from None
         raise
     if not report["passed"]:  # kept for inspection, away from where a serving job looks
         out = _fresh_name(out.with_name(out.name + ".failed"))  # an existing one may be anybody's: never removed
@@ -134,6 +141,16 @@ def export(
     tmp.rename(out)
     report["out"] = str(out)
     return report
+
+
+def _remove_dead_exports(out: Path) -> None:
+    """Temporary directories of earlier exports to ``out`` whose process is gone (a kill -9, a power
+    cut) on this machine: named ``.<out>.export-<host>-<pid>`` by this module, so they are ours to remove."""
+    for stale in out.parent.glob(f".{out.name}.export-{socket.gethostname()}-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists() and stale.is_dir():
+            log.info("removing %s, left by an export that did not finish", stale)
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _fresh_name(path: Path) -> Path:

@@ -30,7 +30,7 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ftl.errors import UserError
+from ftl.errors import UserError, first_line
 from ftl.weights import INDEX, safetensors_files
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,11 @@ class Adapter:
             raise MergeError(f"{directory}: only LoRA adapters can be merged (found {config.get('peft_type')})")
         if config.get("fan_in_fan_out") or config.get("alpha_pattern") or config.get("lora_bias"):
             raise MergeError(f"{directory}: fan_in_fan_out, alpha_pattern and lora_bias adapters are not supported by the merge")
-        state = load_file(directory / "adapter_model.safetensors")
+        try:
+            state = load_file(directory / "adapter_model.safetensors")
+        except Exception as err:  # safetensors' own errors: an empty, truncated or foreign file
+            raise MergeError(f"{directory / 'adapter_model.safetensors'}: not a readable safetensors file ({first_line(err)}); "
+                             "export another checkpoint") from None
         adapter = cls({}, {}, {}, {}, {})
         for key, tensor in state.items():
             if "lora_embedding" in key:

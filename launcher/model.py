@@ -82,6 +82,10 @@ def set_pad_token(tokenizer: Any) -> None:
     choice = next((t for t in PAD_CANDIDATES if t in vocab), None)
     if choice is None and tokenizer.unk_token is not None and tokenizer.unk_token != tokenizer.eos_token:
         choice = tokenizer.unk_token
+    if choice is None and tokenizer.eos_token is None:
+        raise ModelError(f"model.tokenizer: the tokenizer of {tokenizer.name_or_path} has no pad, EOS or unknown token, so "
+                         "batches cannot be padded nor sequences ended; set eos_token (and pad_token) in its "
+                         "tokenizer_config.json")
     if choice is None:
         choice = tokenizer.eos_token
         log.warning("tokenizer has no pad token and no unused token to pad with; padding with EOS %r (ftl masks "

@@ -66,6 +66,11 @@ def parse(text: str, source: str) -> tuple[Any, LineMap]:
             mark = getattr(err, "problem_mark", None)
             where = f"{source}:{mark.line + 1}" if mark else source
             raise YamlSyntaxError(f"{where}: invalid YAML: {getattr(err, 'problem', None) or err}") from None
+        except ValueError as err:  # an integer of thousands of digits (Python's int conversion limit)
+            raise RecipeYamlError(f"{source}: a value is not usable: {str(err).split(';')[0]}") from None
+    except RecursionError:
+        raise RecipeYamlError(f"{source}: the YAML is nested too deeply (thousands of levels); a recipe is a few "
+                              "levels of sections") from None
     finally:
         loader.dispose()
 
@@ -111,7 +116,8 @@ def override_value(text: str, override: str) -> Any:
     if not text.strip():
         return None
     try:
-        value, _ = parse(text, f"override '{override}'")
+        shown = override if len(override) <= 80 else override[:60] + "..."
+        value, _ = parse(text, f"override '{shown}'")
     except YamlSyntaxError:
         return text
     return value

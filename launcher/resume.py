@@ -64,6 +64,7 @@ def _check_same_method(checkpoint: Path, recipe: Recipe) -> None:
     if (checkpoint / RECIPE).is_file():  # (checkpoints of earlier versions hold no recipe)
         _check_changes(checkpoint, recipe)
     _check_steps(checkpoint, state, recipe)
+    _check_world(checkpoint, recipe)
 
 
 # Fields a checkpoint cannot continue under another value: its tensors' shapes and names, or what is trained.
@@ -107,6 +108,16 @@ def _check_changes(checkpoint: Path, recipe: Recipe) -> None:
         if field not in recipe.train.allow_changed:
             raise TrainError(f"{field}: is {new!r} but {checkpoint} was trained with {old!r}; resume with the same value, "
                              f"or pass --allow-changed {field} to continue with the new one from this checkpoint on")
+
+
+def _check_world(checkpoint: Path, recipe: Recipe) -> None:
+    """Each rank continues its own RNG streams (and, under ZeRO/FSDP2, its shard): a checkpoint
+    resumes on as many processes as saved it. Checked before any process starts (``ftl train``'s
+    preflight), not found by one rank of many."""
+    saved = len(list(checkpoint.glob("rng_state_rank*.pt")))
+    if saved and saved != recipe.world_size:
+        raise TrainError(f"distributed: {checkpoint} was saved by {saved} process(es) and this run has {recipe.world_size} "
+                         f"(num_processes x num_machines); resume with {saved}, or start a new run")
 
 
 def _check_steps(checkpoint: Path, state: dict, recipe: Recipe) -> None:

@@ -213,7 +213,11 @@ class RunDir:
             leftovers = [p for p in (self.recipe, self.loss_plot, self.stopped) if p.exists()]
             if self.data_stats.exists() and not _is_data_stats(self.data_stats):
                 leftovers.append(self.data_stats)
-            if held and resume == "never" and overwrite:
+            if held and resume == "never" and overwrite and self.checkpoints.is_symlink():
+                # what it points to is not this run directory's to delete: the link is set aside
+                log.warning("output.overwrite: %s is a link to %s; moved the link to %s (its target is untouched)",
+                            self.checkpoints, os.readlink(self.checkpoints), self.move_aside([self.checkpoints, self.metrics]))
+            elif held and resume == "never" and overwrite:
                 log.warning("output.overwrite: deleting the earlier run's checkpoints in %s", self.checkpoints)
                 shutil.rmtree(self.checkpoints)
                 self.metrics.unlink(missing_ok=True)
