@@ -57,6 +57,8 @@ def parse_conversation(row: dict, source: DataSource, where: str) -> tuple[list[
                             f"(and {', '.join(ROLE_ALIASES)})")
         content = message.get(content_key)
         calls = message.get("tool_calls")
+        if calls is not None and not isinstance(calls, list):
+            raise ChatError(f"{where}: {column}[{i}].tool_calls must be a list of tool calls, not {type(calls).__name__}")
         if not isinstance(content, str) and not (content is None and role == "assistant" and calls):
             raise ChatError(f"{where}: {column}[{i}] needs a string '{content_key}' (or, for an assistant turn, tool_calls)")
         parsed: dict[str, Any] = {"role": role, "content": content or ""}

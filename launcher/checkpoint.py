@@ -222,6 +222,10 @@ def read_state(checkpoint: Path) -> dict[str, Any]:
         raise CheckpointError(f"{checkpoint}: {STATE} is not JSON") from None
     if not isinstance(state, dict) or not isinstance(state.get("step"), int) or isinstance(state.get("step"), bool) or state["step"] < 0:
         raise CheckpointError(f"{checkpoint}: {STATE} has no step (a non-negative integer)")
+    total = state.get("total_steps")
+    if state["step"] > 10**9 or (isinstance(total, int) and not isinstance(total, bool) and 0 < total < state["step"]):
+        raise CheckpointError(f"{checkpoint}: {STATE} says step {str(state['step'])[:20]} of {total}, which no run reaches; "
+                              "resume from another checkpoint")
     return state
 
 

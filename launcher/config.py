@@ -11,10 +11,12 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+from pydantic import (AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, StringConstraints, ValidationError,
+                      ValidationInfo, field_validator)
 
 from ftl import recipe_errors, recipe_yaml, rules
 from ftl.errors import UserError
@@ -30,7 +32,7 @@ class RecipeError(UserError):
 
 
 # What must never reach a path or a shell line: a newline ends a comment or #SBATCH line.
-CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")  # C0, DEL, C1 (U+0085 ends lines too), separators
 
 
 def _plain_path(value: str) -> str:
@@ -46,6 +48,21 @@ PathText = Annotated[str, StringConstraints(min_length=1), AfterValidator(_plain
 class _Section(BaseModel):
     # Every float must be finite: inf or nan trains on nonsense and exits 0.
     model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False, frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_coerced_integers(cls, value: Any, info: ValidationInfo) -> Any:
+        """An integer field given ``true`` or ``'3'`` is a mistake pydantic would silently coerce (a
+        quoted number in YAML, a boolean where a count or seed belongs)."""
+        if isinstance(value, (bool, str)) and _is_int_field(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"must be an integer, not {type(value).__name__} {value!r:.40}")
+        return value
+
+
+def _is_int_field(annotation: Any) -> bool:
+    """``int`` or ``int | None`` (not bool, float or unions with str)."""
+    args = [a for a in get_args(annotation) if a is not type(None)] if get_origin(annotation) in (Union, UnionType) else [annotation]
+    return len(args) == 1 and args[0] is int
 
 
 # ----------------------------------------------------------------------------- sections
@@ -212,6 +229,15 @@ class TrainSection(_Section):
 
 class OutputSection(_Section):
     dir: PathText = Field(description="The run directory: resolved recipe, metrics, checkpoints.")
+
+    @field_validator("dir")
+    @classmethod
+    def _a_directory_of_its_own(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("is blank; name the run's directory, e.g. runs/my-run")
+        if Path(value).expanduser().resolve() == Path("/"):
+            raise ValueError("is the filesystem root; name a directory of the run's own, e.g. runs/my-run")
+        return value
     overwrite: bool = Field(
         False, description="With train.resume: never, allow starting over in a run directory that has checkpoints."
     )

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import socket
@@ -126,7 +127,7 @@ def export(
                 report.update({"verified": False, "passed": True})
             if options.gguf and report["passed"]:
                 report.update(_write_gguf(tmp, options, report, sequences))
-            (tmp / "verify.json").write_text(json.dumps(report, indent=2))
+            (tmp / "verify.json").write_text(json.dumps(_json_safe(report), indent=2, allow_nan=False))
         _write_model_card(tmp, checkpoint, recipe, report)
         _readable(tmp)
     except BaseException as err:
@@ -151,6 +152,18 @@ def _remove_dead_exports(out: Path) -> None:
         if pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists() and stale.is_dir():
             log.info("removing %s, left by an export that did not finish", stale)
             shutil.rmtree(stale, ignore_errors=True)
+
+
+def _json_safe(value: Any) -> Any:
+    """JSON has no NaN or Infinity (Python writes them, other readers reject the file): a logit
+    difference that is not finite is written as the string "nan"/"inf" and fails the check anyway."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
 
 
 def _fresh_name(path: Path) -> Path:

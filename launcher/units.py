@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 
@@ -19,7 +20,8 @@ def parse_gib(text: str) -> float | None:
     if not match:
         return None
     scale = {"K": 2**-20, "M": 2**-10, "G": 1, "T": 2**10}[(match.group(2) or "G").upper()]
-    return float(match.group(1)) * scale
+    value = float(match.group(1)) * scale
+    return value if math.isfinite(value) else None  # (400 digits overflow to inf)
 
 
 def slurm_seconds(value: str) -> int | None:

@@ -153,3 +153,38 @@ def test_a_tokenizer_without_pad_eos_or_unk_is_a_recipe_error(tiny_llama, demo_d
     assert cli_exit_code(["train", str(recipe)]) == 2
     _one_line(capsys, "model.tokenizer: ", "has no pad, EOS or unknown token")
     assert not (tmp_path / "run" / "run.yaml").exists()
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("output.dir=/", "output.dir: is the filesystem root"),
+    ("output.dir=' '", "output.dir: is blank"),
+    ("train.seed=true", "train.seed: must be an integer, not bool"),
+    ("train.max_steps='3'", "train.max_steps: must be an integer, not str"),
+    ('output.dir="runs/a\\x85b"', "output.dir: "),  # U+0085, a C1 control character (YAML's escape)
+])
+def test_values_that_would_be_coerced_or_misused_are_refused(tiny_llama, demo_data, tmp_path, capsys, override, expected):
+    recipe = write_yaml(tmp_path / "r.yaml", make_recipe(tiny_llama, demo_data[0], tmp_path / "run"))
+    capsys.readouterr()
+    assert cli_exit_code(["validate", "-q", str(recipe), override]) == 2
+    _one_line(capsys, expected)
+
+
+def test_plan_json_is_valid_json_or_an_error(tiny_llama, demo_data, tmp_path, capsys):
+    recipe = write_yaml(tmp_path / "r.yaml", make_recipe(tiny_llama, demo_data[0], tmp_path / "run"))
+    capsys.readouterr()
+    assert cli_exit_code(["plan", str(recipe), "--json", "--gpu-mem", "9" * 400]) == 2
+    _one_line(capsys, "--gpu-mem")
+
+
+def test_a_tool_calls_dict_and_an_impossible_step_are_named(run, tiny_llama, tmp_path):
+    from ftl.chat import ChatError, parse_conversation
+    from ftl.checkpoint import CheckpointError, read_state
+    from ftl.config import DataSource
+
+    row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": {"function": {}}}]}
+    with pytest.raises(ChatError, match=r"x: messages\[1\].tool_calls must be a list of tool calls, not dict"):
+        parse_conversation(row, DataSource(path="x", format="chat"), "x")
+    state = run / "checkpoints" / "step-1" / "trainer_state.json"
+    state.write_text(json.dumps({**json.loads(state.read_text()), "step": 10**30}))
+    with pytest.raises(CheckpointError, match="says step 10000000000000000000 of 1, which no run reaches"):
+        read_state(state.parent)
