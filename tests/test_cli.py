@@ -112,6 +112,13 @@ def test_train_module_under_plain_accelerate_launch(tiny_llama: Path, demo_data,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "run/checkpoints/latest").read_text() == "step-3"
+    # --num_processes 2 without --multi_gpu starts ONE process: refused, not trained as if it were two
+    result = subprocess.run(
+        [str(launcher), "launch", "--num_processes", "2", "--cpu", "-m", "ftl.train", str(recipe), "train.max_steps=4"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode != 0 and "accelerate launch was asked for several processes but started only this one" in result.stderr
+    assert (tmp_path / "run/checkpoints/latest").read_text() == "step-3"
 
 
 def test_user_strings_are_printed_verbatim_not_as_markup(tiny_llama: Path, demo_data, tmp_path: Path) -> None:
