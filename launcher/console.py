@@ -8,6 +8,7 @@ like ``[/red]`` must neither crash nor vanish). A call that styles its text pass
 from __future__ import annotations
 
 import logging
+import warnings
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -27,8 +28,15 @@ def setup_logging(level: str = "INFO", rank: int = 0) -> None:
     # Library warnings (e.g. bitsandbytes' paged-optimizer fallback) reach the user through the
     # same handler; Python's default filter already shows each one once.
     logging.captureWarnings(True)
-    for noisy in ("httpx", "urllib3", "filelock", "datasets", "torch.distributed"):
+    # What libraries say about themselves rather than the user's run stays off the console: their
+    # info lines (DeepSpeed's accelerator detection), deprecation notices addressed to library
+    # authors (transformers' FutureWarnings), and bitsandbytes' advice to install an optional CPU
+    # kernel package (ftl keeps one 4-bit compute path on every CPU; see ftl.model).
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "torch.distributed", "accelerate", "DeepSpeed", "peft",
+                  "transformers"):
         logging.getLogger(noisy).setLevel("WARNING")
+    logging.getLogger("bitsandbytes").setLevel("ERROR")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|accelerate|peft|deepspeed)(\.|$)")
     # Per-file weight loading bars say nothing useful for a training run; datasets' bars stay.
     from transformers.utils import logging as hf_logging
 

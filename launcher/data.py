@@ -8,10 +8,11 @@ exactly as it will be at inference time; conversations are rendered and masked b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import datasets
 import numpy as np
@@ -38,6 +39,19 @@ FILE_TYPES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": 
 
 
 # ----------------------------------------------------------------------------- loading
+
+
+@contextlib.contextmanager
+def quiet_datasets() -> Iterator[None]:
+    """No progress bar for datasets' own bookkeeping (reading a local file, filtering): it says
+    nothing about the run; ftl's tokenizing bar, which takes the time, stays."""
+    was = datasets.utils.are_progress_bars_disabled()
+    datasets.utils.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was:
+            datasets.utils.enable_progress_bars()
 
 
 def load_source(source: DataSource, streaming: bool = False) -> datasets.Dataset | datasets.IterableDataset:
@@ -68,7 +82,8 @@ def _load(kind: str, data_files: Any, where: str, streaming: bool = False) -> da
         if kind == "json":
             _check_json_rows_once(Path(name), limit=100 if streaming else None)
     try:
-        dataset = datasets.load_dataset(kind, data_files=data_files, split="train", streaming=streaming)
+        with quiet_datasets():
+            dataset = datasets.load_dataset(kind, data_files=data_files, split="train", streaming=streaming)
     except Exception as err:  # parquet/csv parsers raise many kinds; the user needs the file and the gist
         raise DataError(f"{where}: could not read as {kind}: {first_line(err)}") from None
     if not streaming and len(dataset) == 0:
@@ -220,10 +235,12 @@ def build_dataset(
             for reason in tokenized[INVALID]:
                 if reason:
                     reasons[reason] = reasons.get(reason, 0) + 1
-            tokenized = tokenized.filter(lambda reason: not reason, input_columns=INVALID).remove_columns(INVALID)
+            with quiet_datasets():
+                tokenized = tokenized.filter(lambda reason: not reason, input_columns=INVALID).remove_columns(INVALID)
             for reason, count in reasons.items():
                 log.warning("%s: dropped %d rows: %s", name, count, reason)
-        kept = tokenized.filter(lambda labels: any(label != IGNORE_INDEX for label in labels), input_columns="labels")
+        with quiet_datasets():
+            kept = tokenized.filter(lambda labels: any(label != IGNORE_INDEX for label in labels), input_columns="labels")
         dropped = len(tokenized) - len(kept)
         if n_truncated:
             log.warning("%s: %d of %d rows truncated to data.max_length=%d", name, n_truncated, len(raw), cfg.max_length)

@@ -219,3 +219,15 @@ def test_version_log_levels_and_commands_in_order_of_use() -> None:
     listed = [line.split()[0] for line in ftl("--help").stdout.splitlines() if line.startswith("    ") and line.split()]
     assert listed[:7] == ["validate", "preprocess", "plan", "train", "eval", "export", "slurm"], listed
     assert "key.sub=value" in ftl("train", "--help").stdout
+
+
+def test_a_run_prints_nothing_about_the_libraries_themselves(tiny_llama: Path, demo_data, tmp_path: Path) -> None:
+    """From the checkout's root (where `kernels/` could pass for Hugging Face's `kernels` package), a
+    QLoRA run's output holds no bitsandbytes install advice, no library FutureWarnings and no bars
+    for datasets' bookkeeping."""
+    recipe = write_yaml(tmp_path / "r.yaml", make_recipe(tiny_llama, demo_data[0], tmp_path / "run", method={"type": "qlora"},
+                                                         train={"max_steps": 1}))
+    result = ftl("train", str(recipe))
+    assert result.returncode == 0, result.stderr
+    for noise in ("pip install kernels", "FutureWarning", "Generating train split", "Filter:", "ds_accelerator"):
+        assert noise not in result.stdout + result.stderr, noise
