@@ -290,9 +290,19 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 def cmd_slurm(args: argparse.Namespace) -> int:
     from ftl.slurm import render, submit
 
+    from ftl.rundir import RunDir
+
     recipe = _one_recipe(args, f"slurm {args.action}")
+    directory = RunDir(Path(recipe.output.dir)).slurm
     if args.action == "render":
         print(render(recipe, "export" if args.export else "train"), end="")
+        console_err.print(f"(render writes nothing: the script reads {directory}/recipe.yaml, which `ftl slurm submit` writes; "
+                          "`ftl slurm submit --dry-run` writes it and the script without submitting)", soft_wrap=True)
+        return 0
+    if args.dry_run:
+        commands = submit(recipe, export=args.export, dependency=args.dependency, dry_run=True)
+        console.print(f"wrote {directory}/ (recipe.yaml and the script{'s' if args.export else ''}); submit with:", soft_wrap=True)
+        print("\n".join(commands))
         return 0
     ids = submit(recipe, export=args.export, dependency=args.dependency)
     console.print(f"submitted training job {ids[0]}" + (f" and export job {ids[1]} (afterok:{ids[0]})" if len(ids) > 1 else ""))
@@ -488,6 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("items", nargs="+", metavar="RECIPE_OR_OVERRIDE")
     p.add_argument("--export", action="store_true", help="render: the export script; submit: also an export job that runs afterok")
     p.add_argument("--dependency", help="sbatch --dependency for the training job, e.g. afterok:123")
+    p.add_argument("--dry-run", action="store_true", help="submit: write the scripts and the job's recipe, print the sbatch commands, submit nothing")
     p.set_defaults(fn=cmd_slurm)
 
     p = sub.add_parser("demo", help="fine-tune the real SmolLM2-135M-Instruct with LoRA, export it, and compare held-out accuracy")

@@ -41,7 +41,9 @@ def render(recipe: Recipe, mode: str = "train") -> str:
         values.update(nodes=1, job_name=f"{slurm.job_name}-export", gpus_per_node=min(slurm.gpus_per_node or 0, 1) or None)
     values.update(
         mode=mode,
-        python=sys.executable,
+        # The submitting machine's interpreter, unless the job sets up its own environment (a venv or
+        # conda activated, modules loaded, a container): then the python that environment puts first.
+        python="python3" if slurm.setup or slurm.container_image else sys.executable,
         recipe_file=str(run.slurm / "recipe.yaml"),
         run_dir=str(run.root),
         stopped=str(run.stopped),
@@ -83,8 +85,9 @@ def _check_safe(values: object, path: str) -> None:
         raise SlurmError(f"{path}: control characters (newlines, tabs) are not allowed in values rendered into the Slurm script")
 
 
-def submit(recipe: Recipe, export: bool = False, dependency: str | None = None) -> list[str]:
-    """Write the script(s) into ``<run dir>/slurm/`` and sbatch them; returns the job ids."""
+def submit(recipe: Recipe, export: bool = False, dependency: str | None = None, dry_run: bool = False) -> list[str]:
+    """Write the script(s) into ``<run dir>/slurm/`` and sbatch them; returns the job ids (``dry_run``:
+    the sbatch commands, submitting nothing)."""
     job = recipe.resolved()
     directory = RunDir(Path(job.output.dir)).slurm
     directory.mkdir(parents=True, exist_ok=True)
@@ -96,13 +99,17 @@ def submit(recipe: Recipe, export: bool = False, dependency: str | None = None) 
         path = directory / f"{mode}.sbatch"
         write_atomic(path, render(recipe, mode))
         if mode == "export":
-            after = f"afterok:{ids[0]}"
-        ids.append(_sbatch(path, after))
+            after = f"afterok:{ids[0]}" if not dry_run else "afterok:<the training job's id>"
+        ids.append(shlex.join(_sbatch_command(path, after)) if dry_run else _sbatch(path, after))
     return ids
 
 
+def _sbatch_command(script: Path, dependency: str | None) -> list[str]:
+    return ["sbatch", "--parsable"] + ([f"--dependency={dependency}"] if dependency else []) + [str(script)]
+
+
 def _sbatch(script: Path, dependency: str | None) -> str:
-    command = ["sbatch", "--parsable"] + ([f"--dependency={dependency}"] if dependency else []) + [str(script)]
+    command = _sbatch_command(script, dependency)
     try:
         result = subprocess.run(command, capture_output=True, text=True, check=False)
     except FileNotFoundError:

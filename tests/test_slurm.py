@@ -284,3 +284,25 @@ def test_a_recipe_that_asks_for_no_gpus_gets_none(tiny_llama, demo_data, tmp_pat
     raw["distributed"].update(num_processes=2, num_machines=2)
     script = render(validate_recipe(raw))
     assert "#SBATCH --nodes=2\n" in script and "--gpus-per-node" not in script
+
+
+def test_render_writes_nothing_and_a_dry_run_writes_what_the_script_reads(tiny_llama, demo_data, tmp_path, capsys):
+    """`render` says the script reads a recipe copy it does not write; `submit --dry-run` writes that
+    copy and the script and prints the sbatch command; a job that sets up its own environment runs
+    that environment's python."""
+    from conftest import cli_exit_code, write_yaml
+
+    recipe = write_yaml(tmp_path / "r.yaml", slurm_recipe(tiny_llama, demo_data, tmp_path / "run"))
+    capsys.readouterr()
+    assert cli_exit_code(["slurm", "render", str(recipe)]) == 0
+    out = capsys.readouterr()
+    assert f"PYTHON={sys.executable}" in out.out and "render writes nothing" in out.err
+    assert not (tmp_path / "run").exists()
+    assert cli_exit_code(["slurm", "submit", str(recipe), "--dry-run", "--export"]) == 0
+    printed = capsys.readouterr().out
+    slurm_dir = tmp_path / "run" / "slurm"
+    assert f"sbatch --parsable {slurm_dir}/train.sbatch" in printed and "afterok:" in printed
+    assert {p.name for p in slurm_dir.iterdir()} == {"recipe.yaml", "train.sbatch", "export.sbatch"}
+    assert f"RECIPE={slurm_dir}/recipe.yaml" in (slurm_dir / "train.sbatch").read_text()
+    with_setup = validate_recipe(slurm_recipe(tiny_llama, demo_data, tmp_path / "run", setup=["source ~/venv/bin/activate"]))
+    assert "PYTHON=python3\n" in render(with_setup)
