@@ -278,6 +278,13 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     if "packing_efficiency" in stats:
         console.print(f"packed into {stats['packed_rows']} rows of {recipe.data.max_length}: {stats['packing_efficiency']:.1%} of slots hold real tokens")
     console.print(f"eval: {len(eval_set) if eval_set is not None else 0} examples")
+    if args.show:
+        from ftl.preprocess import shown_rows
+
+        marked = not console.is_terminal
+        console.print("\ntrained tokens " + ("between [[ and ]]" if marked else "in green, the rest dim") + ":", highlight=False)
+        for text in shown_rows(train_set, load_tokenizer(recipe.model), args.show, marked):
+            console.print(text, highlight=False, markup=False, soft_wrap=True)
     from ftl.rundir import RunDir
 
     run = RunDir(Path(recipe.output.dir))
@@ -453,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("preprocess", help="tokenize, mix, pack and cache the data once; print its statistics")
     p.add_argument("items", nargs="+", metavar="RECIPE_OR_OVERRIDE")
+    p.add_argument("--show", type=_count(1), metavar="N", help="print the first N training rows with their trained tokens marked")
     p.set_defaults(fn=cmd_preprocess)
 
     p = sub.add_parser("plan", help="print how a recipe runs: strategy, processes, DeepSpeed JSON, launch command")

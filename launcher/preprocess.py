@@ -133,3 +133,36 @@ def _length_stats(dataset: datasets.Dataset) -> dict[str, Any]:
     percentiles = {f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 99)}
     return {"examples": int(len(lengths)), "tokens": int(lengths.sum()), "trainable_tokens": int(trainable),
             "length": {**percentiles, "max": int(lengths.max()), "mean": float(lengths.mean())}}
+
+
+def shown_rows(dataset: Any, tokenizer: Any, count: int, marked: bool) -> list[Any]:
+    """The first ``count`` training rows as the model sees them, trained tokens apart from the rest
+    (as Axolotl's ``--debug`` shows them): a rich Text per sequence, trained spans green and the
+    rest dim, or, ``marked`` (not a terminal), trained spans between ``[[`` and ``]]``."""
+    from rich.text import Text
+
+    from ftl.loss import IGNORE_INDEX
+
+    shown = []
+    for index in range(min(count, len(dataset))):
+        row = dataset[index]
+        for ids_key, labels_key, name in (("input_ids", "labels", ""), ("rejected_input_ids", "rejected_labels", " rejected")):
+            if ids_key not in row:
+                continue
+            text = Text(f"row {index}{name}: {len(row[ids_key])} tokens, "
+                        f"{sum(label != IGNORE_INDEX for label in row[labels_key])} trained\n", style="bold")
+            spans: list[tuple[bool, list[int]]] = []
+            for token, label in zip(row[ids_key], row[labels_key]):
+                trained = label != IGNORE_INDEX
+                if spans and spans[-1][0] == trained:
+                    spans[-1][1].append(token)
+                else:
+                    spans.append((trained, [token]))
+            for trained, tokens in spans:
+                piece = tokenizer.decode(tokens)
+                if marked:
+                    text.append(f"[[{piece}]]" if trained else piece)
+                else:
+                    text.append(piece, style="green" if trained else "dim")
+            shown.append(text)
+    return shown

@@ -113,3 +113,19 @@ def test_a_cache_another_process_finished_first_is_kept(tmp_path):
     (tmp_path / "third" / preprocess.STATS).write_text("rebuilt")
     preprocess._publish(tmp_path / "third", directory, stale=True)
     assert (directory / preprocess.STATS).read_text() == "rebuilt"
+
+
+def test_preprocess_show_marks_exactly_the_trained_tokens(tiny_llama, tmp_path, capsys):
+    """`ftl preprocess --show N` (not a terminal): the rows as the model sees them, trained spans
+    between [[ and ]]: the reply and its end of turn, never the prompt."""
+    from conftest import cli_exit_code, make_recipe, write_jsonl, write_yaml
+
+    rows = [{"messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]} for i in range(4)]
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+    recipe = write_yaml(tmp_path / "r.yaml", make_recipe(tiny_llama, data, tmp_path / "run", data={"train": {"path": str(data), "format": "chat"}}))
+    capsys.readouterr()
+    assert cli_exit_code(["preprocess", str(recipe), "--show", "2"]) == 0
+    out = capsys.readouterr().out
+    shown = out[out.index("trained tokens between [[ and ]]"):]  # (its legend holds one "[[")
+    assert shown.count("[[") == 3 and "[[answer 0<|im_end|>]]" in shown and "[[answer 1<|im_end|>]]" in shown
+    assert "question 0" in shown and "[[question" not in shown and "row 1:" in shown and "row 2:" not in shown
