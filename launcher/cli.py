@@ -371,6 +371,40 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    import json
+
+    from ftl.evaluate import prompts_and_answers, questions
+    from ftl.generate import continuation, load, reply
+
+    rows, source = [], None
+    if args.data:
+        _, source = _eval_target(Path(args.model), args.data, None)  # the run's format, else the data's
+        rows = questions(source, args.limit)  # checked before the model loads
+    if not rows and not args.prompt:
+        raise UserError("ftl generate: give --prompt TEXT (repeatable) or --data FILE")
+    model, tokenizer = load(Path(args.model), args.trust_remote_code)
+    for prompt in args.prompt or []:
+        generated = reply(model, tokenizer, [{"role": "user", "content": prompt}], args.max_new_tokens, args.temperature)
+        print(json.dumps({"prompt": prompt, "generated": generated}, ensure_ascii=False), flush=True)
+    if rows:  # each row's prompt exactly as training rendered it
+        for (ids, answer), (_, _, where) in zip(prompts_and_answers(source, tokenizer, rows=rows), rows):
+            generated = continuation(model, tokenizer, ids, args.max_new_tokens, args.temperature)
+            print(json.dumps({"row": where, "generated": generated, "reference": answer}, ensure_ascii=False), flush=True)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from ftl.generate import chat, load
+
+    model, tokenizer = load(Path(args.model), args.trust_remote_code)
+    if sys.stdin.isatty():
+        console_err.print("chat with the model: one message per line; /reset starts over, /exit (or Ctrl-D) ends", highlight=False)
+    chat(model, tokenizer, max_new_tokens=args.max_new_tokens, temperature=args.temperature, system=args.system,
+         write=lambda text: console.print(text, highlight=False, markup=False, soft_wrap=True))
+    return 0
+
+
 def _eval_target(model: Path, data: str, fmt: str | None) -> tuple[Path, Any]:
     """What `ftl eval` evaluates: a run directory means its newest complete checkpoint; the data's
     format (unless --format) is the one the run trained with, else read from the data's first row."""
@@ -500,6 +534,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="skip reloading and comparing logits (very large models)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a run whose recipe sets model.trust_remote_code to import its model's Python files")
     p.set_defaults(fn=cmd_export)
+
+    for name, doc in (("chat", "talk with a run, checkpoint or export (one message per line, with the trained template)"),
+                      ("generate", "replies of a run, checkpoint or export to --prompt texts or a data file's prompts, as JSON lines")):
+        p = sub.add_parser(name, help=doc)
+        p.add_argument("model", help="run directory (its newest checkpoint), checkpoint or exported model directory")
+        p.add_argument("--max-new-tokens", type=_count(1), default=256)
+        p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+        p.add_argument("--trust-remote-code", action="store_true", help="allow a run whose recipe sets model.trust_remote_code")
+        if name == "chat":
+            p.add_argument("--system", help="a system message to start the conversation with")
+            p.set_defaults(fn=cmd_chat)
+        else:
+            p.add_argument("--prompt", action="append", help="a user message (repeatable)")
+            p.add_argument("--data", help="alpaca, chat or sharegpt file: its rows' prompts (the conversation before the last reply)")
+            p.add_argument("--limit", type=_count(1), help="only the first N rows of --data")
+            p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("slurm", help="render or submit the recipe as a (multi-node) Slurm job")
     p.add_argument("action", choices=["render", "submit"])
