@@ -36,6 +36,19 @@ def _one_recipe(args: argparse.Namespace, command: str):
     return load_recipe(files[0], overrides).resolved()
 
 
+def cmd_init(args: argparse.Namespace) -> int:
+    from ftl.starter import starter_recipe
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise UserError(f"--out: {out} exists; choose another file, or pass --force to replace it")
+    text = starter_recipe(Path(args.model), Path(args.data), args.method)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    console.print(f"wrote {out}; next: ftl validate {out} && ftl preprocess {out} --show 3", highlight=False, soft_wrap=True)
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from ftl.config import RecipeError, load_recipe
 
@@ -483,6 +496,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default=_env_log_level(),
                         help="how much ftl logs on stderr (default INFO, or $FTL_LOG_LEVEL)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("init", help="write a commented starter recipe for a model directory and a data file")
+    p.add_argument("model", help="a local model directory (config.json, weights, tokenizer)")
+    p.add_argument("data", help="a .jsonl/.json/.parquet/.csv data file (its format is read from the first row)")
+    p.add_argument("--method", choices=["lora", "qlora", "full"], default="lora")
+    p.add_argument("--out", default="recipe.yaml", help="default recipe.yaml")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.set_defaults(fn=cmd_init)
 
     p = sub.add_parser("validate", help="check recipes and print the resolved recipe")
     p.add_argument("items", nargs="+", metavar="RECIPE_OR_OVERRIDE")

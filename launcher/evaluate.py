@@ -54,14 +54,16 @@ def prompts_and_answers(source: DataSource, tokenizer: Any, limit: int | None = 
 
 def detect_format(path: str | Path) -> str:
     """The format of a data file whose format is not given: a run's recipe names it; otherwise its
-    first row's fields (``messages``: chat, ``conversations``: sharegpt, ``instruction``: alpaca)."""
+    first row's fields (``chosen``: preference, ``messages``: chat, ``conversations``: sharegpt,
+    ``instruction``: alpaca, ``text``: completion)."""
     rows = load_source(DataSource(path=str(path), format="completion"))
     first = rows[0] if len(rows) else {}
-    for field, name in (("messages", "chat"), ("conversations", "sharegpt"), ("instruction", "alpaca")):
+    for field, name in (("chosen", "preference"), ("messages", "chat"), ("conversations", "sharegpt"), ("instruction", "alpaca"),
+                        ("text", "completion")):
         if field in first:
             return name
-    raise DataError(f"{path}: cannot tell its format from its first row (no messages, conversations or instruction "
-                    "field); pass --format")
+    raise DataError(f"{path}: cannot tell its format from its first row (no chosen, messages, conversations, instruction "
+                    "or text field); pass --format, or see the README's data formats")
 
 
 @torch.no_grad()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from ftl.config import load_recipe
 from conftest import make_recipe, write_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -231,3 +232,27 @@ def test_a_run_prints_nothing_about_the_libraries_themselves(tiny_llama: Path, d
     assert result.returncode == 0, result.stderr
     for noise in ("pip install kernels", "FutureWarning", "Generating train split", "Filter:", "ds_accelerator"):
         assert noise not in result.stdout + result.stderr, noise
+
+
+@pytest.mark.parametrize("kind", ["chat", "preference"])
+def test_init_writes_a_starter_recipe_that_trains(tiny_llama: Path, tmp_path: Path, kind: str, capsys) -> None:
+    """`ftl init MODEL DATA`: the format read from the data, a max_length that fits it, DPO for pairs;
+    the recipe validates and trains as written; an existing file is kept unless --force."""
+    from conftest import cli_exit_code, write_jsonl
+
+    if kind == "chat":
+        rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]} for i in range(8)]
+    else:
+        rows = [{"prompt": f"q{i}", "chosen": f"right {i}", "rejected": f"wrong {i}"} for i in range(8)]
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    out = tmp_path / "recipe.yaml"
+    assert cli_exit_code(["init", str(tiny_llama), str(data), "--out", str(out)]) == 0
+    recipe = load_recipe(out)
+    assert recipe.data.train[0].format == kind and recipe.method.objective == ("dpo" if kind == "preference" else "sft")
+    assert recipe.data.max_length == 64 and "# format read from the first row" in out.read_text()
+    assert cli_exit_code(["train", str(out), f"output.dir={tmp_path / 'run'}", "train.max_steps=1", "train.micro_batch_size=2",
+                          "train.gradient_accumulation_steps=1"]) == 0
+    assert (tmp_path / "run" / "checkpoints" / "step-1").is_dir()
+    capsys.readouterr()
+    assert cli_exit_code(["init", str(tiny_llama), str(data), "--out", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err
