@@ -252,7 +252,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, interrupt)  # a killed export cleans up as a Ctrl-C'd one does
     try:
         report = export(Path(args.source), Path(args.out) if args.out else None, adapter_only=args.adapter_only,
-                        updates=updates, trust_remote_code=args.trust_remote_code)
+                        updates=updates, trust_remote_code=args.trust_remote_code, base=args.base)
     except KeyboardInterrupt:
         console_err.print("ftl export: interrupted; nothing was written at the output directory", highlight=False)
         return 130
@@ -544,8 +544,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("export", help="merged, sharded safetensors model (or adapter) from a run or checkpoint, verified")
-    p.add_argument("source", help="run directory (newest complete checkpoint) or checkpoint directory")
-    p.add_argument("--out", help="output directory (default: export.dir, or <run dir>/export)")
+    p.add_argument("source", help="run directory (newest complete checkpoint), checkpoint directory, or a peft adapter "
+                   "directory trained elsewhere (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--out", help="output directory (default: export.dir, or <run dir>/export; <adapter>-merged for an adapter)")
+    p.add_argument("--base", help="a peft adapter's base model directory (default: its base_model_name_or_path)")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--max-shard-size", help="e.g. 5GB, 500MB")
     p.add_argument("--qlora-merge", choices=["dequantized", "original"])

@@ -50,10 +50,15 @@ class ExportError(UserError):
     """The export cannot be made or did not verify."""
 
 
-def resolve_checkpoint(path: Path) -> tuple[Path, Recipe]:
-    """A run directory (its newest complete checkpoint) or a checkpoint directory, and the run's recipe."""
+def resolve_checkpoint(path: Path, base: str | None = None) -> tuple[Path, Recipe, bool]:
+    """A run directory (its newest complete checkpoint) or a checkpoint directory, and the run's
+    recipe; or a plain peft adapter trained elsewhere and the recipe its export needs (then True)."""
+    from ftl.peft_adapter import adapter_recipe, is_plain_adapter
+
     path = Path(path).resolve()
     run: RunDir | None = RunDir(path)
+    if not (path / STATE).is_file() and not run.checkpoints.is_dir() and is_plain_adapter(path):
+        return path, adapter_recipe(path, base, _local_model_dir), True
     if run.recipe_to_read.is_file() and run.checkpoints.is_dir():
         checkpoint = find_resumable(path)
         if checkpoint is None:
@@ -65,8 +70,11 @@ def resolve_checkpoint(path: Path) -> tuple[Path, Recipe]:
             raise ExportError(f"{path}: not inside a run directory (<run>/checkpoints/step-N with <run>/run.yaml); "
                               "export needs the run's recipe")
     else:
-        raise ExportError(f"{path}: not a run directory or a checkpoint (no trainer_state.json)")
-    return checkpoint, load_recipe(run.recipe_to_read)
+        raise ExportError(f"{path}: not a run directory, a checkpoint (no trainer_state.json) or a peft adapter "
+                          "(adapter_config.json + adapter_model.safetensors)")
+    if base is not None:
+        raise ExportError("--base: only for a peft adapter trained elsewhere; a run's checkpoint merges into its recipe's model.path")
+    return checkpoint, load_recipe(run.recipe_to_read), False
 
 
 def export(
@@ -76,12 +84,15 @@ def export(
     adapter_only: bool = False,
     updates: dict[str, Any] | None = None,
     trust_remote_code: bool = False,
+    base: str | None = None,
 ) -> dict[str, Any]:
     """Export the checkpoint at ``path`` into ``out``; returns the verification report.
 
     ``options`` default to the run recipe's ``export`` section; ``updates`` change some of them."""
-    checkpoint, recipe = resolve_checkpoint(path)
-    if (checkpoint / "adapter_config.json").is_file():  # merged into, and verified against, the base at model.path
+    checkpoint, recipe, foreign = resolve_checkpoint(path, base)
+    if foreign:
+        out = Path(out or Path(path).resolve().with_name(Path(path).resolve().name + "-merged"))
+    elif (checkpoint / "adapter_config.json").is_file():  # merged into, and verified against, the base at model.path
         check_same_base(checkpoint, read_state(checkpoint), recipe.model.path,
                         "put the base it was trained on back at that path to export this adapter", ExportError)
     if recipe.model.trust_remote_code and not trust_remote_code:
@@ -116,9 +127,13 @@ def export(
         else:
             dtype = DTYPES[options.dtype]
             mode, merge = _write_model(checkpoint, recipe, tmp, dtype, options)
-            template = _write_tokenizer(checkpoint, recipe, tmp)
+            template = _write_tokenizer(checkpoint, recipe, tmp, foreign)
             report = {"mode": mode, "dtype": options.dtype, "checkpoint": f"{checkpoint.parent.name}/{checkpoint.name}",
                       "chat_template": template}
+            if foreign:
+                from ftl.peft_adapter import UNKNOWN
+
+                report.update(checkpoint=checkpoint.name, unknown=UNKNOWN)
             sequences = None
             if options.verify:
                 sequences = verification_sequences(recipe, AutoTokenizer.from_pretrained(tmp), options.verify_prompts)
@@ -269,8 +284,13 @@ def _write_gguf(out: Path, options: ExportSection, report: dict[str, Any], seque
     return result
 
 
-def _write_tokenizer(checkpoint: Path, recipe: Recipe, out: Path) -> str:
-    """The tokenizer with the chat template the model was trained with; returns where it came from."""
+def _write_tokenizer(checkpoint: Path, recipe: Recipe, out: Path, foreign: bool = False) -> str:
+    """The tokenizer with the chat template the model was trained with; returns where it came from.
+    (An adapter trained elsewhere: its own tokenizer files, else the base's, with their template.)"""
+    if foreign:
+        source = checkpoint if (checkpoint / "tokenizer_config.json").is_file() else Path(recipe.model.path)
+        AutoTokenizer.from_pretrained(source).save_pretrained(out)
+        return f"the tokenizer's own ({'the adapter' if source == checkpoint else 'the base'}'s; the training data is unknown)"
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     template, origin = trained_chat_template(tokenizer, recipe)
     if template is not None:
@@ -308,7 +328,7 @@ def _readable(out: Path) -> None:
 
 
 def _write_model_card(out: Path, checkpoint: Path, recipe: Recipe, report: dict[str, Any]) -> None:
-    state = read_state(checkpoint)
+    state = read_state(checkpoint) if (checkpoint / STATE).is_file() else {"step": "unknown"}
     base = _public_name(recipe.model.path)
     data = ", ".join(Path(s.path).name for s in recipe.data.train)
     library = "peft" if report.get("adapter_only") else "transformers"

@@ -79,6 +79,13 @@ def _trained_model(out: Path, checkpoint: Path, recipe: Recipe, mode: str) -> to
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(out), dtype=torch.float32).eval()
         model.load_state_dict(zero_fp32_state_dict(checkpoint), strict=False)
         return model
+    from ftl.rundir import RunDir
+
+    if mode.startswith("lora") and RunDir.of_checkpoint(checkpoint) is None:  # an adapter trained elsewhere: peft's own
+        from peft import PeftModel
+
+        base = AutoModelForCausalLM.from_pretrained(recipe.model.path, dtype=torch.float32)
+        return PeftModel.from_pretrained(base, checkpoint).eval()
     model, _ = load_for_inference(checkpoint, dtype=torch.float32, trust_remote_code=recipe.model.trust_remote_code)
     return compute_in_float32(model)
 

@@ -386,3 +386,27 @@ def test_a_converter_that_writes_no_gguf_is_an_error(runs, tmp_path, monkeypatch
     with pytest.raises(UserError, match=r"--gguf: .*exited without error but wrote no GGUF file at model-f16.gguf"):
         export(runs("lora"), tmp_path / "out", ExportSection(dtype="float32", gguf="f16", verify=False))
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_a_peft_adapter_trained_elsewhere_exports_verified_against_peft(tiny_llama, tmp_path, capsys, monkeypatch):
+    """An adapter from another tool (here: peft directly, as TRL saves it): `ftl export ADAPTER --base DIR`
+    merges it and verifies the merge against peft's own base + adapter; verify.json says what is unknown;
+    a wrong scale is still caught."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.save_pretrained(tmp_path / "adapter")  # adapter_config.json + adapter_model.safetensors, no run
+    capsys.readouterr()
+    assert cli_exit_code(["export", str(tmp_path / "adapter"), "--base", str(tiny_llama), "--dtype", "float32"]) == 0
+    report = json.loads((tmp_path / "adapter-merged" / "verify.json").read_text())
+    assert report["passed"] and report["merge_max_abs_logit_diff"] < 1e-5 and "no training recipe" in report["unknown"]
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "adapter-merged", dtype=torch.float32)
+    ids = torch.tensor([[1, 5, 9, 13]])
+    assert torch.allclose(merged(ids).logits, model(ids).logits, atol=1e-5)
+    # without --base: its base_model_name_or_path (the local path peft recorded)
+    assert cli_exit_code(["export", str(tmp_path / "adapter"), "--out", str(tmp_path / "again"), "--no-verify"]) == 0
+    real_merge = merge.Adapter.merge
+    monkeypatch.setattr(merge.Adapter, "merge", lambda self, name, weight: weight + 1.1 * (real_merge(self, name, weight) - weight))
+    assert cli_exit_code(["export", str(tmp_path / "adapter"), "--out", str(tmp_path / "bad"), "--dtype", "float32"]) == 2
