@@ -136,7 +136,7 @@ def test_user_strings_are_printed_verbatim_not_as_markup(tiny_llama: Path, demo_
     (["tiny-model", "out", "--hidden-size", "0"], "--hidden-size: must be at least 8 (got 0)"),
     (["tiny-model", "out", "--hidden-size", "12"], "--hidden-size: 12 is not a multiple of 8"),
     (["export", "nowhere", "--max-shard-size", "lots"], "--max-shard-size: 'lots' is not a size"),
-    (["export", "/nonexistent/run"], "/nonexistent/run: not a run directory or a checkpoint"),
+    (["export", "/nonexistent/run"], "/nonexistent/run: not a run directory, a checkpoint"),
 ])
 def test_bad_command_arguments_exit_2_with_one_line(tmp_path: Path, args, message) -> None:
     result = ftl(*args, cwd=tmp_path)

@@ -215,7 +215,7 @@ def test_files_are_readable_by_other_users_and_hold_no_local_paths(runs, tmp_pat
 
 
 def test_bad_sources_give_one_line_errors(runs, tmp_path):
-    with pytest.raises(UserError, match="not a run directory or a checkpoint"):
+    with pytest.raises(UserError, match="not a run directory, a checkpoint"):
         export(tmp_path, tmp_path / "out")
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("mine")
