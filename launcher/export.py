@@ -100,6 +100,10 @@ def export(
                           "Python files that come with its model; pass --trust-remote-code if you trust them")
     options = (options or recipe.export).model_copy(update=updates or {})
     out = Path(out or options.dir or RunDir(Path(recipe.output.dir)).export).resolve()
+    try:
+        out.exists()
+    except OSError as err:  # a name longer than the file system allows, a loop of links
+        raise ExportError(f"--out: cannot use {str(out)[:200]}: {err.strerror}") from None
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out: {out} is a file; choose a directory")
     if out.exists() and any(out.iterdir()):
