@@ -525,18 +525,37 @@ def _apply_override(raw: dict, override: str) -> tuple:
     parts = key.strip().split(".")
     if not sep or not all(parts):
         raise RecipeError([f"override '{override}': expected key.sub=value with no empty part, e.g. train.learning_rate=1e-4"])
-    node = raw
-    for part in parts[:-1]:
-        child = node.get(part)
+    node: Any = raw
+    path: list[Any] = []
+    for i, part in enumerate(parts):
+        if isinstance(node, dict) and part.isdigit() and part not in node and path and path[-1] in ("train", "eval"):
+            # data.train.0.path: a single source may be written as one mapping, item 0 of its list
+            if part != "0":
+                raise RecipeError([f"override '{override}': {'.'.join(map(str, path))} has 1 item; index {part} is out of range (0)"])
+            path.append(0)
+            if i == len(parts) - 1:
+                raise RecipeError([f"override '{override}': name a key of item 0 (e.g. {key}.path=...)"])
+            continue
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise RecipeError([f"override '{override}': {'.'.join(map(str, path))} has {len(node)} item(s); '{part}' is "
+                                   f"not an index of it (0 to {len(node) - 1})"])
+            index: Any = int(part)
+        else:
+            index = part
+        path.append(index)
+        if i == len(parts) - 1:
+            break
+        child = node[index] if isinstance(node, list) else node.get(part)
         if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
+            child = node[index] = {}
+        if not isinstance(child, (dict, list)):
             raise RecipeError([f"override '{override}': '{part}' is not a section"])
         node = child
     try:
-        node[parts[-1]] = recipe_yaml.override_value(value, override)
+        node[path[-1]] = recipe_yaml.override_value(value, override)
     except recipe_yaml.RecipeYamlError as err:
         raise RecipeError([str(err)]) from None
-    return tuple(parts)
+    return tuple(path)
 
 

@@ -218,7 +218,7 @@ def test_version_log_levels_and_commands_in_order_of_use() -> None:
                             env={**os.environ, "FTL_LOG_LEVEL": "loud"})
     assert result.returncode == 2 and "FTL_LOG_LEVEL: 'LOUD' is not a log level" in result.stderr and "Traceback" not in result.stderr
     listed = [line.split()[0] for line in ftl("--help").stdout.splitlines() if line.startswith("    ") and line.split()]
-    assert listed[:7] == ["validate", "preprocess", "plan", "train", "eval", "export", "slurm"], listed
+    assert listed[:8] == ["init", "validate", "preprocess", "plan", "train", "eval", "export", "chat"], listed
     assert "key.sub=value" in ftl("train", "--help").stdout
 
 
