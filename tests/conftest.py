@@ -83,3 +83,12 @@ def cli_exit_code(argv: list[str]) -> int:
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
     return 0
+
+
+def copy_run(finished: Path, copy: Path) -> Path:
+    """A copy of a finished run directory to damage or resume; its recipe names the copy."""
+    import shutil
+
+    shutil.copytree(finished, copy)
+    (copy / "run.yaml").write_text((copy / "run.yaml").read_text().replace(str(finished), str(copy)))
+    return copy

@@ -16,7 +16,7 @@ import torch
 
 from ftl.config import validate_recipe
 from ftl.train import train
-from conftest import cli_exit_code, make_recipe, write_yaml
+from conftest import cli_exit_code, copy_run, make_recipe, write_yaml
 
 
 def _tree(root: Path) -> dict[str, str]:
@@ -43,10 +43,7 @@ def finished(tiny_llama, demo_data, tmp_path_factory) -> Path:
 
 @pytest.fixture
 def run(finished, tmp_path) -> Path:
-    copy = tmp_path / "run"
-    shutil.copytree(finished, copy)
-    (copy / "run.yaml").write_text((copy / "run.yaml").read_text().replace(str(finished), str(copy)))
-    return copy
+    return copy_run(finished, tmp_path / "run")
 
 
 def test_a_full_disk_during_a_checkpoint_keeps_the_last_one(tiny_llama, demo_data, run, tmp_path, capsys, monkeypatch):

@@ -13,7 +13,7 @@ from ftl.config import validate_recipe
 from ftl.errors import UserError
 from ftl.metrics import read_metrics
 from ftl.train import TrainError, train
-from conftest import make_recipe
+from conftest import copy_run, make_recipe
 
 
 def _recipe(model: Path, data, run_dir: Path, **sections):
@@ -36,13 +36,7 @@ def finished(tiny_llama, demo_data, tmp_path_factory) -> Path:
 
 @pytest.fixture
 def run(finished, tmp_path) -> Path:
-    import shutil
-
-    copy = tmp_path / "run"
-    shutil.copytree(finished, copy)
-    # The recipe names its own directory: point it at the copy.
-    (copy / "run.yaml").write_text((copy / "run.yaml").read_text().replace(str(finished), str(copy)))
-    return copy
+    return copy_run(finished, tmp_path / "run")
 
 
 @pytest.mark.parametrize("bad", [
