@@ -36,19 +36,6 @@ def _one_recipe(args: argparse.Namespace, command: str):
     return load_recipe(files[0], overrides).resolved()
 
 
-def cmd_init(args: argparse.Namespace) -> int:
-    from ftl.starter import starter_recipe
-
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        raise UserError(f"--out: {out} exists; choose another file, or pass --force to replace it")
-    text = starter_recipe(Path(args.model), Path(args.data), args.method)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    console.print(f"wrote {out}; next: ftl validate {out} && ftl preprocess {out} --show 3", highlight=False, soft_wrap=True)
-    return 0
-
-
 def cmd_validate(args: argparse.Namespace) -> int:
     from ftl.config import RecipeError, load_recipe
 
@@ -330,130 +317,6 @@ def cmd_slurm(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_tiny_model(args: argparse.Namespace) -> int:
-    from ftl.tiny import ARCHS, write_tiny_model
-
-    if args.arch not in ARCHS:
-        raise UserError(f"--arch: unknown architecture '{args.arch}'; choose one of {', '.join(ARCHS)}")
-    if args.hidden_size % 8:
-        raise UserError(f"--hidden-size: {args.hidden_size} is not a multiple of 8 (4 attention heads of even size)")
-    corpus = None
-    if args.corpus:
-        corpus_path = Path(args.corpus)
-        if not corpus_path.is_file():
-            raise UserError(f"--corpus: {corpus_path} is not a file")
-        try:
-            corpus = corpus_path.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError as err:
-            raise UserError(f"--corpus: {corpus_path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
-    _empty_target(Path(args.out_dir), "out_dir", args.force)
-    out = write_tiny_model(args.out_dir, args.arch, args.hidden_size, args.layers, args.vocab_size, args.seed, corpus)
-    console.print(f"wrote tiny {args.arch} model and tokenizer to {out}")
-    return 0
-
-
-def cmd_demo_data(args: argparse.Namespace) -> int:
-    from ftl.demo_data import write_demo_data
-
-    _empty_target(Path(args.out_dir), "out_dir", args.force)
-    train_path, eval_path = write_demo_data(args.out_dir, args.train_rows, args.eval_rows, args.seed)
-    console.print(f"wrote {train_path} and {eval_path}")
-    return 0
-
-
-def _empty_target(path: Path, what: str, force: bool) -> None:
-    """Helper commands write into a directory of their own: never over what a user keeps there."""
-    if path.exists() and not path.is_dir():
-        raise UserError(f"{what}: {path} is a file; choose a directory")
-    if path.is_dir() and any(path.iterdir()) and not force:
-        raise UserError(f"{what}: {path} is not empty and its files would be overwritten; choose a new directory, "
-                        "or pass --force to write into it anyway")
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    from ftl.config import DataSource
-    from ftl.evaluate import evaluate_path
-
-    model, source = _eval_target(Path(args.model), args.data, args.format)
-    console.print(f"evaluating {escape(str(model))} on {escape(args.data)} ({source.format} format)", markup=True,
-                  highlight=False, soft_wrap=True)
-    accuracy, n, examples = evaluate_path(model, source, args.limit, trust_remote_code=args.trust_remote_code)
-    for example in examples:
-        console.print(f"  expected {example['expected']!r:<24} generated {example['generated']!r}")
-    console.print(f"exact match: [bold]{accuracy:.1%}[/] of {n} rows", markup=True)
-    return 0
-
-
-def cmd_generate(args: argparse.Namespace) -> int:
-    import json
-
-    from ftl.evaluate import prompts_and_answers, questions
-    from ftl.generate import continuation, load, reply
-
-    rows, source = [], None
-    if args.data:
-        _, source = _eval_target(Path(args.model), args.data, None)  # the run's format, else the data's
-        rows = questions(source, args.limit)  # checked before the model loads
-    if not rows and not args.prompt:
-        raise UserError("ftl generate: give --prompt TEXT (repeatable) or --data FILE")
-    model, tokenizer = load(Path(args.model), args.trust_remote_code)
-    for prompt in args.prompt or []:
-        generated = reply(model, tokenizer, [{"role": "user", "content": prompt}], args.max_new_tokens, args.temperature)
-        print(json.dumps({"prompt": prompt, "generated": generated}, ensure_ascii=False), flush=True)
-    if rows:  # each row's prompt exactly as training rendered it
-        for (ids, answer), (_, _, where) in zip(prompts_and_answers(source, tokenizer, rows=rows), rows):
-            generated = continuation(model, tokenizer, ids, args.max_new_tokens, args.temperature)
-            print(json.dumps({"row": where, "generated": generated, "reference": answer}, ensure_ascii=False), flush=True)
-    return 0
-
-
-def cmd_chat(args: argparse.Namespace) -> int:
-    from ftl.generate import chat, load
-
-    model, tokenizer = load(Path(args.model), args.trust_remote_code)
-    if sys.stdin.isatty():
-        console_err.print("chat with the model: one message per line; /reset starts over, /exit (or Ctrl-D) ends", highlight=False)
-    chat(model, tokenizer, max_new_tokens=args.max_new_tokens, temperature=args.temperature, system=args.system,
-         write=lambda text: console.print(text, highlight=False, markup=False, soft_wrap=True))
-    return 0
-
-
-def _eval_target(model: Path, data: str, fmt: str | None) -> tuple[Path, Any]:
-    """What `ftl eval` evaluates: a run directory means its newest complete checkpoint; the data's
-    format (unless --format) is the one the run trained with, else read from the data's first row."""
-    from ftl.checkpoint import find_resumable
-    from ftl.config import DataSource, load_recipe
-    from ftl.evaluate import detect_format
-    from ftl.rundir import RunDir
-
-    run = RunDir(model) if RunDir(model).checkpoints.is_dir() else RunDir.of_checkpoint(model)
-    if run is not None and model == run.root:
-        model = find_resumable(run.root)
-        if model is None:
-            raise UserError(f"{run.root}: a run directory with no complete checkpoint to evaluate")
-    recipe = load_recipe(run.recipe_to_read) if run is not None and run.recipe_to_read.is_file() else None
-    if recipe is not None:
-        sources = recipe.data.train + (recipe.data.eval or [])
-        same = [s for s in sources if Path(s.path).resolve() == Path(data).resolve()]
-        if same and fmt in (None, same[0].format):
-            return model, same[0]  # with its field mapping and chat settings
-        fmt = fmt or sources[0].format
-    return model, DataSource(path=data, format=fmt or detect_format(data))
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from ftl.demo import run_demo, run_preference_demo
-
-    if args.objective == "dpo":
-        if args.tiny:
-            raise UserError("--tiny: the DPO demo runs on the real SmolLM2 only")
-        result = run_preference_demo(args.recipe or "recipes/demo-dpo.yaml", Path(args.workdir or "runs/demo-dpo"), args.force)
-        return 0 if result["accuracy_after"] > result["accuracy_before"] else 1
-    recipe = args.recipe or ("recipes/demo-tiny.yaml" if args.tiny else "recipes/demo.yaml")
-    result = run_demo(recipe, Path(args.workdir or "runs/demo"), tiny=args.tiny, force=args.force)
-    return 0 if result["accuracy_after"] > result["accuracy_before"] else 1
-
-
 def _count(minimum: int, maximum: int | None = None) -> callable:
     """An argparse type: an integer of at least ``minimum`` (and at most ``maximum``; argparse prints
     the one-line error)."""
@@ -490,6 +353,9 @@ def _env_log_level() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ftl.cli_start import cmd_demo, cmd_demo_data, cmd_init, cmd_tiny_model
+    from ftl.cli_try import cmd_chat, cmd_eval, cmd_generate
+
     parser = argparse.ArgumentParser(prog="ftl", description="Fine-tune LLMs from one YAML recipe. In order of use: "
                                      "validate, preprocess, plan, train, eval, export (and slurm for clusters).")
     parser.add_argument("--version", action="version", version=f"ftl {_version()}")

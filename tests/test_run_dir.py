@@ -149,7 +149,6 @@ def test_a_second_writer_is_refused_and_a_dead_ones_lock_is_not_stale(tiny_llama
     import signal
     import subprocess
     import sys
-    import time
 
     from conftest import cli_exit_code, write_yaml
 

@@ -1,0 +1,83 @@
+"""The commands that try a trained model: ``ftl eval``, ``ftl generate`` and ``ftl chat``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.markup import escape
+
+from ftl.console import console, console_err
+from ftl.errors import UserError
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ftl.evaluate import evaluate_path
+
+    model, source = _eval_target(Path(args.model), args.data, args.format)
+    console.print(f"evaluating {escape(str(model))} on {escape(args.data)} ({source.format} format)", markup=True,
+                  highlight=False, soft_wrap=True)
+    accuracy, n, examples = evaluate_path(model, source, args.limit, trust_remote_code=args.trust_remote_code)
+    for example in examples:
+        console.print(f"  expected {example['expected']!r:<24} generated {example['generated']!r}")
+    console.print(f"exact match: [bold]{accuracy:.1%}[/] of {n} rows", markup=True)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import json
+
+    from ftl.evaluate import prompts_and_answers, questions
+    from ftl.generate import continuation, load, reply
+
+    rows, source = [], None
+    if args.data:
+        _, source = _eval_target(Path(args.model), args.data, None)  # the run's format, else the data's
+        rows = questions(source, args.limit)  # checked before the model loads
+    if not rows and not args.prompt:
+        raise UserError("ftl generate: give --prompt TEXT (repeatable) or --data FILE")
+    model, tokenizer = load(Path(args.model), args.trust_remote_code)
+    for prompt in args.prompt or []:
+        generated = reply(model, tokenizer, [{"role": "user", "content": prompt}], args.max_new_tokens, args.temperature)
+        print(json.dumps({"prompt": prompt, "generated": generated}, ensure_ascii=False), flush=True)
+    if rows:  # each row's prompt exactly as training rendered it
+        for (ids, answer), (_, _, where) in zip(prompts_and_answers(source, tokenizer, rows=rows), rows):
+            generated = continuation(model, tokenizer, ids, args.max_new_tokens, args.temperature)
+            print(json.dumps({"row": where, "generated": generated, "reference": answer}, ensure_ascii=False), flush=True)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from ftl.generate import chat, load
+
+    model, tokenizer = load(Path(args.model), args.trust_remote_code)
+    if sys.stdin.isatty():
+        console_err.print("chat with the model: one message per line; /reset starts over, /exit (or Ctrl-D) ends", highlight=False)
+    chat(model, tokenizer, max_new_tokens=args.max_new_tokens, temperature=args.temperature, system=args.system,
+         write=lambda text: console.print(text, highlight=False, markup=False, soft_wrap=True))
+    return 0
+
+
+def _eval_target(model: Path, data: str, fmt: str | None) -> tuple[Path, Any]:
+    """What `ftl eval` evaluates: a run directory means its newest complete checkpoint; the data's
+    format (unless --format) is the one the run trained with, else read from the data's first row."""
+    from ftl.checkpoint import find_resumable
+    from ftl.config import DataSource, load_recipe
+    from ftl.evaluate import detect_format
+    from ftl.rundir import RunDir
+
+    run = RunDir(model) if RunDir(model).checkpoints.is_dir() else RunDir.of_checkpoint(model)
+    if run is not None and model == run.root:
+        model = find_resumable(run.root)
+        if model is None:
+            raise UserError(f"{run.root}: a run directory with no complete checkpoint to evaluate")
+    recipe = load_recipe(run.recipe_to_read) if run is not None and run.recipe_to_read.is_file() else None
+    if recipe is not None:
+        sources = recipe.data.train + (recipe.data.eval or [])
+        same = [s for s in sources if Path(s.path).resolve() == Path(data).resolve()]
+        if same and fmt in (None, same[0].format):
+            return model, same[0]  # with its field mapping and chat settings
+        fmt = fmt or sources[0].format
+    return model, DataSource(path=data, format=fmt or detect_format(data))
