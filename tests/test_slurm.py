@@ -179,6 +179,7 @@ def test_two_node_job_trains_and_export_runs_after(cluster, reference, tiny_llam
 
 @pytest.mark.slurm
 @pytest.mark.multiprocess
+@pytest.mark.timeout(1500)  # by design ~10 minutes: the 5,000-step reference and attempts of 3 minutes (measured 592 s)
 def test_time_limit_checkpoints_requeues_and_resumes(cluster, reference, tiny_llama, demo_data, tmp_path):
     """USR1 lands mid-training (time limit 3 min, grace 90 s: 60-90 s into each attempt), the ranks
     checkpoint, the job requeues itself and resumes, and it ends with the uninterrupted run's loss."""
