@@ -301,6 +301,17 @@ def build_model(recipe: Recipe) -> tuple[PreTrainedModel, Any]:
     return model, tokenizer
 
 
+def _cached(name: str) -> bool:
+    """Whether a hub id is in the Hugging Face cache (ftl never downloads while loading for inference)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(name, local_files_only=True, allow_patterns=["config.json"])
+        return True
+    except Exception:
+        return False
+
+
 def load_for_inference(
     path: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
 ) -> tuple[PreTrainedModel, Any]:
@@ -336,11 +347,18 @@ def load_for_inference(
                 from peft import PeftConfig
 
                 base_path = PeftConfig.from_pretrained(path).base_model_name_or_path
+                if not Path(base_path).is_dir() and not _cached(base_path):
+                    raise ModelError(f"{path}: an adapter of '{base_path}', which is neither a local directory nor in the "
+                                     "Hugging Face cache; load the merged export (`ftl export` without --adapter-only) or "
+                                     "the run's checkpoint instead, or run from where that base is")
                 base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
             model = PeftModel.from_pretrained(base, path)
+            # an --adapter-only export ships no tokenizer: the base's
+            tokenizer_path = path if (path / "tokenizer_config.json").is_file() else model.peft_config["default"].base_model_name_or_path
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+            tokenizer_path = path
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     except LOAD_ERRORS as err:
         raise ModelError(f"{path}: cannot load a model for inference: {first_line(err)}") from None
     set_pad_token(tokenizer)

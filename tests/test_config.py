@@ -201,3 +201,18 @@ def test_mixed_precision_auto_is_decided_for_the_device_and_named_values_are_kep
         assert recipe.for_device("cuda").train.mixed_precision == expected
     for named in ("no", "bf16", "fp16"):
         assert validate_recipe({**raw, "train": {**raw["train"], "mixed_precision": named}}).for_device("cpu").train.mixed_precision == named
+
+
+def test_override_list_indices_are_named(tmp_path):
+    """data.train.N.key addresses the N-th source (a single source written as a mapping is item 0);
+    an index out of range says how many there are."""
+    from ftl.config import RecipeError, load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text("model: {path: m}\ndata:\n  train:\n  - {path: a.jsonl}\n  - {path: b.jsonl}\n  eval: {path: e.jsonl}\noutput: {dir: r}\n")
+    recipe = load_recipe(path, ["data.train.1.format=chat", "data.eval.0.format=chat"])
+    assert [s.format for s in recipe.data.train] == ["alpaca", "chat"] and recipe.data.eval[0].format == "chat"
+    with pytest.raises(RecipeError, match=r"data.train has 2 item\(s\); '3' is not an index of it \(0 to 1\)"):
+        load_recipe(path, ["data.train.3.path=x"])
+    with pytest.raises(RecipeError, match=r"data.eval has 1 item; index 2 is out of range"):
+        load_recipe(path, ["data.eval.2.path=x"])

@@ -86,3 +86,20 @@ def test_eval_of_a_chat_run_reads_its_format_and_checks_the_data_first(tiny_llam
     monkeypatch.setattr(ftl_model, "load_for_inference", lambda *a, **k: pytest.fail("loaded a model for bad data"))
     assert cli_exit_code(["eval", str(tiny_llama), "--data", str(bad)]) == 2
     assert "bad.jsonl: row 0: for exact match, the conversation must end with an assistant turn" in capsys.readouterr().err
+
+
+def test_eval_of_an_adapter_only_export_names_its_base(tiny_llama, demo_data, tmp_path, capsys, monkeypatch):
+    """An --adapter-only export names its base without a path: away from that base, one line that says
+    what to load instead; beside it (a relative name), it evaluates with the base's tokenizer."""
+    from ftl.export import export
+    from ftl.train import train
+    from conftest import cli_exit_code
+
+    train(validate_recipe(make_recipe(tiny_llama, demo_data[0], tmp_path / "run", train={"max_steps": 1})))
+    export(tmp_path / "run", tmp_path / "adapter", adapter_only=True)
+    capsys.readouterr()
+    assert cli_exit_code(["eval", str(tmp_path / "adapter"), "--data", str(demo_data[1]), "--limit", "2"]) == 2
+    err = capsys.readouterr().err
+    assert f"an adapter of '{tiny_llama.name}', which is neither a local directory nor in the Hugging Face cache" in err
+    monkeypatch.chdir(tiny_llama.parent)
+    assert cli_exit_code(["eval", str(tmp_path / "adapter"), "--data", str(demo_data[1]), "--limit", "2"]) == 0
