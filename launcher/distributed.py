@@ -39,18 +39,18 @@ def check_process_group(accelerator: Accelerator, plan: Plan, strategy: Strategy
     found = accelerator.num_processes
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     hint = "start it with `ftl train RECIPE`, or the command `ftl plan RECIPE` prints"
-    if "WORLD_SIZE" not in os.environ and "MASTER_PORT" in os.environ and "ACCELERATE_USE_CPU" in os.environ:
-        # accelerate launch's simple launcher: asked for several processes (it set a rendezvous) but,
-        # without --multi_gpu, it started this one alone, which would train as if it were all of them
-        raise DistributedError("distributed: accelerate launch was asked for several processes but started only this one "
-                               "(without --multi_gpu it runs a single process); set distributed.num_processes in the recipe "
-                               f"and {hint}")
     if found != plan.world_size or launched != plan.world_size:
         raise DistributedError(
             f"distributed: the recipe plans {plan.world_size} process(es) ({plan.strategy}: "
             f"{plan.num_machines} machine(s) x {plan.num_processes}), but this process is rank "
             f"{accelerator.process_index} of {found} (WORLD_SIZE={launched}); {hint}"
         )
+    if "WORLD_SIZE" not in os.environ and "MASTER_PORT" in os.environ and "ACCELERATE_USE_CPU" in os.environ:
+        # accelerate launch's simple launcher: asked for several processes (it set a rendezvous) but,
+        # without --multi_gpu, it started this one alone, which would train as if it were all of them
+        raise DistributedError("distributed: accelerate launch was asked for several processes but started only this one "
+                               "(without --multi_gpu it runs a single process); set distributed.num_processes in the recipe "
+                               f"and {hint}")
     is_deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     if strategy.uses_deepspeed != is_deepspeed:
         raise DistributedError(
