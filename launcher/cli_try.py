@@ -63,17 +63,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def _eval_target(model: Path, data: str, fmt: str | None) -> tuple[Path, Any]:
     """What `ftl eval` evaluates: a run directory means its newest complete checkpoint; the data's
     format (unless --format) is the one the run trained with, else read from the data's first row."""
-    from ftl.checkpoint import find_resumable
-    from ftl.config import DataSource, load_recipe
+    from ftl.config import DataSource
     from ftl.evaluate import detect_format
-    from ftl.rundir import RunDir
+    from ftl.generate import resolve_target
 
-    run = RunDir(model) if RunDir(model).checkpoints.is_dir() else RunDir.of_checkpoint(model)
-    if run is not None and model == run.root:
-        model = find_resumable(run.root)
-        if model is None:
-            raise UserError(f"{run.root}: a run directory with no complete checkpoint to evaluate")
-    recipe = load_recipe(run.recipe_to_read) if run is not None and run.recipe_to_read.is_file() else None
+    model, recipe = resolve_target(model)
     if recipe is not None:
         sources = recipe.data.train + (recipe.data.eval or [])
         same = [s for s in sources if Path(s.path).resolve() == Path(data).resolve()]

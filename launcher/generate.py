@@ -18,8 +18,9 @@ from ftl.errors import UserError
 
 
 def resolve_target(path: Path) -> tuple[Path, Any]:
-    """(what to load, the run's recipe or None): a run directory means its newest complete checkpoint."""
-    from ftl.checkpoint import MANIFEST, STATE, find_resumable, verify
+    """(what to load, the run's recipe or None): a run directory means its newest complete checkpoint.
+    (Loading verifies a checkpoint against its manifest; resolving does not.)"""
+    from ftl.checkpoint import find_resumable
     from ftl.config import load_recipe
     from ftl.rundir import RunDir
 
@@ -29,18 +30,19 @@ def resolve_target(path: Path) -> tuple[Path, Any]:
         path = find_resumable(run.root)
         if path is None:
             raise UserError(f"{run.root}: a run directory with no complete checkpoint")
-    if (path / STATE).exists() or (path / MANIFEST).exists():
-        verify(path)  # only an intact checkpoint
     recipe = load_recipe(run.recipe_to_read) if run is not None and run.recipe_to_read.is_file() else None
     return path, recipe
 
 
 def load(path: Path, trust_remote_code: bool = False) -> tuple[Any, Any]:
     """Model and tokenizer, the tokenizer carrying the template the model was trained with."""
+    from ftl.checkpoint import MANIFEST, STATE, verify
     from ftl.export_template import trained_chat_template
     from ftl.model import load_for_inference
 
     target, recipe = resolve_target(path)
+    if (target / STATE).exists() or (target / MANIFEST).exists():
+        verify(target)  # only an intact checkpoint
     model, tokenizer = load_for_inference(target, trust_remote_code=trust_remote_code)
     if recipe is not None:
         template, _ = trained_chat_template(tokenizer, recipe)
