@@ -78,10 +78,10 @@ class ModelSection(_Section):
 
 class DataSource(_Section):
     path: PathText = Field(description="A local .json/.jsonl/.parquet file or directory, or a datasets name.")
-    format: Literal["alpaca", "chat", "sharegpt", "completion", "preference"] = Field(
+    format: Literal["alpaca", "chat", "sharegpt", "completion", "preference", "unpaired"] = Field(
         "alpaca", description="alpaca (instruction/input/output), chat (OpenAI messages, tool calls, a tools column), "
         "sharegpt (conversations of from/value), completion (text), preference (prompt/chosen/rejected, for "
-        "method.objective dpo, ipo, simpo, orpo).")
+        "method.objective dpo, ipo, simpo, orpo), unpaired (prompt/completion/label, for method.objective kto).")
     split: str = "train"
     subset: str | None = Field(None, description="datasets configuration name (for hub datasets).")
     weight: float = Field(1.0, gt=0, le=1000, description="Mixing: rows drawn per epoch = weight x the source's rows (repeats above 1).")
@@ -144,9 +144,10 @@ class LoraSection(_Section):
 
 class MethodSection(_Section):
     type: Literal["full", "lora", "qlora"] = "lora"
-    objective: Literal["sft", "dpo", "ipo", "simpo", "orpo"] = Field(
-        "sft", description="sft (next-token loss on responses) or a preference objective on chosen/rejected pairs "
-        "(data format preference; settings in the preference section).")
+    objective: Literal["sft", "dpo", "ipo", "simpo", "orpo", "kto"] = Field(
+        "sft", description="sft (next-token loss on responses), a preference objective on chosen/rejected pairs "
+        "(dpo, ipo, simpo, orpo; data format preference), or kto on completions labelled desirable or not (data format "
+        "unpaired); their settings are in the preference and kto sections.")
     lora: LoraSection = Field(default_factory=LoraSection)
     freeze: list[str] = Field(
         default_factory=list,
@@ -170,6 +171,18 @@ class PreferenceSection(_Section):
         "second copy), full fine-tuning a frozen copy of the starting model (sharded as the policy under zero3 and "
         "fsdp2); model: that frozen copy; precomputed: one pass before training stores the reference log-probabilities "
         "with the preprocessed data (no reference in memory).")
+
+
+class KtoSection(_Section):
+    beta: float = Field(0.1, gt=0, le=1000, description="strength of the preference: the implied reward is beta times "
+                        "the log-ratio to the reference (TRL's KTOConfig.beta).")
+    desirable_weight: float = Field(1.0, gt=0, le=1000, description="weight of the desirable rows' losses; with fewer "
+                                    "desirable than undesirable rows raise it so that weight x count is about even (the "
+                                    "KTO paper keeps the ratio within 1 to 4/3).")
+    undesirable_weight: float = Field(1.0, gt=0, le=1000, description="weight of the undesirable rows' losses.")
+    reference: Literal["auto", "model", "precomputed"] = Field(
+        "auto", description="the reference model, as preference.reference: auto (LoRA/QLoRA: the adapter disabled; full: "
+        "a frozen copy), model (the frozen copy), precomputed (log-probabilities stored before the first step).")
 
 
 class QuantizationSection(_Section):
@@ -347,6 +360,7 @@ class Recipe(_Section):
     data: DataSection
     method: MethodSection = Field(default_factory=MethodSection)
     preference: PreferenceSection = Field(default_factory=PreferenceSection)
+    kto: KtoSection = Field(default_factory=KtoSection)
     quantization: QuantizationSection = Field(default_factory=QuantizationSection)
     train: TrainSection = Field(default_factory=TrainSection)
     distributed: DistributedSection = Field(default_factory=DistributedSection)

@@ -1,4 +1,4 @@
-"""Training data: load sources, render them (alpaca | chat | sharegpt | completion), tokenize, mask, collate.
+"""Training data: load sources, render them (alpaca | chat | sharegpt | completion | preference | unpaired), tokenize, mask.
 
 Every example becomes ``input_ids`` and ``labels`` of equal length, with ``-100`` wherever the
 model must not be trained (the prompt, unless ``data.mask_prompt`` is off). An alpaca or completion
@@ -21,8 +21,9 @@ import torch
 from ftl.chat import check_tokenizer, tokenize_conversation
 from ftl.config import DataSection, DataSource
 from ftl.errors import DataError, first_line
-from ftl.loss import IGNORE_INDEX
+from ftl.objectives.batch import IGNORE_INDEX
 from ftl.preference_data import INVALID, tokenize_pair
+from ftl.unpaired_data import tokenize_unpaired, with_mismatched
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +196,8 @@ def tokenize_row(row: dict, source: DataSource, tokenizer: Any, cfg: DataSection
     the chosen side, and the rejected one beside it; see ``ftl.preference_data``)."""
     if source.format == "preference":
         return tokenize_pair(row, source, tokenizer, cfg, where)
+    if source.format == "unpaired":
+        return tokenize_unpaired(row, source, tokenizer, cfg, where)
     if source.format in ("chat", "sharegpt"):
         input_ids, targets = tokenize_conversation(row, source, tokenizer, where)
         labels = [t if (on or not cfg.mask_prompt) else IGNORE_INDEX for t, on in zip(input_ids, targets)]
@@ -255,6 +258,8 @@ def build_dataset(
     dataset = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     if len(dataset) == 0:
         raise DataError(f"{', '.join(s.path for s in sources)}: no usable rows")
+    if "prompt_length" in dataset.column_names:  # unpaired rows: KTO's mismatched pairs, over the whole set
+        dataset = with_mismatched(dataset, cfg.max_length)
     return dataset
 
 
@@ -267,56 +272,6 @@ def _draw(dataset: datasets.Dataset, source: DataSource, seed: int) -> datasets.
     order = np.random.default_rng(seed).permutation(len(dataset))
     indices = list(range(len(dataset))) * full + sorted(order[:rest].tolist())
     return dataset.select(indices)
-
-
-def collate(rows: list[dict[str, list[int]]], pad_token_id: int, pack_pairs: bool = False) -> dict[str, torch.Tensor]:
-    """Pad a micro-batch on the right to its longest row.
-
-    Packed rows (with ``position_ids``) get no attention mask, which is how transformers knows to
-    keep their examples apart; their padding is one more "example" whose labels are all ignored.
-    ``token_mask`` marks real tokens either way. Preference pairs: the chosen sides, then the
-    rejected, as rows of one batch; or, with ``pack_pairs`` (``data.packing``), all in one row.
-    """
-    if "rejected_input_ids" in rows[0]:
-        sides = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
-        sides += [{"input_ids": r["rejected_input_ids"], "labels": r["rejected_labels"]} for r in rows]
-        batch = pack_sequences(sides) if pack_pairs else collate(sides, pad_token_id)
-        if "ref_chosen_logps" in rows[0]:  # preference.reference: precomputed
-            batch["ref_logps"] = torch.tensor([r["ref_chosen_logps"] for r in rows] + [r["ref_rejected_logps"] for r in rows])
-        return batch
-    width = max(len(r["input_ids"]) for r in rows)
-    if "position_ids" in rows[0]:
-        batch = collate([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows], pad_token_id)
-        positions = torch.arange(width).repeat(len(rows), 1)
-        for i, row in enumerate(rows):
-            n = len(row["position_ids"])
-            positions[i, :n] = torch.tensor(row["position_ids"])
-            positions[i, n:] = torch.arange(width - n)
-        return {"input_ids": batch["input_ids"], "labels": batch["labels"], "position_ids": positions,
-                "token_mask": batch["attention_mask"]}
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        n = len(row["input_ids"])
-        input_ids[i, :n] = torch.tensor(row["input_ids"])
-        labels[i, :n] = torch.tensor(row["labels"])
-        attention_mask[i, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
-
-
-def pack_sequences(sequences: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-    """Padding-free: the sequences one after another in a single row, ``position_ids`` restarting
-    at each (transformers keeps them apart, see ``ftl.packing``) and ``sequence_lengths`` to tell
-    them apart again after the forward. Each sequence's first token is no target, as alone."""
-    input_ids, labels, positions = [], [], []
-    for sequence in sequences:
-        input_ids += sequence["input_ids"]
-        labels += [IGNORE_INDEX] + list(sequence["labels"][1:])
-        positions += range(len(sequence["input_ids"]))
-    return {"input_ids": torch.tensor([input_ids]), "labels": torch.tensor([labels]), "position_ids": torch.tensor([positions]),
-            "token_mask": torch.ones(1, len(input_ids), dtype=torch.long),
-            "sequence_lengths": torch.tensor([len(sequence["input_ids"]) for sequence in sequences])}
 
 
 def batch_indices(n_rows: int, micro_batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:

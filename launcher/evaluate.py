@@ -54,16 +54,16 @@ def prompts_and_answers(source: DataSource, tokenizer: Any, limit: int | None = 
 
 def detect_format(path: str | Path) -> str:
     """The format of a data file whose format is not given: a run's recipe names it; otherwise its
-    first row's fields (``chosen``: preference, ``messages``: chat, ``conversations``: sharegpt,
-    ``instruction``: alpaca, ``text``: completion)."""
+    first row's fields (``chosen``: preference, ``label``: unpaired, ``messages``: chat, ``conversations``:
+    sharegpt, ``instruction``: alpaca, ``text``: completion)."""
     rows = load_source(DataSource(path=str(path), format="completion"))
     first = rows[0] if len(rows) else {}
-    for field, name in (("chosen", "preference"), ("messages", "chat"), ("conversations", "sharegpt"), ("instruction", "alpaca"),
+    for field, name in (("chosen", "preference"), ("label", "unpaired"), ("messages", "chat"), ("conversations", "sharegpt"), ("instruction", "alpaca"),
                         ("text", "completion")):
         if field in first:
             return name
-    raise DataError(f"{path}: cannot tell its format from its first row (no chosen, messages, conversations, instruction "
-                    "or text field); pass --format, or see the README's data formats")
+    raise DataError(f"{path}: cannot tell its format from its first row (no chosen, label, messages, conversations, "
+                    "instruction or text field); pass --format, or see the README's data formats")
 
 
 @torch.no_grad()
@@ -123,16 +123,18 @@ def preference_accuracy(model_path: str | Path, data: DataSource, max_length: in
     from contextlib import nullcontext
 
     from ftl.config import DataSection
-    from ftl.data import build_dataset, collate
+    from ftl.data import build_dataset
     from ftl.model import load_for_inference
-    from ftl.preference import precompute_reference
+    from ftl.objectives.base import precompute_reference
+    from ftl.objectives.preference import collate_pairs, pair_logps
 
     model, tokenizer = load_for_inference(Path(model_path))
     rows = build_dataset([data], tokenizer, DataSection(train=[data], max_length=max_length))
     device = next(model.parameters()).device
 
     def logps() -> torch.Tensor:  # (chosen, rejected) per row
-        return precompute_reference(model, rows, lambda r: collate(r, tokenizer.pad_token_id), 8, device, lambda d: nullcontext())
+        return precompute_reference(model, lambda r: collate_pairs(r, tokenizer.pad_token_id), pair_logps, rows, 8, device,
+                                    lambda d: nullcontext())
 
     policy = logps()
     result = {"rows": len(rows), "likelihood_accuracy": (policy[:, 0] > policy[:, 1]).float().mean().item()}

@@ -103,11 +103,13 @@ def _run(spec: Path) -> None:
     """The measuring process: train STEPS steps and print the peak memory training added."""
     import torch
 
+    from ftl import objectives
     from ftl.flops import peak_memory_gib, proc_status_gib
+    from ftl.objectives.sft import SFT
     from ftl.train import train
 
     recipe = validate_recipe(json.loads(spec.read_text()))
-    if not torch.cuda.is_available() and recipe.method.objective == "sft":
+    if not torch.cuda.is_available() and objectives.for_recipe(recipe) is SFT:
         from ftl.memory_probe import measure_step
 
         print(f"PEAK_GIB {measure_step(recipe).peak / GIB}")  # counted tensor by tensor, as CUDA's allocator would

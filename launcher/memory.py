@@ -46,7 +46,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ftl import strategies
+from ftl import objectives, strategies
 from ftl.config import Recipe
 from ftl.units import parse_gib
 from ftl.errors import UserError
@@ -359,7 +359,8 @@ def estimate(recipe: Recipe, shape: Shape, strategy: str | None = None, micro_ba
             trainable += copy
             trainable_bytes += copy * kept_bytes
     weights = trainable_bytes + frozen_bytes
-    if method.objective in ("dpo", "ipo") and method.type == "full" and recipe.preference.reference != "precomputed":
+    objective = objectives.for_recipe(recipe)
+    if objective.reference_copy(recipe):
         weights += shape.params * model_bytes  # the frozen reference copy
     gradients = trainable_bytes
     optimizer, step_temp = _optimizer_bytes(recipe, trainable, trainable_bytes, master)
@@ -370,9 +371,9 @@ def estimate(recipe: Recipe, shape: Shape, strategy: str | None = None, micro_ba
     weights, gradients, optimizer, cpu = chosen.place(weights, gradients, optimizer, layer_bytes)
     step_temp *= optimizer / unsharded_optimizer if unsharded_optimizer else 0.0
 
-    sequences = mb * (2 if method.objective != "sft" else 1)  # preference rows: chosen and rejected
+    sequences = mb * objective.sequences_per_row  # preference rows: chosen and rejected
     p = precision(recipe, chosen)
-    act = activation_terms(recipe, shape, sequences * seq, seq, p, chosen.uses_fused_ce() and method.objective == "sft")
+    act = activation_terms(recipe, shape, sequences * seq, seq, p, chosen.uses_fused_ce() and objective.fused_ce)
     resident = weights + optimizer
     held = gradients if train.gradient_accumulation_steps > 1 else 0.0  # earlier micro-batches' gradients
     forward = resident + held + act.blocks + act.copies

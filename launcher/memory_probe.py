@@ -18,7 +18,8 @@ import torch
 
 from ftl import strategies
 from ftl.config import Recipe
-from ftl.loss import CausalLM
+from ftl.objectives.batch import Tokens
+from ftl.objectives.sft import SFT
 from ftl.model import build_model, decoder
 from ftl.optim import build_optimizer
 from ftl.trainer import apply_kernels
@@ -54,18 +55,18 @@ def _tracker() -> "MemTracker":
 def _batch(recipe: Recipe, vocab: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
     shape = (recipe.train.micro_batch_size, recipe.data.max_length)
     ids = torch.randint(0, vocab, shape, generator=generator)
-    return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+    return Tokens(ids, ids.clone(), token_mask=torch.ones_like(ids), attention_mask=torch.ones_like(ids))
 
 
 def measure_step(recipe: Recipe) -> Measured:
     """Train two steps of ``recipe`` on this process's CPU (one device, no sharding) and count the
     second: the first creates the optimizer states, which every later step holds."""
     torch.manual_seed(recipe.train.seed)
-    model, _ = build_model(recipe)
+    model, tokenizer = build_model(recipe)
     optimizer = build_optimizer(model, recipe.train)
     strategy = strategies.build("single", recipe)
     device = torch.device("cpu")
-    objective = CausalLM(apply_kernels(recipe, model, strategy, device))
+    objective = SFT(recipe, tokenizer.pad_token_id, apply_kernels(recipe, model, strategy, device))
     generator = torch.Generator().manual_seed(0)
     vocab = model.get_input_embeddings().num_embeddings
     model.train()

@@ -16,7 +16,7 @@ from typing import Any
 
 import datasets
 
-from ftl.loss import IGNORE_INDEX
+from ftl.objectives.batch import IGNORE_INDEX
 
 
 def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:

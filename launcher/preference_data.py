@@ -24,19 +24,20 @@ from typing import Any
 from ftl.chat import tokenize_conversation
 from ftl.config import DataSection, DataSource
 from ftl.errors import DataError
-from ftl.loss import IGNORE_INDEX
+from ftl.objectives.batch import IGNORE_INDEX
 
 INVALID = "invalid"  # column marking the rows data.invalid_pairs: drop removes
 
 
 def tokenize_pair(row: dict, source: DataSource, tokenizer: Any, cfg: DataSection, where: str) -> dict[str, Any]:
-    prompt, chosen, rejected = (_field(row, source, name, where) for name in ("prompt", "chosen", "rejected"))
+    prompt, chosen, rejected = (response_field(row, source, name, where, "preference format needs prompt, chosen and rejected")
+                                for name in ("prompt", "chosen", "rejected"))
     if isinstance(prompt, str):
         if not (isinstance(chosen, str) and isinstance(rejected, str)):
             raise DataError(f"{where}: prompt is text, so chosen and rejected must be text too")
         sides = _text_pair(prompt, chosen, rejected, tokenizer, cfg.add_eos)
     else:
-        sides = [_chat_side(prompt, response, name, source, tokenizer, where)
+        sides = [chat_side(prompt, response, name, source, tokenizer, where)
                  for name, response in (("chosen", chosen), ("rejected", rejected))]
     (chosen_ids, chosen_labels), (rejected_ids, rejected_labels) = sides
     truncated = max(len(chosen_ids), len(rejected_ids)) > cfg.max_length
@@ -53,17 +54,18 @@ def tokenize_pair(row: dict, source: DataSource, tokenizer: Any, cfg: DataSectio
             "rejected_labels": rejected_labels, "truncated": truncated, INVALID: problem or ""}
 
 
-def _field(row: dict, source: DataSource, name: str, where: str) -> Any:
+def response_field(row: dict, source: DataSource, name: str, where: str, needs: str) -> Any:
+    """A prompt or response field: text or messages, never empty (``needs`` says what the format needs)."""
     column = source.fields.get(name, name)
     value = row.get(column)
     if value is None or (isinstance(value, (str, list)) and not value):
-        raise DataError(f"{where}: missing field '{column}' (preference format needs prompt, chosen and rejected)")
+        raise DataError(f"{where}: missing field '{column}' ({needs})")
     if not isinstance(value, (str, list, dict)):
         raise DataError(f"{where}: field '{column}' must be text or messages, got {type(value).__name__}")
     return value
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -76,11 +78,11 @@ def _text_pair(prompt: str, chosen: str, rejected: str, tokenizer: Any, add_eos:
     eos = tokenizer.eos_token if add_eos and tokenizer.eos_token else ""
     prompt_ids = tokenizer(prompt)["input_ids"]
     full = [tokenizer(prompt + response + ("" if response.endswith(eos) else eos))["input_ids"] for response in (chosen, rejected)]
-    start = min(_common_prefix(prompt_ids, ids) for ids in full)
+    start = min(common_prefix(prompt_ids, ids) for ids in full)
     return [(ids, [IGNORE_INDEX] * start + ids[start:]) for ids in full]
 
 
-def _chat_side(prompt: Any, response: Any, name: str, source: DataSource, tokenizer: Any, where: str) -> tuple[list[int], list[int]]:
+def chat_side(prompt: Any, response: Any, name: str, source: DataSource, tokenizer: Any, where: str) -> tuple[list[int], list[int]]:
     if not isinstance(prompt, list):
         raise DataError(f"{where}: prompt must be text or a list of messages")
     turns = [response] if isinstance(response, dict) else response

@@ -21,11 +21,12 @@ from typing import Any
 import datasets
 import numpy as np
 
+from ftl import objectives
 from ftl.config import DataSource, Recipe
 from ftl.data import DataError, build_dataset
 from ftl.errors import first_line
 from ftl.rundir import RunDir
-from ftl.loss import IGNORE_INDEX
+from ftl.objectives.batch import IGNORE_INDEX
 from ftl.packing import pack_dataset
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ def prepare(recipe: Recipe, tokenizer: Any) -> tuple[datasets.Dataset, datasets.
         eval_set = train_set.select(sorted(order[:held_out].tolist()))
         train_set = train_set.select(sorted(order[held_out:].tolist()))
     stats.update(_length_stats(train_set))
-    if cfg.packing and "rejected_input_ids" not in train_set.column_names:  # pairs are packed per micro-batch (collate)
+    if cfg.packing and not objectives.for_recipe(recipe).packs_batches:  # else packed per micro-batch (collate)
         train_set, packing = pack_dataset(train_set, cfg.max_length)
         stats.update(packing)
     tmp = directory.with_name(f"{directory.name}.tmp{os.getpid()}")
@@ -141,12 +142,13 @@ def shown_rows(dataset: Any, tokenizer: Any, count: int, marked: bool) -> list[A
     rest dim, or, ``marked`` (not a terminal), trained spans between ``[[`` and ``]]``."""
     from rich.text import Text
 
-    from ftl.loss import IGNORE_INDEX
+    from ftl.objectives.batch import IGNORE_INDEX
 
     shown = []
     for index in range(min(count, len(dataset))):
         row = dataset[index]
-        for ids_key, labels_key, name in (("input_ids", "labels", ""), ("rejected_input_ids", "rejected_labels", " rejected")):
+        for ids_key, labels_key, name in (("input_ids", "labels", ""), ("rejected_input_ids", "rejected_labels", " rejected"),
+                                          ("kl_input_ids", "kl_labels", " mismatched (KTO's KL)")):
             if ids_key not in row:
                 continue
             text = Text(f"row {index}{name}: {len(row[ids_key])} tokens, "

@@ -1,8 +1,8 @@
 """Settings that are each valid but cannot work together, found before any model is loaded.
 
 The schema (``ftl.config``) checks each field; this module holds every rule across sections,
-and asks the strategy the run uses (``strategy: auto`` resolved) for the rules that depend on
-it (``ftl.strategies``). Pure: a recipe in, (key path, message) pairs out.
+and asks the strategy the run uses (``strategy: auto`` resolved) and its objective for the rules
+that depend on them (``ftl.strategies``, ``ftl.objectives``). Pure: a recipe in, (key path, message) pairs out.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 from typing import TYPE_CHECKING
 
-from ftl import strategies
+from ftl import objectives, strategies
 from ftl.units import parse_gib, slurm_seconds
 
 if TYPE_CHECKING:
@@ -21,7 +21,7 @@ Problems = list[tuple[tuple, str]]
 
 def check(recipe: Recipe) -> Problems:
     """Every cross-section rule, on a recipe with what it implies filled in (``with_implied``)."""
-    return (_method(recipe) + _preference(recipe) + _data(recipe) + _output(recipe) + _machines(recipe)
+    return (_method(recipe) + objectives.check(recipe) + _data(recipe) + _output(recipe) + _machines(recipe)
             + strategies.for_recipe(recipe).check())
 
 
@@ -40,45 +40,6 @@ def _method(recipe: Recipe) -> Problems:
                          "in fp32); use dtype: float32, or train.mixed_precision: bf16"))
     if quant.bits == 8 and quant.quant_storage != "uint8":
         problems.append((("quantization", "quant_storage"), "applies to 4-bit quantization only"))
-    return problems
-
-
-PREFERENCE_OBJECTIVES = ("dpo", "ipo", "simpo", "orpo")
-# preference keys and the objectives they apply to
-_PREFERENCE_KEYS = {"beta": ("dpo", "ipo", "simpo"), "label_smoothing": ("dpo", "simpo"), "loss_type": ("dpo",),
-                    "simpo_gamma": ("simpo",), "orpo_alpha": ("orpo",), "reference": ("dpo", "ipo")}
-
-
-def _preference(recipe: Recipe) -> Problems:
-    """Preference objectives need preference data, and each preference key its objective."""
-    objective, pref, data = recipe.method.objective, recipe.preference, recipe.data
-    defaults = type(pref)()
-    problems: Problems = []
-    for key, objectives in _PREFERENCE_KEYS.items():
-        if getattr(pref, key) != getattr(defaults, key) and objective not in objectives:
-            problems.append((("preference", key), f"applies to method.objective {' or '.join(objectives)}, not {objective}"))
-    preference = objective in PREFERENCE_OBJECTIVES
-    for side, sources in (("train", data.train), ("eval", data.eval or [])):
-        for k, source in enumerate(sources):
-            if preference and source.format != "preference":
-                problems.append((("data", side, k, "format"), f"method.objective {objective} trains on chosen/rejected pairs: "
-                                 "use format: preference (rows with prompt, chosen, rejected)"))
-            if not preference and source.format == "preference":
-                problems.append((("data", side, k, "format"), "preference rows need method.objective dpo, ipo, simpo or orpo"))
-    if not preference:
-        if data.invalid_pairs != "error":
-            problems.append((("data", "invalid_pairs"), "applies to preference data (method.objective dpo, ipo, simpo or orpo)"))
-        return problems
-    if pref.label_smoothing and objective == "dpo" and pref.loss_type == "hinge":
-        problems.append((("preference", "label_smoothing"), "applies to loss_type sigmoid or robust, not hinge"))
-    if pref.reference == "model" and recipe.method.type != "full":
-        problems.append((("preference", "reference"), "LoRA and QLoRA use the base model with the adapter disabled as the "
-                         "reference; a frozen copy (model) is for method.type: full"))
-    if data.streaming:
-        problems.append((("data", "streaming"), f"not available with method.objective {objective} yet; preprocess instead"))
-    if isinstance(recipe.kernels, list) and "fused_ce" in recipe.kernels:
-        problems.append((("kernels",), "fused_ce computes a summed loss; preference objectives need per-sequence "
-                         "log-probabilities: remove fused_ce"))
     return problems
 
 

@@ -12,7 +12,10 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ftl import objectives
 from ftl.errors import UserError
+from ftl.objectives.preference import DPO
+from ftl.objectives.sft import SFT
 
 SAMPLE_ROWS = 200
 
@@ -36,7 +39,8 @@ def starter_recipe(model: Path, data: Path, method: str = "lora") -> str:
     if fmt in ("chat", "sharegpt") and not tokenizer.chat_template:
         raise UserError(f"{model}: the data is {fmt} but the tokenizer has no chat template; point model.tokenizer at the "
                         "instruct model's tokenizer, or use alpaca/completion data")
-    if fmt == "preference":
+    objective = objectives.default_for(fmt)
+    if objective is DPO:
         notes.append("# preference pairs: trained with DPO (method.objective); ipo, simpo and orpo work the same way")
     lengths = _lengths(data, fmt, tokenizer)
     context = getattr(config, "max_position_embeddings", None) or 4096
@@ -59,8 +63,8 @@ def starter_recipe(model: Path, data: Path, method: str = "lora") -> str:
         lines.append("  eval_fraction: 0.05   # hold out 5% of the rows for eval loss")
     lines += notes
     lines += ["method:", f"  type: {method}   # lora | qlora (4-bit base) | full"]
-    if fmt == "preference":
-        lines.append("  objective: dpo")
+    if objective is not SFT:
+        lines.append(f"  objective: {objective.name}")
     if method != "full":
         lines += ["  lora: {r: 16, alpha: 32, dropout: 0.05, target_modules: all-linear}"]
     if method == "qlora":

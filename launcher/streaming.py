@@ -17,7 +17,7 @@ from datasets.distributed import split_dataset_by_node
 
 from ftl.config import Recipe
 from ftl.data import DataError, load_source, tokenize_row
-from ftl.loss import IGNORE_INDEX
+from ftl.objectives.batch import IGNORE_INDEX
 
 SHUFFLE_BUFFER = 1000
 

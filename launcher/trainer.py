@@ -7,33 +7,32 @@ run directory changes only after model, tokenizer, data and checkpoint have all 
 
 Each optimizer step gathers its micro-batches first, counts their targets across all ranks, and
 scales every micro-batch's summed loss by that count, so the update equals the one of a single
-batch of the same rows. What the loss is belongs to the objective (``ftl.loss.CausalLM``).
+batch of the same rows. What the loss is belongs to the objective (``ftl.objectives``).
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from accelerate.utils import set_seed
 from transformers import get_scheduler
 
-from ftl import distributed, strategies
+from ftl import distributed, objectives, strategies
 from ftl.checkpoint import load_training_state, read_state, save_checkpoint
 from ftl.config import Recipe
 from ftl.console import console
-from ftl.data import batch_indices, build_dataset, collate, load_source
+from ftl.data import batch_indices, build_dataset, load_source
 from ftl.flops import flops_counter, peak_flops, peak_memory_gib
-from ftl.loss import CausalLM
 from ftl.metrics import MetricsWriter, TrainingProgress, plot_losses, read_metrics, summary_table
 from ftl.model import build_model, compile_layers, load_base_model
+from ftl.objectives.base import Batch, precompute_reference, reference_file
 from ftl.optim import build_optimizer
 from ftl.plan import local_device, make_plan
 from ftl.preprocess import prepare as prepare_data
@@ -69,7 +68,7 @@ class RunSummary:
 
 
 class Trainer:
-    def __init__(self, recipe: Recipe, objective: Callable[[Callable | None], Any] = CausalLM):
+    def __init__(self, recipe: Recipe):
         recipe = self.recipe = recipe.resolved().for_device(local_device())
         cfg = self.cfg = recipe.train
         self.plan = make_plan(recipe)
@@ -86,7 +85,6 @@ class Trainer:
             if self.main:
                 load_source(source, streaming=recipe.data.streaming)
         self.model, self.tokenizer = build_model(recipe)
-        self.collate = functools.partial(collate, pad_token_id=self.tokenizer.pad_token_id, pack_pairs=recipe.data.packing)
         total_steps = self._load_data()
         # Model, tokenizer, data and checkpoint have all been checked: only now may the run directory change.
         if self.main:
@@ -98,17 +96,12 @@ class Trainer:
         fused = apply_kernels(recipe, self.model, self.strategy, acc.device)
         if cfg.compile:
             compile_layers(self.model)
-        if recipe.method.objective != "sft" and objective is CausalLM:
-            from ftl.preference import Preference, needs_reference_copy
-
-            reference = None
-            if needs_reference_copy(recipe):  # loaded again, as the policy was (under ZeRO-3: partitioned as it loads)
-                reference = load_base_model(recipe.model, self.tokenizer, recipe.quantization).eval().requires_grad_(False)
-                apply_kernels(recipe, reference, self.strategy, acc.device)
-                reference = self.strategy.prepare_reference(acc, reference)
-            self.objective = Preference(recipe, reference)
-        else:
-            self.objective = objective(fused)
+        kind, reference = objectives.for_recipe(recipe), None
+        if kind.reference_copy(recipe):  # loaded again, as the policy was (under ZeRO-3: partitioned as it loads)
+            reference = load_base_model(recipe.model, self.tokenizer, recipe.quantization).eval().requires_grad_(False)
+            apply_kernels(recipe, reference, self.strategy, acc.device)
+            reference = self.strategy.prepare_reference(acc, reference)
+        self.objective = kind(recipe, self.tokenizer.pad_token_id, fused, reference)
         model = self.strategy.shard(self.model, acc.device)
         optimizer = build_optimizer(model, cfg, cpu_adam=self.strategy.cpu_adam)
         self.model, self.optimizer = self.strategy.prepare(acc, model, optimizer)
@@ -116,7 +109,7 @@ class Trainer:
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * total_steps)
         self.scheduler = get_scheduler(cfg.lr_scheduler, self.optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
-        if getattr(self.objective, "precomputed", False):
+        if kind.precomputed(recipe):
             self._attach_reference(resuming=checkpoint is not None)
         if checkpoint is not None:
             self.state = load_training_state(checkpoint, acc, self.model, self.optimizer, self.scheduler, self.strategy)
@@ -183,9 +176,7 @@ class Trainer:
     def _attach_reference(self, resuming: bool) -> None:
         """preference.reference: precomputed: the starting model's log-probabilities of every row, computed
         before the first step (the model is the reference then) and kept beside the preprocessed data."""
-        from ftl.preference import precompute_reference, reference_file
-
-        path = reference_file(self.recipe, Path(self.data_stats["cache"]))
+        path = reference_file(self.recipe, type(self.objective), Path(self.data_stats["cache"]))
         if path.is_file():
             table = torch.load(path, weights_only=True)
         elif resuming:
@@ -193,8 +184,8 @@ class Trainer:
                              "the reference; start the run again (train.resume: never) or use preference.reference: auto")
         else:
             log.info("precomputing the reference log-probabilities of %d train rows", len(self.train_set))
-            table = {name: precompute_reference(self.model, rows, self.collate, self.cfg.micro_batch_size,
-                                                self.accelerator.device, self.strategy.autocast)
+            table = {name: precompute_reference(self.model, self.objective.collate, self.objective.reference_logps, rows,
+                                                self.cfg.micro_batch_size, self.accelerator.device, self.strategy.autocast)
                      for name, rows in (("train", self.train_set), ("eval", self.eval_set)) if rows is not None}
             if self.main:
                 tmp = path.with_name(path.name + ".tmp")
@@ -204,8 +195,9 @@ class Trainer:
         for name in ("train", "eval"):
             rows = getattr(self, f"{name}_set")
             if rows is not None:
-                rows = rows.add_column("ref_chosen_logps", table[name][:, 0].tolist())
-                setattr(self, f"{name}_set", rows.add_column("ref_rejected_logps", table[name][:, 1].tolist()))
+                for k, column in enumerate(self.objective.reference_columns):
+                    rows = rows.add_column(column, table[name][:, k].tolist())
+                setattr(self, f"{name}_set", rows)
 
     # ------------------------------------------------------------------------- the loop's verbs
 
@@ -228,11 +220,11 @@ class Trainer:
         if self.eval_set is not None:
             state.initial_eval_loss = self.evaluate(log_as_step=0)
 
-    def next_micro_batches(self) -> list[dict[str, torch.Tensor]]:
+    def next_micro_batches(self) -> list[Batch]:
         """This rank's micro-batches for the next optimizer step, on its device."""
         cfg, state, accum = self.cfg, self.state, self.cfg.gradient_accumulation_steps
         if self.stream is not None:
-            micro = [self.collate(self.stream.next_rows(cfg.micro_batch_size)) for _ in range(accum)]
+            micro = [self.objective.collate(self.stream.next_rows(cfg.micro_batch_size)) for _ in range(accum)]
             state.epoch, self.batches_in_epoch = self.stream.epoch, 0
         else:
             batches = batch_indices(len(self.train_set), cfg.micro_batch_size, cfg.seed, state.epoch, self.rank, self.world)
@@ -240,18 +232,18 @@ class Trainer:
                 state.epoch, state.position = state.epoch + 1, 0
                 batches = batch_indices(len(self.train_set), cfg.micro_batch_size, cfg.seed, state.epoch, self.rank, self.world)
             self.batches_in_epoch = len(batches)
-            micro = [self.collate([self.train_set[i] for i in idx])
+            micro = [self.objective.collate([self.train_set[i] for i in idx])
                      for idx in batches[state.position : state.position + accum]]
-        return [{k: v.to(self.accelerator.device) for k, v in mb.items()} for mb in micro]
+        return [mb.to(self.accelerator.device) for mb in micro]
 
-    def step(self, micro: list[dict[str, torch.Tensor]]) -> StepResult:
+    def step(self, micro: list[Batch]) -> StepResult:
         """One optimizer step over ``micro``: every rank's losses summed, divided by every rank's targets."""
         acc, strategy, model, objective = self.accelerator, self.strategy, self.model, self.objective
         step_targets = acc.reduce(sum(objective.targets(mb) for mb in micro).clone(), reduction="sum").clamp(min=1)
-        if hasattr(objective, "begin_step"):
-            objective.begin_step(micro, lambda t: acc.reduce(t.clone(), reduction="sum"))
-        loss_sum = torch.zeros((), device=acc.device)
         model.train()
+        with strategy.autocast(acc.device):
+            objective.begin_step(model, micro, lambda t: acc.reduce(t.clone(), reduction="sum"))
+        loss_sum = torch.zeros((), device=acc.device)
         for k, mb in enumerate(micro):
             last = k == len(micro) - 1
             with strategy.gradient_sync(acc, model, sync=last):
@@ -282,10 +274,10 @@ class Trainer:
             "train.learning_rate, keep train.max_grad_norm set, or check the data"
         )
 
-    def _count(self, micro: list[dict[str, torch.Tensor]]) -> None:
-        real = sum(mb["token_mask" if "token_mask" in mb else "attention_mask"].sum() for mb in micro)
-        self.window_tokens += int(self.accelerator.reduce(real, "sum"))
-        self.window_rows += len(micro) * micro[0]["input_ids"].shape[0] * self.world
+    def _count(self, micro: list[Batch]) -> None:
+        tokens = [self.objective.tokens(mb) for mb in micro]
+        self.window_tokens += int(self.accelerator.reduce(sum(t.token_mask.sum() for t in tokens), "sum"))
+        self.window_rows += len(micro) * tokens[0].input_ids.shape[0] * self.world
 
     def log(self, result: StepResult) -> None:
         """Write a metrics record for the steps since the last one."""
@@ -308,8 +300,7 @@ class Trainer:
         }
         if self.peak:
             record["mfu"] = tflops * 1e12 / self.peak
-        if hasattr(self.objective, "take_metrics"):  # preference objectives: rewards, accuracy, margin, log-probs
-            record.update(self.objective.take_metrics(lambda t: acc.reduce(t.clone(), reduction="sum")))
+        record.update(self.objective.take_metrics(lambda t: acc.reduce(t.clone(), reduction="sum")))
         self.metrics.write(record)
         self.progress.update(state.step, record)
         self.window_tokens, self.window_rows, self.window_start = 0, 0, now
@@ -326,8 +317,7 @@ class Trainer:
         for r in range(math.ceil(len(batches) / self.world)):
             index = r * self.world + self.rank
             # Every rank runs the same number of forwards (sharded models need all ranks); extra ones count zero.
-            batch = self.collate([self.eval_set[i] for i in batches[min(index, len(batches) - 1)]])
-            batch = {k: v.to(acc.device) for k, v in batch.items()}
+            batch = self.objective.collate([self.eval_set[i] for i in batches[min(index, len(batches) - 1)]]).to(acc.device)
             with self.strategy.autocast(acc.device):
                 loss = self.objective.loss_sum(model, batch, training=False)
             if index < len(batches):

@@ -4,7 +4,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from ftl.config import DataSection, DataSource
-from ftl.data import IGNORE_INDEX, DataError, batch_indices, build_dataset, collate, tokenize_row
+from ftl.data import IGNORE_INDEX, DataError, batch_indices, build_dataset, tokenize_row
+from ftl.objectives.batch import pad_rows
 from conftest import write_jsonl
 
 
@@ -103,10 +104,10 @@ def test_truncation_drops_rows_without_trainable_tokens(tmp_path: Path, tokenize
 
 
 def test_collate_pads_right_and_masks_padding() -> None:
-    batch = collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}], pad_token_id=0)
-    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
-    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    batch = pad_rows([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}], pad_token_id=0)
+    assert batch.input_ids.tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch.labels.tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
 
 
 def test_batch_order_does_not_depend_on_batch_or_world_size() -> None:

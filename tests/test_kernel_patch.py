@@ -12,7 +12,8 @@ from ftl.kernels.patch import KERNELS, FusedLoss, KernelError, apply, supported
 from ftl.kernels.rmsnorm import RMSNorm
 from ftl.kernels.swiglu import SwiGLUMLP
 from ftl.config import RecipeError, validate_recipe
-from ftl.loss import causal_lm_loss_sum
+from ftl.objectives.batch import Tokens
+from ftl.objectives.sft import causal_lm_loss_sum
 from ftl.tiny import write_tiny_model
 from conftest import make_recipe
 
@@ -23,14 +24,14 @@ def models(tmp_path_factory):
     return {arch: write_tiny_model(root / arch, arch, hidden_size=48) for arch in ("llama", "qwen2", "mistral")}
 
 
-def batch(vocab: int) -> dict[str, torch.Tensor]:
+def batch(vocab: int) -> Tokens:
     torch.manual_seed(0)
     ids = torch.randint(3, vocab, (2, 19))
     mask = torch.ones_like(ids)
     mask[1, 13:] = 0  # a padded row
     labels = ids.masked_fill(mask == 0, -100)
     labels[:, :5] = -100  # a masked prompt
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return Tokens(ids, labels, token_mask=mask, attention_mask=mask)
 
 
 def loss_and_grads(model, data, fused=None):

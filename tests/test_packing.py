@@ -9,8 +9,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ftl.config import DataSection, DataSource
-from ftl.data import build_dataset, collate
-from ftl.loss import IGNORE_INDEX, causal_lm_loss_sum
+from ftl.data import build_dataset
+from ftl.objectives.batch import pad_rows
+from ftl.objectives.batch import IGNORE_INDEX
+from ftl.objectives.sft import causal_lm_loss_sum
 from ftl.packing import best_fit_decreasing, pack_dataset
 from ftl.tiny import write_tiny_model
 
@@ -22,12 +24,12 @@ def tiny_qwen2(tmp_path_factory):
 
 def packed_and_alone(model, tokenizer, rows, contaminate: bool = False):
     """Per-token logits of each example inside its packed row, and run alone."""
-    batch = collate(rows, tokenizer.pad_token_id)
-    positions = batch["position_ids"]
+    batch = pad_rows(rows, tokenizer.pad_token_id)
+    positions = batch.position_ids
     if contaminate:  # one long sequence: plain causal attention across example boundaries
         positions = torch.arange(positions.shape[1]).expand_as(positions)
     with torch.no_grad():
-        packed = model(input_ids=batch["input_ids"], position_ids=positions, use_cache=False).logits
+        packed = model(input_ids=batch.input_ids, position_ids=positions, use_cache=False).logits
     pairs = []
     for r, row in enumerate(rows):
         starts = [i for i, p in enumerate(row["position_ids"]) if p == 0] + [len(row["position_ids"])]
@@ -61,8 +63,7 @@ def test_packed_examples_compute_what_they_compute_alone(arch, attn, tiny_llama,
         for row in rows:
             starts = [i for i, p in enumerate(row["position_ids"]) if p == 0] + [len(row["position_ids"])]
             for s, e in zip(starts, starts[1:]):
-                one = {"input_ids": torch.tensor([row["input_ids"][s:e]]), "labels": torch.tensor([row["labels"][s:e]]),
-                       "attention_mask": torch.ones(1, e - s, dtype=torch.long)}
+                one = pad_rows([{"input_ids": row["input_ids"][s:e], "labels": row["labels"][s:e]}], tokenizer.pad_token_id)
                 alone_sum += causal_lm_loss_sum(model, one).item()
     assert abs(total.item() - alone_sum) <= 1e-5 * abs(alone_sum)
     # Deliberately contaminated: without the position restarts, later examples see earlier ones.
@@ -98,8 +99,8 @@ def test_an_example_longer_than_a_row_is_refused():
 
 def test_padding_is_isolated_too():
     """Pad tokens of a packed row form their own block, with no labels."""
-    batch = collate([{"input_ids": [5, 6, 7], "labels": [5, 6, 7], "position_ids": [0, 1, 2]},
+    batch = pad_rows([{"input_ids": [5, 6, 7], "labels": [5, 6, 7], "position_ids": [0, 1, 2]},
                      {"input_ids": [5, 6, 7, 8, 9], "labels": [5, 6, 7, 8, 9], "position_ids": [0, 1, 0, 1, 2]}], pad_token_id=0)
-    assert batch["position_ids"][0].tolist() == [0, 1, 2, 0, 1]
-    assert batch["labels"][0].tolist()[3:] == [IGNORE_INDEX, IGNORE_INDEX]
-    assert "attention_mask" not in batch and batch["token_mask"].sum().item() == 8
+    assert batch.position_ids[0].tolist() == [0, 1, 2, 0, 1]
+    assert batch.labels[0].tolist()[3:] == [IGNORE_INDEX, IGNORE_INDEX]
+    assert batch.attention_mask is None and batch.token_mask.sum().item() == 8

@@ -13,10 +13,11 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ftl.config import DataSection, DataSource, validate_recipe
-from ftl.data import collate, tokenize_row
+from ftl.data import tokenize_row
 from ftl.errors import DataError
-from ftl.loss import IGNORE_INDEX
-from ftl.preference import Preference
+from ftl.objectives import build as build_objective
+from ftl.objectives.batch import IGNORE_INDEX, Tokens
+from ftl.objectives.preference import Pairs, collate_pairs
 from conftest import make_recipe, write_jsonl
 
 ROWS = [
@@ -70,18 +71,20 @@ def _trl_trainer(kind: str, config: dict, model, tokenizer, tmp_path: Path):
     return ORPOTrainer(model=model, args=ORPOConfig(**common, **config), train_dataset=data, processing_class=tokenizer)
 
 
-def _as_ftl_batch(kind: str, batch: dict) -> dict[str, torch.Tensor]:
+def _as_ftl_batch(kind: str, batch: dict) -> Pairs:
     """TRL's collated pairs as ftl's batch: the chosen sequences, then the rejected, labels on the responses."""
     if kind == "dpo":
         labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, IGNORE_INDEX)
-        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels}
+        return Pairs(Tokens(batch["input_ids"], labels, token_mask=batch["attention_mask"], attention_mask=batch["attention_mask"]),
+                     len(ROWS))
     width = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
     out = {}
     for key, fill in (("input_ids", 0), ("attention_mask", 0), ("labels", IGNORE_INDEX)):
         sides = [torch.nn.functional.pad(batch[f"{side}_{key}"], (0, width - batch[f"{side}_{key}"].shape[1]), value=fill)
                  for side in ("chosen", "rejected")]
         out[key] = torch.cat(sides)
-    return out
+    return Pairs(Tokens(out["input_ids"], out["labels"], token_mask=out["attention_mask"], attention_mask=out["attention_mask"]),
+                 len(ROWS))
 
 
 def _grads(model) -> dict[str, torch.Tensor]:
@@ -104,7 +107,7 @@ def test_losses_and_gradients_equal_trls(tiny_llama, tmp_path, case):
         # ftl over the response, as the paper's L_SFT and every other ftl objective: TRL's odds-ratio term, and
         # the response NLL by its definition.
         chosen_logps, rejected_logps, chosen_logits = trainer.concatenated_forward(model, batch)[:3]
-        labels = _as_ftl_batch(kind, batch)["labels"][: len(ROWS), 1:]
+        labels = _as_ftl_batch(kind, batch).tokens.labels[: len(ROWS), 1:]
         response_nll = torch.nn.functional.cross_entropy(chosen_logits.reshape(-1, chosen_logits.shape[-1]), labels.reshape(-1))
         trl_loss = response_nll - trainer.odds_ratio_loss(chosen_logps, rejected_logps)[0].mean()
     else:
@@ -115,9 +118,9 @@ def test_losses_and_gradients_equal_trls(tiny_llama, tmp_path, case):
     recipe = validate_recipe(make_recipe(tiny_llama, tmp_path / "x.jsonl", tmp_path / "run",
                                          data={"train": {"path": str(tmp_path / "x.jsonl"), "format": "preference"}},
                                          method={"objective": objective}, preference=settings))
-    ours = Preference(recipe)
+    ours = build_objective(recipe, tokenizer.pad_token_id)
     ftl_batch = _as_ftl_batch(kind, batch)
-    ours.begin_step([ftl_batch], lambda t: t)
+    ours.begin_step(model, [ftl_batch], lambda t: t)
     model.zero_grad()
     ftl_loss = ours.loss_sum(model, ftl_batch) / ours.targets(ftl_batch)
     ftl_loss.backward()
@@ -132,8 +135,8 @@ def test_losses_and_gradients_equal_trls(tiny_llama, tmp_path, case):
     other = validate_recipe(make_recipe(tiny_llama, tmp_path / "x.jsonl", tmp_path / "run",
                                         data={"train": {"path": str(tmp_path / "x.jsonl"), "format": "preference"}},
                                         method={"objective": objective}, preference={**settings, key: settings.get(key, 0.1) * 3}))
-    changed = Preference(other)
-    changed.begin_step([ftl_batch], lambda t: t)
+    changed = build_objective(other, tokenizer.pad_token_id)
+    changed.begin_step(model, [ftl_batch], lambda t: t)
     with torch.no_grad():
         assert abs(changed.loss_sum(model, ftl_batch).item() / len(ROWS) - trl_loss.item()) > 1e-4
 
@@ -175,8 +178,8 @@ def test_chat_rows_train_exactly_the_reply_and_its_end_of_turn(artifacts):
         assert tokenizer.decode(trained) == reply + "<|eot_id|>"
         assert labels[-len(trained):] == ids[-len(trained):] and labels[: -len(trained)] == [IGNORE_INDEX] * (len(ids) - len(trained))
         assert tokenizer.decode(ids[: -len(trained)]).endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
-    batch = collate([out], tokenizer.pad_token_id)
-    assert batch["input_ids"].shape[0] == 2  # the chosen side, then the rejected
+    batch = collate_pairs([out], tokenizer.pad_token_id)
+    assert batch.tokens.input_ids.shape[0] == 2  # the chosen side, then the rejected
 
 
 def test_invalid_pairs_are_errors_or_dropped_and_counted(tiny_llama, tmp_path, caplog):
@@ -268,22 +271,20 @@ def test_packed_pairs_give_the_padded_loss_and_gradients(tiny_llama, tmp_path, o
     """data.packing: a micro-batch's 2N sequences in one row without padding (position_ids restart,
     transformers' block-diagonal attention) give the loss and gradients of the padded batch, which
     is TRL's (above)."""
-    from ftl.data import collate
-
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     source, cfg = DataSource(path="x", format="preference"), DataSection(train=[{"path": "x", "format": "preference"}])
     rows = [tokenize_row(row, source, tokenizer, cfg, f"x: row {i}") for i, row in enumerate(_varied_pairs(6))]
-    padded, packed = collate(rows, tokenizer.pad_token_id), collate(rows, tokenizer.pad_token_id, pack_pairs=True)
-    assert packed["input_ids"].shape[0] == 1 and packed["input_ids"].shape[1] < padded["input_ids"].numel()
-    assert packed["input_ids"].shape[1] == padded["attention_mask"].sum()  # every token real, none left out
+    padded, packed = collate_pairs(rows, tokenizer.pad_token_id), collate_pairs(rows, tokenizer.pad_token_id, packed=True)
+    assert packed.tokens.input_ids.shape[0] == 1 and packed.tokens.input_ids.shape[1] < padded.tokens.input_ids.numel()
+    assert packed.tokens.input_ids.shape[1] == padded.tokens.attention_mask.sum()  # every token real, none left out
     model = _policy(tiny_llama)
     _move(model)
     recipe = validate_recipe(make_recipe(tiny_llama, tmp_path / "x.jsonl", tmp_path / "run",
                                          data={"train": {"path": "x", "format": "preference"}}, method={"objective": objective}))
     results = []
     for batch in (padded, packed):
-        ours = Preference(recipe)
-        ours.begin_step([batch], lambda t: t)
+        ours = build_objective(recipe, tokenizer.pad_token_id)
+        ours.begin_step(model, [batch], lambda t: t)
         model.zero_grad()
         loss = ours.loss_sum(model, batch) / ours.targets(batch)
         loss.backward()
@@ -298,11 +299,11 @@ def test_packed_pairs_give_the_padded_loss_and_gradients(tiny_llama, tmp_path, o
 
 def test_a_packed_dpo_run_traces_the_padded_one(tiny_llama, tmp_path, monkeypatch):
     """Through the real loop, with eval and a precomputed reference: packing changes no loss (1e-5)."""
-    import ftl.data
+    import ftl.objectives.batch as batches
 
     packed_batches = []
-    pack = ftl.data.pack_sequences
-    monkeypatch.setattr(ftl.data, "pack_sequences", lambda sequences: packed_batches.append(len(sequences)) or pack(sequences))
+    pack = batches.pack_sequences
+    monkeypatch.setattr(batches, "pack_sequences", lambda sequences: packed_batches.append(len(sequences)) or pack(sequences))
     path = write_jsonl(tmp_path / "pairs.jsonl", _varied_pairs(48))
     for reference in ("auto", "precomputed"):
         padded = _run(tiny_llama, path, tmp_path / f"padded-{reference}", "dpo", preference={"reference": reference},

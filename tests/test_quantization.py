@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from ftl.config import RecipeError, validate_recipe
-from ftl.data import build_dataset, collate
-from ftl.loss import causal_lm_loss_sum, count_trainable_tokens
+from ftl.data import build_dataset
+from ftl.objectives.batch import pad_rows
+from ftl.objectives.sft import causal_lm_loss_sum
 from ftl.metrics import read_metrics
 from ftl.model import build_model, load_for_inference
 from ftl.optim import build_optimizer
@@ -98,9 +99,9 @@ def _eval_loss(model, tokenizer, dataset) -> float:
     total, tokens = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(dataset), 4):
-            batch = collate([dataset[i] for i in range(start, min(start + 4, len(dataset)))], tokenizer.pad_token_id)
+            batch = pad_rows([dataset[i] for i in range(start, min(start + 4, len(dataset)))], tokenizer.pad_token_id)
             total += causal_lm_loss_sum(model, batch).item()
-            tokens += int(count_trainable_tokens(batch["labels"]))
+            tokens += int(batch.trainable_tokens())
     return total / tokens
 
 
@@ -112,11 +113,11 @@ def test_saved_adapter_on_fresh_4bit_base_reproduces_training(tiny_llama: Path, 
     eval_set = build_dataset(recipe.data.eval, tokenizer, recipe.data)
     assert _eval_loss(model, tokenizer, eval_set) == pytest.approx(summary.final_eval_loss, abs=1e-5)
 
-    batch = collate([eval_set[i] for i in range(4)], tokenizer.pad_token_id)
+    batch = pad_rows([eval_set[i] for i in range(4)], tokenizer.pad_token_id)
     again, _ = load_for_inference(summary.checkpoint)
     with torch.no_grad():
-        a = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        b = again(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        a = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        b = again(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
@@ -128,7 +129,7 @@ def test_eight_bit_adamw_state_is_uint8(tiny_llama: Path, demo_data, tmp_path: P
     model, tokenizer = build_model(recipe)
     optimizer = build_optimizer(model, recipe.train)
     assert isinstance(optimizer, bnb.optim.AdamW8bit)
-    batch = collate([{"input_ids": list(range(5, 30)), "labels": list(range(5, 30))}] * 2, tokenizer.pad_token_id)
+    batch = pad_rows([{"input_ids": list(range(5, 30)), "labels": list(range(5, 30))}] * 2, tokenizer.pad_token_id)
     causal_lm_loss_sum(model, batch).backward()
     optimizer.step()
     big = [p for p in model.parameters() if p.requires_grad and p.numel() >= 4096]
