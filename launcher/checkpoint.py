@@ -21,7 +21,7 @@ sha256 of every file) is written last, the directory is renamed, and only then i
 replaced (write + rename). A kill at any moment leaves the previous checkpoint intact; a
 checkpoint whose files do not match its manifest is skipped with a warning when resuming.
 Our files load with ``weights_only=True``: no pickle in them can run code. DeepSpeed loads its own
-``deepspeed/`` files with ``weights_only=False``; :func:`check_deepspeed_pickles` first reads every
+``deepspeed/`` files with ``weights_only=False``; ``strategies.zero.check_deepspeed_pickles`` first reads every
 one of them with torch's weights-only unpickler (tensors, plain data and two DeepSpeed value
 classes), so a planted pickle is refused before DeepSpeed sees it.
 """
@@ -40,9 +40,9 @@ from typing import Any, Iterator
 import torch
 from accelerate import Accelerator
 
-from ftl.errors import UserError, first_line
+from ftl.errors import first_line
 from ftl.rundir import RunDir, step_of, write_atomic
-from ftl.strategies import Strategy
+from ftl.strategies import CheckpointError, Strategy
 from ftl.train_state import TrainState, rng_state
 from ftl.weights import safetensors_files
 
@@ -51,10 +51,6 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
 RECIPE = "run.yaml"
-
-
-class CheckpointError(UserError):
-    """A checkpoint is incomplete or does not match its manifest."""
 
 
 # ----------------------------------------------------------------------------- saving
@@ -132,41 +128,6 @@ def _writing(tmp: Path, run: RunDir) -> Iterator[None]:
         raise CheckpointError(f"{tmp.parent}: could not write checkpoint {tmp.name.removesuffix('.tmp')}: {reason}; "
                               + (f"{latest} is intact and a resume continues from it" if latest else "no earlier checkpoint")
                               + " (free space and run the same command)") from None
-
-
-def check_deepspeed_pickles(checkpoint: Path) -> None:
-    """Refuse ``deepspeed/`` files that hold anything but tensors and plain data.
-
-    DeepSpeed unpickles its files with ``weights_only=False``, where a planted object runs code.
-    Reading each file first with the weights-only unpickler (memory-mapped, so tensors are not
-    read) proves the same bytes hold nothing that could.
-    """
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-
-    for path in sorted((checkpoint / "deepspeed").rglob("*.pt")):
-        try:
-            with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum]):
-                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as err:  # the unpickler's refusals, or a torn file
-            raise CheckpointError(
-                f"{path}: not loaded: it holds pickled objects that are not tensors or plain data "
-                f"({_first_line(err)}); only load checkpoints you trust with DeepSpeed's own tools"
-            ) from None
-
-
-def zero_fp32_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """The full-precision weights consolidated from a checkpoint's ``deepspeed/`` shards."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    check_deepspeed_pickles(checkpoint)
-    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag="deepspeed")
-
-
-def _first_line(err: Exception) -> str:
-    """The unpickler's refusal, which its message buries under advice; else the first line."""
-    refused = [line.strip() for line in str(err).splitlines() if "Unsupported global" in line or "Unsupported operand" in line]
-    return refused[0][:200] if refused else first_line(err)
 
 
 def write_manifest(directory: Path) -> None:

@@ -33,7 +33,8 @@ import torch
 import yaml
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from ftl.checkpoint import STATE, find_resumable, read_state, verify, zero_fp32_state_dict
+from ftl.checkpoint import STATE, find_resumable, read_state, verify
+from ftl.strategies.zero import zero_fp32_state_dict
 from ftl.config import ExportSection, Recipe, load_recipe
 from ftl.errors import UserError
 from ftl.export_template import trained_chat_template

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from ftl.checkpoint import zero_fp32_state_dict
+from ftl.strategies.zero import zero_fp32_state_dict
 from ftl.config import ExportSection, Recipe
 from ftl.merge import Merge
 from ftl.weights import DTYPES

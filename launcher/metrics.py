@@ -150,25 +150,6 @@ def summary_table(records: list[dict[str, Any]], summary: RunSummary) -> Table:
     return table
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The records of ``metrics.jsonl``; a line that is not a record (a write torn by a kill) is skipped."""
-    records, skipped = [], 0
-    for line in Path(path).read_bytes().decode("utf-8", "replace").splitlines():
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            record = None
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
-            records.append(record)
-        else:
-            skipped += 1
-    if skipped:
-        log.warning("%s: skipped %d line(s) that are not complete records (a write cut off by a kill?)", path, skipped)
-    return records
-
-
 def clock(seconds: float) -> str:
     """H:MM:SS, as rich's time columns show it."""
     seconds = max(0, int(round(seconds)))

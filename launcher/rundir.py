@@ -28,7 +28,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from ftl.errors import UserError
 
@@ -198,8 +198,6 @@ class RunDir:
         where ftl writes its own are moved aside; only ``resume: never`` with ``overwrite`` deletes
         an earlier run's checkpoints, as the recipe then asks.
         """
-        from ftl.metrics import read_metrics
-
         self.root.mkdir(parents=True, exist_ok=True)
         files = [self.recipe, self.metrics, self.data_stats, self.stopped, self.loss_plot, self.latest]
         dirs = [self.checkpoints, self.tensorboard]
@@ -264,3 +262,22 @@ def write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of ``metrics.jsonl``; a line that is not a record (a write torn by a kill) is skipped."""
+    records, skipped = [], 0
+    for line in Path(path).read_bytes().decode("utf-8", "replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+        else:
+            skipped += 1
+    if skipped:
+        log.warning("%s: skipped %d line(s) that are not complete records (a write cut off by a kill?)", path, skipped)
+    return records

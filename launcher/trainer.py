@@ -30,14 +30,14 @@ from ftl.config import Recipe
 from ftl.console import console
 from ftl.data import batch_indices, build_dataset, load_source
 from ftl.flops import flops_counter, peak_flops, peak_memory_gib
-from ftl.metrics import MetricsWriter, TrainingProgress, plot_losses, read_metrics, summary_table
+from ftl.metrics import MetricsWriter, TrainingProgress, plot_losses, summary_table
 from ftl.model import build_model, compile_layers, load_base_model
 from ftl.objectives.base import Batch, precompute_reference, reference_file
 from ftl.optim import build_optimizer
 from ftl.plan import local_device, make_plan
 from ftl.preprocess import prepare as prepare_data
 from ftl.resume import TrainError, resume_point
-from ftl.rundir import RunDir
+from ftl.rundir import RunDir, read_metrics
 from ftl.streaming import RowStream
 from ftl.train_state import TrainState
 from ftl.weights import weights_identity

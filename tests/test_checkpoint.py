@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from ftl.checkpoint import find_resumable, verify
 from ftl.config import validate_recipe
-from ftl.metrics import read_metrics
+from ftl.rundir import read_metrics
 from ftl.signals import EXIT_STOPPED
 from ftl.train import train
 from conftest import make_recipe, write_jsonl, write_yaml

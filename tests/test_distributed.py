@@ -26,7 +26,7 @@ import torch
 from ftl.checkpoint import write_manifest
 from ftl.config import ExportSection, validate_recipe
 from ftl.export import export
-from ftl.metrics import read_metrics
+from ftl.rundir import read_metrics
 from ftl.signals import EXIT_STOPPED
 from ftl.train import train
 from conftest import make_recipe, write_yaml

@@ -272,7 +272,7 @@ def test_export_refuses_a_planted_pickle_in_deepspeed_state(tiny_llama, demo_dat
     assert not marker.exists()
     # The same check reads what DeepSpeed really writes (tensors, plain data, its loss scaler).
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from ftl.checkpoint import check_deepspeed_pickles
+    from ftl.strategies.zero import check_deepspeed_pickles
 
     legit = _zero_checkpoint_with({"w": torch.ones(3), "scaler": LossScaler(1.0), "n": [1, "a"]}, tiny_llama, demo_data, tmp_path / "b")
     check_deepspeed_pickles(legit)

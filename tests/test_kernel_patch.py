@@ -74,7 +74,7 @@ def test_an_architecture_without_the_modules_is_an_error_and_auto_skips_it(caplo
 
 
 def test_training_with_kernels_auto_has_the_trace_of_kernels_none(tmp_path, tiny_llama, demo_data, caplog):
-    from ftl.metrics import read_metrics
+    from ftl.rundir import read_metrics
     from ftl.train import train
 
     traces = {}

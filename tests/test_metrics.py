@@ -8,7 +8,8 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ftl.config import validate_recipe
-from ftl.metrics import MetricsWriter, read_metrics
+from ftl.metrics import MetricsWriter
+from ftl.rundir import read_metrics
 from conftest import make_recipe
 
 

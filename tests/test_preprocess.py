@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 from ftl import preprocess
 from ftl.config import validate_recipe, with_values
 from ftl.data import batch_indices
-from ftl.metrics import read_metrics
+from ftl.rundir import read_metrics
 from ftl.train import train
 from conftest import make_recipe, write_jsonl, write_yaml
 

@@ -13,7 +13,7 @@ from ftl.config import RecipeError, validate_recipe
 from ftl.data import build_dataset
 from ftl.objectives.batch import pad_rows
 from ftl.objectives.sft import causal_lm_loss_sum
-from ftl.metrics import read_metrics
+from ftl.rundir import read_metrics
 from ftl.model import build_model, load_for_inference
 from ftl.optim import build_optimizer
 from ftl.train import train

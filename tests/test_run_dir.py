@@ -11,7 +11,7 @@ import pytest
 
 from ftl.config import validate_recipe
 from ftl.errors import UserError
-from ftl.metrics import read_metrics
+from ftl.rundir import read_metrics
 from ftl.train import TrainError, train
 from conftest import copy_run, make_recipe
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from ftl.config import RecipeError, validate_recipe
-from ftl.metrics import read_metrics
+from ftl.rundir import read_metrics
 from ftl.slurm import SlurmError, render
 from conftest import make_recipe, write_yaml
 

@@ -8,7 +8,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from ftl.config import RecipeError, validate_recipe
-from ftl.metrics import read_metrics
+from ftl.rundir import read_metrics
 from ftl.streaming import RowStream
 from ftl.train import train
 from conftest import make_recipe, write_jsonl

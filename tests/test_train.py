@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from ftl.config import load_recipe, validate_recipe
-from ftl.metrics import read_metrics
+from ftl.rundir import read_metrics
 from ftl.tiny import write_tiny_model
 from ftl.train import TrainError, train
 from conftest import make_recipe

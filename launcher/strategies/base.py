@@ -31,6 +31,10 @@ class DistributedError(UserError):
     """The processes found at run time are not the ones the recipe planned."""
 
 
+class CheckpointError(UserError):
+    """A checkpoint is incomplete or does not match its manifest."""
+
+
 class CheckpointFormatError(UserError):
     """A checkpoint was saved under another strategy than the one resuming it."""
 

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any, ContextManager, Iterator
 
 import torch
 
-from ftl.strategies.base import CheckpointFormatError, Single, is_peft
+from ftl.errors import first_line
+from ftl.strategies.base import CheckpointError, CheckpointFormatError, Single, is_peft
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -179,8 +180,6 @@ class Zero(Single):
         model.save_checkpoint(str(directory), tag="deepspeed", exclude_frozen_parameters=is_peft(model))
 
     def load_state(self, model: Any, optimizer: Any, checkpoint: Path) -> None:
-        from ftl.checkpoint import CheckpointError, check_deepspeed_pickles
-
         if not (checkpoint / "deepspeed").is_dir():
             raise CheckpointFormatError(f"{checkpoint}: no deepspeed/ state; resume with the strategy it was saved under")
         check_deepspeed_pickles(checkpoint)
@@ -190,3 +189,38 @@ class Zero(Single):
         )
         if path is None:
             raise CheckpointError(f"{checkpoint}: DeepSpeed could not load deepspeed/")
+
+
+def check_deepspeed_pickles(checkpoint: Path) -> None:
+    """Refuse ``deepspeed/`` files that hold anything but tensors and plain data.
+
+    DeepSpeed unpickles its files with ``weights_only=False``, where a planted object runs code.
+    Reading each file first with the weights-only unpickler (memory-mapped, so tensors are not
+    read) proves the same bytes hold nothing that could.
+    """
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    for path in sorted((checkpoint / "deepspeed").rglob("*.pt")):
+        try:
+            with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum]):
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:  # the unpickler's refusals, or a torn file
+            raise CheckpointError(
+                f"{path}: not loaded: it holds pickled objects that are not tensors or plain data "
+                f"({_first_line(err)}); only load checkpoints you trust with DeepSpeed's own tools"
+            ) from None
+
+
+def zero_fp32_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The full-precision weights consolidated from a checkpoint's ``deepspeed/`` shards."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    check_deepspeed_pickles(checkpoint)
+    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag="deepspeed")
+
+
+def _first_line(err: Exception) -> str:
+    """The unpickler's refusal, which its message buries under advice; else the first line."""
+    refused = [line.strip() for line in str(err).splitlines() if "Unsupported global" in line or "Unsupported operand" in line]
+    return refused[0][:200] if refused else first_line(err)
