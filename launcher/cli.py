@@ -400,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on resume, continue although FIELD (e.g. train.learning_rate) differs from the checkpoint's recipe")
     p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser("eval", help="exact-match accuracy of a model or checkpoint by greedy generation")
+    p = sub.add_parser("eval", help="exact-match accuracy of a model or checkpoint by greedy generation; on preference data, which response it prefers (a reward model: pairwise accuracy)")
     p.add_argument("model", help="model directory, run directory (its newest checkpoint) or checkpoint (full model or PEFT adapter)")
     p.add_argument("--data", required=True, help="alpaca or chat data file with reference answers")
     p.add_argument("--format", choices=["alpaca", "chat", "sharegpt"],

@@ -19,6 +19,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, source = _eval_target(Path(args.model), args.data, args.format)
     console.print(f"evaluating {escape(str(model))} on {escape(args.data)} ({source.format} format)", markup=True,
                   highlight=False, soft_wrap=True)
+    if source.format == "preference":
+        from ftl.evaluate import preference_accuracy
+
+        result = preference_accuracy(model, source, limit=args.limit, trust_remote_code=args.trust_remote_code)
+        for key, value in result.items():
+            console.print(f"{key.replace('_', ' ')}: [bold]{value:.1%}[/]" if "accuracy" in key else f"{key}: {value:g}",
+                          markup=True)
+        return 0
     accuracy, n, examples = evaluate_path(model, source, args.limit, trust_remote_code=args.trust_remote_code)
     for example in examples:
         console.print(f"  expected {example['expected']!r:<24} generated {example['generated']!r}")

@@ -144,10 +144,11 @@ class LoraSection(_Section):
 
 class MethodSection(_Section):
     type: Literal["full", "lora", "qlora"] = "lora"
-    objective: Literal["sft", "dpo", "ipo", "simpo", "orpo", "kto"] = Field(
+    objective: Literal["sft", "dpo", "ipo", "simpo", "orpo", "kto", "reward"] = Field(
         "sft", description="sft (next-token loss on responses), a preference objective on chosen/rejected pairs "
-        "(dpo, ipo, simpo, orpo; data format preference), or kto on completions labelled desirable or not (data format "
-        "unpaired); their settings are in the preference and kto sections.")
+        "(dpo, ipo, simpo, orpo; data format preference), kto on completions labelled desirable or not (data format "
+        "unpaired), or reward: a reward model (a score head) trained on preference pairs; their settings are in the "
+        "preference, kto and reward sections.")
     lora: LoraSection = Field(default_factory=LoraSection)
     freeze: list[str] = Field(
         default_factory=list,
@@ -183,6 +184,12 @@ class KtoSection(_Section):
     reference: Literal["auto", "model", "precomputed"] = Field(
         "auto", description="the reference model, as preference.reference: auto (LoRA/QLoRA: the adapter disabled; full: "
         "a frozen copy), model (the frozen copy), precomputed (log-probabilities stored before the first step).")
+
+
+class RewardSection(_Section):
+    center_rewards_coefficient: float = Field(0.0, ge=0, le=1000, description="weight of the mean squared sum of a "
+                                              "pair's rewards, which keeps rewards centred on zero (TRL's "
+                                              "center_rewards_coefficient; 0.01 is the usual value).")
 
 
 class QuantizationSection(_Section):
@@ -361,6 +368,7 @@ class Recipe(_Section):
     method: MethodSection = Field(default_factory=MethodSection)
     preference: PreferenceSection = Field(default_factory=PreferenceSection)
     kto: KtoSection = Field(default_factory=KtoSection)
+    reward: RewardSection = Field(default_factory=RewardSection)
     quantization: QuantizationSection = Field(default_factory=QuantizationSection)
     train: TrainSection = Field(default_factory=TrainSection)
     distributed: DistributedSection = Field(default_factory=DistributedSection)

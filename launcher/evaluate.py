@@ -116,21 +116,35 @@ def evaluate_path(
 
 
 @torch.no_grad()
-def preference_accuracy(model_path: str | Path, data: DataSource, max_length: int = 512) -> dict[str, float]:
+def preference_accuracy(model_path: str | Path, data: DataSource, max_length: int = 512, limit: int | None = None,
+                        trust_remote_code: bool = False) -> dict[str, float]:
     """On preference rows: how often the model gives the chosen response a higher log-probability than
     the rejected one, and, for an adapter (whose disabled state is the reference), how often DPO's
-    implicit reward (the log-ratio to the reference) is higher for the chosen one."""
+    implicit reward (the log-ratio to the reference) is higher for the chosen one. A reward model
+    (a score head): how often it scores the chosen response higher (pairwise accuracy), and by how much."""
     from contextlib import nullcontext
 
     from ftl.config import DataSection
     from ftl.data import build_dataset
-    from ftl.model import load_for_inference
+    from ftl.checkpoint import MANIFEST, STATE, verify
+    from ftl.model import head_of, load_for_inference
     from ftl.objectives.base import precompute_reference
     from ftl.objectives.preference import collate_pairs, pair_logps
+    from ftl.objectives.reward import collate_scored, scores
 
-    model, tokenizer = load_for_inference(Path(model_path))
+    path = Path(model_path)
+    if (path / STATE).exists() or (path / MANIFEST).exists():
+        verify(path)  # a checkpoint: only an intact one is evaluated
+    model, tokenizer = load_for_inference(path, trust_remote_code=trust_remote_code)
     rows = build_dataset([data], tokenizer, DataSection(train=[data], max_length=max_length))
+    if limit is not None:
+        rows = rows.select(range(min(limit, len(rows))))
     device = next(model.parameters()).device
+    if head_of(path) == "score":
+        rewards = precompute_reference(model, lambda r: collate_scored(r, tokenizer.pad_token_id),
+                                       lambda m, b: scores(m, b.tokens).view(2, -1).t(), rows, 8, device, lambda d: nullcontext())
+        return {"rows": len(rows), "pairwise_accuracy": (rewards[:, 0] > rewards[:, 1]).float().mean().item(),
+                "mean_margin": (rewards[:, 0] - rewards[:, 1]).mean().item()}
 
     def logps() -> torch.Tensor:  # (chosen, rejected) per row
         return precompute_reference(model, lambda r: collate_pairs(r, tokenizer.pad_token_id), pair_logps, rows, 8, device,

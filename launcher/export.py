@@ -33,8 +33,8 @@ import torch
 import yaml
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+from ftl import objectives
 from ftl.checkpoint import STATE, find_resumable, read_state, verify
-from ftl.strategies.zero import zero_fp32_state_dict
 from ftl.config import ExportSection, Recipe, load_recipe
 from ftl.errors import UserError
 from ftl.export_template import trained_chat_template
@@ -42,6 +42,8 @@ from ftl.export_verify import TOLERANCE, verification_sequences, verify_export
 from ftl.resume import check_same_base
 from ftl.rundir import RunDir
 from ftl.merge import Adapter, Merge, Quantizer, TensorSource, write_merged
+from ftl.model import HEADS, head_of
+from ftl.strategies.zero import zero_fp32_state_dict
 from ftl.weights import DTYPES
 
 log = logging.getLogger(__name__)
@@ -131,7 +133,8 @@ def export(
                 report["gguf"] = gguf.convert(tmp, options.gguf, tmp / f"adapter-{options.gguf}.gguf", base=base).name
         else:
             dtype = DTYPES[options.dtype]
-            mode, merge = _write_model(checkpoint, recipe, tmp, dtype, options)
+            head = head_of(checkpoint) if foreign else objectives.for_recipe(recipe).head
+            mode, merge = _write_model(checkpoint, recipe, tmp, dtype, options, head)
             template = _write_tokenizer(checkpoint, recipe, tmp, foreign)
             report = {"mode": mode, "dtype": options.dtype, "checkpoint": f"{checkpoint.parent.name}/{checkpoint.name}",
                       "chat_template": template}
@@ -142,7 +145,7 @@ def export(
             sequences = None
             if options.verify:
                 sequences = verification_sequences(recipe, AutoTokenizer.from_pretrained(tmp), options.verify_prompts)
-                report.update(verify_export(tmp, checkpoint, recipe, options, mode, merge, sequences))
+                report.update(verify_export(tmp, checkpoint, recipe, options, mode, merge, sequences, head))
             else:
                 report.update({"verified": False, "passed": True})
             if options.gguf and report["passed"]:
@@ -195,7 +198,8 @@ def _fresh_name(path: Path) -> Path:
     return candidate
 
 
-def _write_model(checkpoint: Path, recipe: Recipe, out: Path, dtype: torch.dtype, options: ExportSection) -> tuple[str, Merge]:
+def _write_model(checkpoint: Path, recipe: Recipe, out: Path, dtype: torch.dtype, options: ExportSection,
+                 head: str = "causal_lm") -> tuple[str, Merge]:
     base_dir = _local_model_dir(recipe.model.path)
     quantizer, base_dtype = None, None
     if (checkpoint / "adapter_config.json").is_file():
@@ -216,16 +220,21 @@ def _write_model(checkpoint: Path, recipe: Recipe, out: Path, dtype: torch.dtype
         source, adapter, mode, config_dir = TensorSource.from_state_dict(state), None, "full-zero3", base_dir
     else:
         raise ExportError(f"{checkpoint}: no adapter, model weights or deepspeed/ state to export")
-    merge = Merge(source, adapter, quantizer, base_dtype)
+    if head == "score":
+        source.drop("lm_head.weight")  # a reward model's output is its score head
+    merge = Merge(source, adapter, quantizer, base_dtype, "score.weight" if head == "score" else "lm_head.weight")
     files = write_merged(merge, out, dtype, options.max_shard_size)
     untie = adapter is not None and any(name.endswith("lm_head.weight") for name in adapter.replaced)
     config = serving_config(json.loads((config_dir / "config.json").read_text()), options.dtype, untie)
+    if head == "score":
+        config = score_config(config, AutoTokenizer.from_pretrained(checkpoint).pad_token_id)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    try:
-        generation = GenerationConfig.from_pretrained(config_dir)
-    except OSError:
-        generation = GenerationConfig.from_model_config(AutoConfig.from_pretrained(out))
-    generation.save_pretrained(out)
+    if head == "causal_lm":  # (a reward model does not generate)
+        try:
+            generation = GenerationConfig.from_pretrained(config_dir)
+        except OSError:
+            generation = GenerationConfig.from_model_config(AutoConfig.from_pretrained(out))
+        generation.save_pretrained(out)
     log.info("%s export: %d file(s) in %s", mode, len(files), out)
     return mode, merge
 
@@ -245,6 +254,18 @@ def serving_config(config: dict[str, Any], dtype: str, untie: bool) -> dict[str,
         config.setdefault("rope_theta", rope["rope_theta"])
         scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
         config.setdefault("rope_scaling", scaling if scaling.get("rope_type", "default") != "default" else None)
+    return config
+
+
+def score_config(config: dict[str, Any], pad_token_id: int | None) -> dict[str, Any]:
+    """A causal LM's config as the reward model's: the sequence-classification architecture with one
+    output, and the pad token by which it finds each row's last token."""
+    config = dict(config)
+    config["architectures"] = [a.replace("ForCausalLM", "ForSequenceClassification") for a in config.get("architectures") or []]
+    config["id2label"], config["label2id"] = {"0": "LABEL_0"}, {"LABEL_0": 0}
+    config.pop("num_labels", None)
+    if config.get("pad_token_id") is None:
+        config["pad_token_id"] = pad_token_id
     return config
 
 
@@ -337,6 +358,7 @@ def _write_model_card(out: Path, checkpoint: Path, recipe: Recipe, report: dict[
     base = _public_name(recipe.model.path)
     data = ", ".join(Path(s.path).name for s in recipe.data.train)
     library = "peft" if report.get("adapter_only") else "transformers"
+    auto = HEADS[objectives.for_recipe(recipe).head][0].__name__  # a reward model: AutoModelForSequenceClassification
     lines = [
         "---", f"base_model: {base}", f"library_name: {library}", "tags: [ftl, fine-tuned]", "---", "",
         f"# Fine-tuned {base}", "",
@@ -356,8 +378,8 @@ def _write_model_card(out: Path, checkpoint: Path, recipe: Recipe, report: dict[
                      f"moves logits by up to {report['rounding_max_abs_logit_diff']:.3g} (greedy agreement "
                      f"{report['rounding_greedy_agreement']:.1%}); {'passed' if report['passed'] else 'FAILED'}")
     lines += ["", "## Use", ""] + (_adapter_usage(base) if report.get("adapter_only") else [
-        "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-        'model = AutoModelForCausalLM.from_pretrained("path/to/this/directory")',
+        "```python", f"from transformers import {auto}, AutoTokenizer", "",
+        f'model = {auto}.from_pretrained("path/to/this/directory")',
         'tokenizer = AutoTokenizer.from_pretrained("path/to/this/directory")', "```"])
     recipe_text = yaml.safe_dump(_without_local_paths(recipe.model_dump(mode="json")), sort_keys=False).strip()
     lines += ["", "## Recipe", "", "```yaml", recipe_text, "```", ""]

@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig
 
-from ftl.strategies.zero import zero_fp32_state_dict
 from ftl.config import ExportSection, Recipe
 from ftl.merge import Merge
+from ftl.model import HEADS
+from ftl.strategies.zero import zero_fp32_state_dict
 from ftl.weights import DTYPES
 
 # Largest max |logit difference| of the float32 merge, relative to the trained model's logit std:
@@ -31,21 +32,26 @@ ORIGINAL_TOLERANCE = 1.0  # qlora_merge: original moves logits by design; only g
 
 @torch.no_grad()
 def verify_export(out: Path, checkpoint: Path, recipe: Recipe, options: ExportSection, mode: str, merge: Merge,
-                  sequences: list[list[int]]) -> dict[str, Any]:
-
-    trained = _trained_model(out, checkpoint, recipe, mode)
+                  sequences: list[list[int]], head: str = "causal_lm") -> dict[str, Any]:
+    """``head``: causal_lm compares next-token logits at every position; score (a reward model) the one
+    score of each sequence, against the spread of those scores."""
+    auto_class = HEADS[head][0]
+    trained = _trained_model(out, checkpoint, recipe, mode, head)
     reference = [trained(input_ids=torch.tensor([ids])).logits.float()[0] for ids in sequences]
     del trained
-    scale = max(r.std().item() for r in reference)
+    if head == "score":
+        scale = torch.cat(reference).std().item() if len(reference) > 1 else reference[0].abs().item()
+    else:
+        scale = max(r.std().item() for r in reference)
 
-    merged = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(out), dtype=torch.float32).eval()
+    merged = auto_class.from_config(AutoConfig.from_pretrained(out), dtype=torch.float32).eval()
     merged.load_state_dict(merge.float32_state_dict(), strict=False)
     merged.tie_weights()
     merged_logits = [merged(input_ids=torch.tensor([ids])).logits.float()[0] for ids in sequences]
     merge_diff = _compare(reference, merged_logits)
 
     dtype = DTYPES[options.dtype]
-    served = AutoModelForCausalLM.from_pretrained(out, dtype=dtype).eval()
+    served = auto_class.from_pretrained(out, dtype=dtype).eval()
     expected = merged.state_dict()
     mismatched = sorted(name for name, tensor in served.state_dict().items()
                         if name not in expected or not torch.equal(tensor, expected[name].to(tensor.dtype)))
@@ -70,13 +76,14 @@ def verify_export(out: Path, checkpoint: Path, recipe: Recipe, options: ExportSe
     }
 
 
-def _trained_model(out: Path, checkpoint: Path, recipe: Recipe, mode: str) -> torch.nn.Module:
+def _trained_model(out: Path, checkpoint: Path, recipe: Recipe, mode: str, head: str) -> torch.nn.Module:
     """The model as trained (base loaded in ``model.dtype``, 4-bit for QLoRA, + adapter through peft),
     computing in float32."""
     from ftl.model import compute_in_float32, load_for_inference
 
+    auto_class, _, head_kwargs = HEADS[head]
     if mode == "full-zero3":
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(out), dtype=torch.float32).eval()
+        model = auto_class.from_config(AutoConfig.from_pretrained(out), dtype=torch.float32).eval()
         model.load_state_dict(zero_fp32_state_dict(checkpoint), strict=False)
         return model
     from ftl.rundir import RunDir
@@ -84,7 +91,7 @@ def _trained_model(out: Path, checkpoint: Path, recipe: Recipe, mode: str) -> to
     if mode.startswith("lora") and RunDir.of_checkpoint(checkpoint) is None:  # an adapter trained elsewhere: peft's own
         from peft import PeftModel
 
-        base = AutoModelForCausalLM.from_pretrained(recipe.model.path, dtype=torch.float32)
+        base = auto_class.from_pretrained(recipe.model.path, dtype=torch.float32, **head_kwargs)
         return PeftModel.from_pretrained(base, checkpoint).eval()
     model, _ = load_for_inference(checkpoint, dtype=torch.float32, trust_remote_code=recipe.model.trust_remote_code)
     return compute_in_float32(model)

@@ -67,6 +67,11 @@ class TensorSource:
     def from_state_dict(cls, state: dict[str, torch.Tensor]) -> TensorSource:
         return cls({k: tuple(v.shape) for k, v in state.items()}, {k: (lambda v=v: v) for k, v in state.items()})
 
+    def drop(self, name: str) -> None:
+        """Leave a tensor out (a causal LM's ``lm_head`` under a reward model's score head)."""
+        self.shapes.pop(name, None)
+        self.loaders.pop(name, None)
+
 
 def _read(path: Path, key: str) -> torch.Tensor:
     with safe_open(str(path), "pt") as f:
@@ -175,15 +180,16 @@ class Merge:
     adapter: Adapter | None = None
     quantizer: Quantizer | None = None
     base_dtype: torch.dtype | None = None
+    head: str = "lm_head.weight"  # the output head: the base may lack it (tied embeddings; a new score head)
 
     def __post_init__(self) -> None:
         if self.adapter is None:
             return
         missing = sorted((set(self.adapter.a) | set(self.adapter.replaced)) - set(self.source.shapes))
-        extra = [m for m in missing if not m.endswith("lm_head.weight")]
+        extra = [m for m in missing if not m.endswith(self.head)]
         if extra:
             raise MergeError(f"the adapter targets weights the base model does not have: {', '.join(extra[:3])}")
-        # A trained lm_head on a model with tied embeddings becomes its own tensor.
+        # A trained lm_head on a model with tied embeddings becomes its own tensor; a score head is new.
         for name in missing:
             self.source.shapes[name] = tuple(self.adapter.replaced[name].shape)
             self.source.loaders[name] = lambda name=name: self.adapter.replaced[name]

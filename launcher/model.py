@@ -8,6 +8,7 @@ any frozen patterns) and a tokenizer that always has a pad token.
 from __future__ import annotations
 
 import fnmatch
+import json
 import logging
 import math
 import os
@@ -16,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
+from ftl import objectives
 from ftl.config import MethodSection, ModelSection, QuantizationSection, Recipe
 from ftl.errors import UserError, first_line
 from ftl.weights import DTYPES as WEIGHT_DTYPES
@@ -111,11 +113,32 @@ def quantization_config(quant: QuantizationSection) -> BitsAndBytesConfig | None
     )
 
 
+# A model's head (``Objective.head``): how transformers builds it, and peft's task for it (SEQ_CLS
+# trains the new score head whole beside the adapters and saves it with them).
+HEADS: dict[str, tuple[Any, str, dict[str, Any]]] = {
+    "causal_lm": (AutoModelForCausalLM, "CAUSAL_LM", {}),
+    "score": (AutoModelForSequenceClassification, "SEQ_CLS", {"num_labels": 1}),
+}
+
+
+def head_of(path: str | Path) -> str:
+    """The head of a saved model: ``score`` for a sequence-classification config or adapter, else ``causal_lm``."""
+    path = Path(path)
+    if (path / "adapter_config.json").is_file():
+        task = json.loads((path / "adapter_config.json").read_text()).get("task_type")
+        return "score" if task == "SEQ_CLS" else "causal_lm"
+    if (path / "config.json").is_file():
+        architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
+        return "score" if any(a.endswith("ForSequenceClassification") for a in architectures) else "causal_lm"
+    return "causal_lm"
+
+
 def load_base_model(
-    cfg: ModelSection, tokenizer: Any | None = None, quant: QuantizationSection | None = None
+    cfg: ModelSection, tokenizer: Any | None = None, quant: QuantizationSection | None = None, head: str = "causal_lm"
 ) -> PreTrainedModel:
     bnb_config = quantization_config(quant) if quant is not None else None
-    extra: dict[str, Any] = {}
+    auto_class, _, head_kwargs = HEADS[head]
+    extra: dict[str, Any] = dict(head_kwargs)
     if bnb_config is not None:
         extra["quantization_config"] = bnb_config
         if torch.cuda.is_available():
@@ -123,7 +146,7 @@ def load_base_model(
             extra["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     _check_local(cfg.path, "model.path")
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = auto_class.from_pretrained(
             cfg.path,
             dtype=DTYPES[cfg.dtype],
             attn_implementation=cfg.attn_implementation,
@@ -131,7 +154,8 @@ def load_base_model(
             **extra,
         )
     except LOAD_ERRORS as err:
-        raise ModelError(f"model.path: cannot load a causal LM from '{cfg.path}': {first_line(err)}") from None
+        kind = "a causal LM" if head == "causal_lm" else "a model with a score head"
+        raise ModelError(f"model.path: cannot load {kind} from '{cfg.path}': {first_line(err)}") from None
     if tokenizer is not None:
         embedding = model.get_input_embeddings()
         # num_embeddings, not the weight's shape: ZeRO-3 partitions the weight while loading.
@@ -193,7 +217,7 @@ def compute_in_float32(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def apply_method(model: PreTrainedModel, method: MethodSection, gradient_checkpointing: bool,
-                 upcast_unquantized: bool = True) -> PreTrainedModel:
+                 upcast_unquantized: bool = True, head: str = "causal_lm") -> PreTrainedModel:
     """Make the right parameters trainable: LoRA adapters, or the base minus frozen patterns."""
     if getattr(model, "is_quantized", False) and upcast_unquantized:
         from peft import prepare_model_for_kbit_training
@@ -205,14 +229,14 @@ def apply_method(model: PreTrainedModel, method: MethodSection, gradient_checkpo
     if gradient_checkpointing:
         _enable_checkpointing(model)
     if method.type in ("lora", "qlora"):
-        return _wrap_lora(model, method)
+        return _wrap_lora(model, method, HEADS[head][1])
     freeze_patterns(model, method.freeze)
     if not any(p.requires_grad for p in model.parameters()):
         raise ModelError("method.freeze: the patterns freeze every parameter; nothing would be trained")
     return model
 
 
-def _wrap_lora(model: PreTrainedModel, method: MethodSection) -> PreTrainedModel:
+def _wrap_lora(model: PreTrainedModel, method: MethodSection, task_type: str = "CAUSAL_LM") -> PreTrainedModel:
     from peft import LoraConfig, get_peft_model
 
     lora = method.lora
@@ -224,7 +248,7 @@ def _wrap_lora(model: PreTrainedModel, method: MethodSection) -> PreTrainedModel
         modules_to_save=lora.modules_to_save or None,
         use_rslora=lora.use_rslora,
         use_dora=lora.use_dora,
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
     names = {name for name, _ in model.named_modules()}
     for module in lora.modules_to_save:
@@ -292,9 +316,10 @@ def parameter_count(param: torch.Tensor) -> int:
 
 def build_model(recipe: Recipe) -> tuple[PreTrainedModel, Any]:
     """Tokenizer and trainable model for ``recipe``."""
+    head = objectives.for_recipe(recipe).head
     tokenizer = load_tokenizer(recipe.model)
-    model = load_base_model(recipe.model, tokenizer, recipe.quantization)
-    model = apply_method(model, recipe.method, recipe.train.gradient_checkpointing, recipe.quantization.upcast_unquantized)
+    model = load_base_model(recipe.model, tokenizer, recipe.quantization, head)
+    model = apply_method(model, recipe.method, recipe.train.gradient_checkpointing, recipe.quantization.upcast_unquantized, head)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(parameter_count(p) for p in model.parameters())
     log.info("trainable parameters: %d of %d (%.2f%%)", trainable, total, 100 * trainable / max(total, 1))
@@ -342,7 +367,7 @@ def load_for_inference(
                         f"{recipe_file}: model.trust_remote_code is true, so loading this run would run Python files "
                         "that come with its model; pass --trust-remote-code if you trust them"
                     )
-                base = load_base_model(recipe.model, quant=recipe.quantization)
+                base = load_base_model(recipe.model, quant=recipe.quantization, head=head_of(path))
             else:
                 from peft import PeftConfig
 
@@ -351,15 +376,18 @@ def load_for_inference(
                     raise ModelError(f"{path}: an adapter of '{base_path}', which is neither a local directory nor in the "
                                      "Hugging Face cache; load the merged export (`ftl export` without --adapter-only) or "
                                      "the run's checkpoint instead, or run from where that base is")
-                base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
+                auto_class, _, head_kwargs = HEADS[head_of(path)]
+                base = auto_class.from_pretrained(base_path, dtype=dtype, **head_kwargs)
             model = PeftModel.from_pretrained(base, path)
             # an --adapter-only export ships no tokenizer: the base's
             tokenizer_path = path if (path / "tokenizer_config.json").is_file() else model.peft_config["default"].base_model_name_or_path
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            model = HEADS[head_of(path)][0].from_pretrained(path, dtype=dtype)
             tokenizer_path = path
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     except LOAD_ERRORS as err:
         raise ModelError(f"{path}: cannot load a model for inference: {first_line(err)}") from None
     set_pad_token(tokenizer)
+    if getattr(model.config, "pad_token_id", None) is None:  # a score head reads each row's last real token by it
+        model.config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer

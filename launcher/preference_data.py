@@ -50,8 +50,14 @@ def tokenize_pair(row: dict, source: DataSource, tokenizer: Any, cfg: DataSectio
         problem = "no response token is left of chosen or rejected within data.max_length"
     if problem and cfg.invalid_pairs == "error":
         raise DataError(f"{where}: {problem}; fix the row, raise data.max_length, or set data.invalid_pairs: drop")
-    return {"input_ids": chosen_ids, "labels": chosen_labels, "rejected_input_ids": rejected_ids,
-            "rejected_labels": rejected_labels, "truncated": truncated, INVALID: problem or ""}
+    out = {"input_ids": chosen_ids, "labels": chosen_labels, "rejected_input_ids": rejected_ids,
+           "rejected_labels": rejected_labels, "truncated": truncated, INVALID: problem or ""}
+    margin = row.get(source.fields.get("margin", "margin"))
+    if margin is not None:  # how much better chosen is (reward models: TRL's margin)
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)):
+            raise DataError(f"{where}: field 'margin' must be a number, got {margin!r}")
+        out["margin"] = float(margin)
+    return out
 
 
 def response_field(row: dict, source: DataSource, name: str, where: str, needs: str) -> Any:

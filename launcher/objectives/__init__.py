@@ -15,14 +15,15 @@ import torch
 from ftl.objectives.base import Objective, Problems
 from ftl.objectives.kto import KTO
 from ftl.objectives.preference import DPO, IPO, ORPO, SimPO
+from ftl.objectives.reward import Reward
 from ftl.objectives.sft import SFT
 
 if TYPE_CHECKING:
     from ftl.config import Recipe
 
-SECTIONS = ("preference", "kto")  # the recipe's sections of objective settings
+SECTIONS = ("preference", "kto", "reward")  # the recipe's sections of objective settings
 # The order is the one error messages list them in.
-OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (SFT, KTO, DPO, IPO, SimPO, ORPO)}
+OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (SFT, KTO, DPO, IPO, SimPO, ORPO, Reward)}
 
 
 def for_recipe(recipe: Recipe) -> type[Objective]:
@@ -73,7 +74,7 @@ def check(recipe: Recipe) -> Problems:
     if not cls.fused_ce and isinstance(recipe.kernels, list) and "fused_ce" in recipe.kernels:
         problems.append((("kernels",), f"fused_ce computes a summed loss; method.objective {name} needs per-sequence "
                          "log-probabilities: remove fused_ce"))
-    for section in SECTIONS:
+    for section in ("preference", "kto"):
         if getattr(recipe, section).reference == "model" and recipe.method.type != "full":
             problems.append(((section, "reference"), "LoRA and QLoRA use the base model with the adapter disabled as the "
                              "reference; a frozen copy (model) is for method.type: full"))

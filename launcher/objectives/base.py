@@ -37,6 +37,7 @@ class Objective:
     sequences_per_row: ClassVar[int] = 1  # sequences one row puts through the model (the planner's activations)
     packs_batches: ClassVar[bool] = False  # data.packing packs each micro-batch's sequences (not rows at preprocessing)
     fused_ce: ClassVar[bool] = False  # its loss is a summed cross-entropy, which the fused kernel computes
+    head: ClassVar[str] = "causal_lm"  # the model's head: causal_lm (next-token logits) or score (one value per sequence)
     reference_columns: ClassVar[tuple[str, ...]] = ()  # per row, with preference.reference: precomputed
 
     @classmethod
