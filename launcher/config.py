@@ -15,12 +15,17 @@ from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import (AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, StringConstraints, ValidationError,
-                      ValidationInfo, field_validator)
+from pydantic import (AfterValidator, AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints,
+                      ValidationError, ValidationInfo, field_validator)
 
 from ftl import recipe_errors, recipe_yaml, rules
 from ftl.errors import UserError
+from ftl.precision import dtype_name, mixed_name
 from ftl.units import parse_size
+
+
+# A weights' dtype as torch names it; bf16/fp16/fp32 are read as bfloat16/float16/float32 (ftl.precision).
+Dtype = Annotated[Literal["bfloat16", "float16", "float32"], BeforeValidator(dtype_name)]
 
 
 class RecipeError(UserError):
@@ -71,7 +76,7 @@ def _is_int_field(annotation: Any) -> bool:
 class ModelSection(_Section):
     path: PathText = Field(description="Local directory or Hugging Face hub id of the base model.")
     tokenizer: PathText | None = Field(None, description="Tokenizer path if it differs from model.path.")
-    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "bfloat16"
+    dtype: Annotated[Literal["float32", "bfloat16", "float16", "auto"], BeforeValidator(dtype_name)] = "bfloat16"
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = "sdpa"
     trust_remote_code: bool = False
 
@@ -196,8 +201,8 @@ class QuantizationSection(_Section):
     bits: Literal[4, 8] | None = Field(None, description="Load the frozen base in 4 or 8 bits (bitsandbytes).")
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = Field(True, description="Quantize the 4-bit block scales too (~0.37 bits/parameter saved).")
-    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = Field(
+    compute_dtype: Dtype = "bfloat16"
+    quant_storage: Annotated[Literal["uint8", "bfloat16", "float16", "float32"], BeforeValidator(dtype_name)] = Field(
         "uint8", description="Element type that packs 4-bit weights; bfloat16 lets ZeRO-3/FSDP shard them."
     )
     skip_modules: list[str] = Field(default_factory=lambda: ["lm_head"], description="Modules kept in full precision.")
@@ -231,7 +236,7 @@ class TrainSection(_Section):
     gradient_checkpointing: bool = False
     compile: bool = Field(False, description="torch.compile each decoder layer (inductor): the first steps compile "
                           "(about a minute; cached for later runs), the rest run faster. single, ddp and fsdp2.")
-    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = Field(
+    mixed_precision: Annotated[Literal["no", "bf16", "fp16", "auto"], BeforeValidator(mixed_name)] = Field(
         "no", description="Autocast dtype of forward passes (under DeepSpeed: a bf16/fp16 module, fp32 master weights). auto: bf16 where the "
         "device computes it natively (CUDA GPUs from Ampere on; CPUs with AVX-512 BF16 or AMX), else no; decided on "
         "the machine that trains.")
@@ -287,10 +292,10 @@ class ZeroSection(_Section):
 class FsdpSection(_Section):
     reshard_after_forward: bool = Field(True, description="Free gathered parameters after forward (ZeRO-3 like); false keeps them (ZeRO-2 like).")
     cpu_offload: bool = Field(False, description="Keep sharded parameters, gradients and optimizer states on CPU.")
-    param_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+    param_dtype: Annotated[Literal["auto", "float32", "bfloat16", "float16"], BeforeValidator(dtype_name)] = Field(
         "auto", description="dtype of gathered parameters for compute; auto follows train.mixed_precision."
     )
-    reduce_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    reduce_dtype: Dtype = "float32"
 
 
 class DistributedSection(_Section):
@@ -314,7 +319,7 @@ class DistributedSection(_Section):
 
 class ExportSection(_Section):
     dir: PathText | None = Field(None, description="Where `ftl export` writes the model; default <output.dir>/export.")
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    dtype: Dtype = "bfloat16"
     max_shard_size: str = Field("5GB", description="Largest safetensors shard, e.g. 5GB, 500MB.")
 
     @field_validator("max_shard_size")

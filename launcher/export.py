@@ -44,7 +44,7 @@ from ftl.rundir import RunDir
 from ftl.merge import Adapter, Merge, Quantizer, TensorSource, write_merged
 from ftl.model import HEADS, head_of
 from ftl.strategies.zero import zero_fp32_state_dict
-from ftl.weights import DTYPES
+from ftl.precision import DTYPES
 
 log = logging.getLogger(__name__)
 

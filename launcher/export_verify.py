@@ -22,7 +22,7 @@ from ftl.config import ExportSection, Recipe
 from ftl.merge import Merge
 from ftl.model import HEADS
 from ftl.strategies.zero import zero_fp32_state_dict
-from ftl.weights import DTYPES
+from ftl.precision import DTYPES
 
 # Largest max |logit difference| of the float32 merge, relative to the trained model's logit std:
 # float32 only reorders sums.

@@ -44,13 +44,14 @@ def _proxy(recipe: Recipe, layers: int, out: Path) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ftl.model import DTYPES, load_tokenizer  # with "auto"
+    from ftl.model import load_tokenizer
+    from ftl.precision import torch_dtype
 
     config = AutoConfig.from_pretrained(recipe.model.path, local_files_only=True)
     config.num_hidden_layers = layers
     if getattr(config, "layer_types", None):
         config.layer_types = config.layer_types[:layers]
-    dtype = DTYPES[recipe.model.dtype]
+    dtype = torch_dtype(recipe.model.dtype)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32 if dtype == "auto" else dtype)
     model.save_pretrained(out)
     load_tokenizer(recipe.model).save_pretrained(out)

@@ -48,11 +48,11 @@ from typing import Any, Callable
 
 from ftl import objectives, strategies
 from ftl.config import Recipe
+from ftl.precision import BYTES
 from ftl.units import parse_gib
 from ftl.errors import UserError
 
 GIB = 2**30
-BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MASK = 1  # bytes per element of a dropout mask: CUDA keeps a bool (CPU: the input dtype)
 CONTEXT_GIB = 0.75  # the CUDA context with cuBLAS/cuDNN/NCCL loaded, outside the allocator

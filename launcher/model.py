@@ -22,11 +22,10 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from ftl import objectives
 from ftl.config import MethodSection, ModelSection, QuantizationSection, Recipe
 from ftl.errors import UserError, first_line
-from ftl.weights import DTYPES as WEIGHT_DTYPES
+from ftl.precision import DTYPES, torch_dtype
 
 log = logging.getLogger(__name__)
 
-DTYPES = {**WEIGHT_DTYPES, "auto": "auto"}  # model.dtype may also be auto (the checkpoint's own)
 
 
 class ModelError(UserError):
@@ -148,7 +147,7 @@ def load_base_model(
     try:
         model = auto_class.from_pretrained(
             cfg.path,
-            dtype=DTYPES[cfg.dtype],
+            dtype=torch_dtype(cfg.dtype),
             attn_implementation=cfg.attn_implementation,
             trust_remote_code=cfg.trust_remote_code,
             **extra,

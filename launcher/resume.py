@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from ftl import objectives
 from ftl.checkpoint import RECIPE, find_resumable, read_state, verify
 from ftl.config import Recipe
 from ftl.errors import UserError
@@ -75,7 +76,7 @@ NEVER = ("method.type", "method.objective", "method.lora.r", "method.lora.use_do
 FREE = ("model.path", "model.attn_implementation", "model.trust_remote_code", "data.cache_dir", "train.max_steps",
         "train.epochs", "train.eval_steps", "train.save_steps", "train.save_minutes", "train.logging_steps", "train.resume", "train.allow_changed",
         "train.peak_tflops", "train.compile", "train.gradient_checkpointing", "train.mixed_precision")
-COMPARED = ("model", "method", "quantization", "data", "preference", "kto", "reward", "train")
+COMPARED = ("model", "method", "quantization", "data", *objectives.SECTIONS, "train")
 
 
 def changed_fields(saved: dict, current: dict) -> dict[str, tuple[object, object]]:

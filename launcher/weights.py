@@ -1,5 +1,5 @@
-"""Weight files and dtypes: the one table from recipe dtype names to torch dtypes, and the one
-reader of a directory's safetensors files (single file or sharded with the standard index)."""
+"""Weight files: the one reader of a directory's safetensors files (single file or sharded with the
+standard index), and the identity of a base model's weights."""
 
 from __future__ import annotations
 
@@ -8,11 +8,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from ftl.errors import UserError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 INDEX = "model.safetensors.index.json"
 
 

@@ -216,3 +216,22 @@ def test_override_list_indices_are_named(tmp_path):
         load_recipe(path, ["data.train.3.path=x"])
     with pytest.raises(RecipeError, match=r"data.eval has 1 item; index 2 is out of range"):
         load_recipe(path, ["data.eval.2.path=x"])
+
+
+def test_dtypes_are_one_vocabulary_with_the_usual_spellings(tmp_path: Path) -> None:
+    """bf16/fp16/fp32 where torch's names are expected, bfloat16 where Accelerate's: each field reads
+    the other spelling as its own (ftl.precision), and the resolved recipe writes the canonical one."""
+    import torch
+
+    from ftl.precision import autocast_dtype, torch_dtype
+
+    recipe = validate_recipe(make_recipe(Path("m"), Path("d.jsonl"), tmp_path, model={"path": "m", "dtype": "bf16"},
+                                         method={"type": "qlora"}, quantization={"compute_dtype": "FP16", "quant_storage": "bf16"},
+                                         train={"mixed_precision": "bfloat16"}, export={"dtype": "fp32"},
+                                         distributed={"fsdp": {"reduce_dtype": "bf16"}}))
+    assert (recipe.model.dtype, recipe.quantization.compute_dtype, recipe.quantization.quant_storage) == ("bfloat16", "float16", "bfloat16")
+    assert (recipe.train.mixed_precision, recipe.export.dtype, recipe.distributed.fsdp.reduce_dtype) == ("bf16", "float32", "bfloat16")
+    assert torch_dtype(recipe.model.dtype) is torch.bfloat16 and autocast_dtype(recipe.train.mixed_precision) is torch.bfloat16
+    assert "dtype: bfloat16" in recipe.to_yaml() and "mixed_precision: bf16" in recipe.to_yaml()
+    with pytest.raises(RecipeError, match=r"model\.dtype"):
+        validate_recipe(make_recipe(Path("m"), Path("d.jsonl"), tmp_path, model={"path": "m", "dtype": "bf17"}))

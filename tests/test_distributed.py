@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+from typing import Callable
 from pathlib import Path
 
 import pytest
@@ -113,6 +114,34 @@ def assert_same_trace(reference: dict[int, float], trace: dict[int, float], what
     assert sorted(trace) == sorted(reference), f"{what}: steps {sorted(trace)}"
     for step, loss in reference.items():
         assert abs(trace[step] - loss) <= RTOL * abs(loss), f"{what}: step {step} loss {trace[step]} vs {loss}"
+
+
+def objective_recipe(model: Path, data: Path, data_format: str, objective: str, steps: int) -> Callable[[Path, int, str], dict]:
+    """A LoRA run of ``objective`` on ``data`` for :func:`objective_matches_one_process`: 8 rows per step,
+    as micro-batch 2 x 4 on one process or micro-batch 2 x 2 on each of two."""
+    def recipe(run_dir: Path, processes: int, strategy: str) -> dict:
+        return make_recipe(
+            model, data, run_dir, data={"train": {"path": str(data), "format": data_format}},
+            method={"objective": objective, "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
+            train={"max_steps": steps, "micro_batch_size": 2, "gradient_accumulation_steps": 4 // processes,
+                   "learning_rate": 5e-3, "logging_steps": 1, "seed": 0, "lr_scheduler": "linear"},
+            distributed={"num_processes": processes, "strategy": strategy, "main_process_port": free_port()})
+
+    return recipe
+
+
+def objective_matches_one_process(recipe: Callable[[Path, int, str], dict], root: Path, strategies: tuple[str, ...],
+                                  what: str) -> None:
+    """An objective's run on 2 processes under each strategy has the loss trace of 1 process (in this
+    process). ``recipe(run_dir, processes, strategy)`` gives the recipe; the trace must move."""
+    train(validate_recipe(recipe(root / "single", 1, "single")))
+    reference = losses(root / "single")
+    assert len(reference) >= 10 and max(reference.values()) - min(reference.values()) > 1e-4, reference
+    for strategy in strategies:
+        config = write_yaml(root / f"{strategy}.yaml", recipe(root / strategy, 2, strategy))
+        result = ftl("train", str(config))
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+        assert_same_trace(reference, losses(root / strategy), f"{what}/{strategy}")
 
 
 def test_every_strategy_matches_one_process(traces):

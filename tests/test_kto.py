@@ -197,25 +197,7 @@ def test_full_fine_tuning_reference_copy_and_precomputed_give_one_trace(tiny_lla
 def test_two_processes_match_one_under_every_strategy(tiny_llama, tmp_path):
     """The step's KL point and row mean over every rank: 2 processes give one process's loss trace
     (12 steps, 1e-5 relative) under ddp, zero2, zero3 and fsdp2 (LoRA: the adapter-disabled reference)."""
-    from test_distributed import assert_same_trace, free_port, ftl, losses
-    from conftest import write_yaml
-    from ftl.train import train
+    from test_distributed import objective_matches_one_process, objective_recipe
 
-    path, steps = write_jsonl(tmp_path / "rows.jsonl", feedback(120)), 12
-
-    def recipe(run_dir: Path, processes: int, strategy: str) -> dict:
-        return make_recipe(
-            tiny_llama, path, run_dir, data={"train": {"path": str(path), "format": "unpaired"}},
-            method={"objective": "kto", "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
-            train={"max_steps": steps, "micro_batch_size": 2, "gradient_accumulation_steps": 4 // processes,
-                   "learning_rate": 5e-3, "logging_steps": 1, "seed": 0, "lr_scheduler": "linear"},
-            distributed={"num_processes": processes, "strategy": strategy, "main_process_port": free_port()})
-
-    train(validate_recipe(recipe(tmp_path / "single", 1, "single")))
-    reference = losses(tmp_path / "single")
-    assert len(reference) == steps and max(reference.values()) - min(reference.values()) > 1e-4  # the policy moved
-    for strategy in ("ddp", "zero2", "zero3", "fsdp2"):
-        config = write_yaml(tmp_path / f"{strategy}.yaml", recipe(tmp_path / strategy, 2, strategy))
-        result = ftl("train", str(config))
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-        assert_same_trace(reference, losses(tmp_path / strategy), f"kto/{strategy}")
+    recipe = objective_recipe(tiny_llama, write_jsonl(tmp_path / "rows.jsonl", feedback(120)), "unpaired", "kto", 12)
+    objective_matches_one_process(recipe, tmp_path, ("ddp", "zero2", "zero3", "fsdp2"), "kto")

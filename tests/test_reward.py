@@ -214,25 +214,7 @@ def test_ftl_eval_reports_the_pairwise_accuracy_the_run_logged(tiny_llama, tmp_p
 def test_two_processes_match_one_under_every_strategy(tiny_llama, tmp_path):
     """The pair mean over every rank, the score head trained whole beside the adapters (gathered under
     ZeRO-3, sharded under FSDP2): 2 processes give one process's loss trace (10 steps, 1e-5)."""
-    from test_distributed import assert_same_trace, free_port, ftl, losses
-    from conftest import write_yaml
-    from ftl.train import train
+    from test_distributed import objective_matches_one_process, objective_recipe
 
-    path, steps = write_jsonl(tmp_path / "pairs.jsonl", _pairs(96)), 10
-
-    def recipe(run_dir: Path, processes: int, strategy: str) -> dict:
-        return make_recipe(
-            tiny_llama, path, run_dir, data={"train": {"path": str(path), "format": "preference"}},
-            method={"objective": "reward", "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
-            train={"max_steps": steps, "micro_batch_size": 2, "gradient_accumulation_steps": 4 // processes,
-                   "learning_rate": 5e-3, "logging_steps": 1, "seed": 0, "lr_scheduler": "linear"},
-            distributed={"num_processes": processes, "strategy": strategy, "main_process_port": free_port()})
-
-    train(validate_recipe(recipe(tmp_path / "single", 1, "single")))
-    reference = losses(tmp_path / "single")
-    assert len(reference) == steps and reference[steps] < reference[1]
-    for strategy in ("ddp", "zero2", "zero3", "fsdp2"):
-        config = write_yaml(tmp_path / f"{strategy}.yaml", recipe(tmp_path / strategy, 2, strategy))
-        result = ftl("train", str(config))
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-        assert_same_trace(reference, losses(tmp_path / strategy), f"reward/{strategy}")
+    recipe = objective_recipe(tiny_llama, write_jsonl(tmp_path / "pairs.jsonl", _pairs(96)), "preference", "reward", 10)
+    objective_matches_one_process(recipe, tmp_path, ("ddp", "zero2", "zero3", "fsdp2"), "reward")

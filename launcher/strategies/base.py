@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, ContextManager, Iterator
 import torch
 
 from ftl.errors import UserError
+from ftl.precision import autocast_dtype
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -24,7 +25,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Problems = list[tuple[tuple, str]]  # (key path, message), as ftl.rules reports them
-AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class DistributedError(UserError):
@@ -179,7 +179,7 @@ class Single:
 
     def autocast(self, device: torch.device) -> ContextManager:
         """Mixed precision of forward passes (``train.mixed_precision``)."""
-        dtype = AUTOCAST.get(self.recipe.train.mixed_precision)
+        dtype = autocast_dtype(self.recipe.train.mixed_precision)
         return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
     @contextmanager

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 
 from ftl.strategies.base import CheckpointFormatError, Single, decoder_layers
-from ftl.weights import DTYPES
+from ftl.precision import DTYPES, mixed_dtype_name
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -46,7 +46,7 @@ class FSDP2(Single):
         fsdp = self.recipe.distributed.fsdp
         param_dtype = fsdp.param_dtype
         if param_dtype == "auto":
-            param_dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(self.recipe.train.mixed_precision)
+            param_dtype = mixed_dtype_name(self.recipe.train.mixed_precision)
         options = {
             "mesh": init_device_mesh(device.type, (self.world_size,)),
             "reshard_after_forward": fsdp.reshard_after_forward,
