@@ -155,6 +155,9 @@ def _save_in_progress(run_dir: Path, since: float) -> bool:
     return False
 
 
+KILLS = 12  # each costs a process start (~5 s): 12 random points of 12 saves
+
+
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_sigkill_during_saves_never_leaves_a_partial_checkpoint(tiny_llama: Path, small_data, tmp_path: Path) -> None:
@@ -169,7 +172,7 @@ def test_sigkill_during_saves_never_leaves_a_partial_checkpoint(tiny_llama: Path
     env = dict(os.environ)
     rng = random.Random(0)
     kills, steps_done = 0, []
-    while kills < 20:
+    while kills < KILLS:
         started = time.time()
         proc = subprocess.Popen([sys.executable, str(runner), str(recipe_file)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = started + 120
@@ -177,7 +180,7 @@ def test_sigkill_during_saves_never_leaves_a_partial_checkpoint(tiny_llama: Path
             if proc.poll() is not None or time.time() > deadline:
                 break
             time.sleep(0.005)
-        time.sleep(rng.uniform(0, 0.5))  # lands in one of the next few saves, at a random point (20 kills stay well short of step 80)
+        time.sleep(rng.uniform(0, 0.5))  # lands in one of the next few saves, at a random point (the kills stay well short of step 80)
         if proc.poll() is not None:
             break  # finished before we could kill it
         proc.send_signal(signal.SIGKILL)
@@ -187,7 +190,7 @@ def test_sigkill_during_saves_never_leaves_a_partial_checkpoint(tiny_llama: Path
         latest = find_resumable(run_dir)
         if latest is not None:
             verify(latest)  # what a resume would load is complete
-    assert kills == 20, f"the run finished after {kills} kills, too early for the test to mean anything"
+    assert kills == KILLS, f"the run finished after {kills} kills, too early for the test to mean anything"
     assert steps_done[-1] > 0 and steps_done[-1] < 80
     final = subprocess.run([sys.executable, "-m", "ftl.train", str(recipe_file)], env=env, capture_output=True, text=True)
     assert final.returncode == 0, final.stderr[-2000:]
