@@ -79,7 +79,7 @@ class Pairwise(Objective):
 
     def __init__(self, recipe: Any, pad_token_id: int, fused: Any = None, reference: torch.nn.Module | None = None):
         super().__init__(recipe, pad_token_id, fused, reference)
-        self.settings_ = recipe.preference
+        self.preference = recipe.preference
         self.metrics = Means()
 
     def collate(self, rows: list[dict[str, Any]]) -> Pairs:
@@ -141,7 +141,7 @@ class DPO(Pairwise):
         return []
 
     def pair_losses(self, c, r, n_c, n_r, rc, rr):
-        p = self.settings_
+        p = self.preference
         b, e = p.beta, p.label_smoothing
         chosen, rejected = c - rc, r - rr
         d = b * (chosen - rejected)
@@ -160,7 +160,7 @@ class IPO(Pairwise):
     uses_reference = True
 
     def pair_losses(self, c, r, n_c, n_r, rc, rr):
-        b = self.settings_.beta
+        b = self.preference.beta
         chosen, rejected = c - rc, r - rr
         return (chosen / n_c - rejected / n_r - 1 / (2 * b)) ** 2, b * chosen.detach(), b * rejected.detach()
 
@@ -170,7 +170,7 @@ class SimPO(Pairwise):
     settings = ("preference.beta", "preference.label_smoothing", "preference.simpo_gamma")
 
     def pair_losses(self, c, r, n_c, n_r, rc, rr):
-        p = self.settings_
+        p = self.preference
         avg_c, avg_r = c / n_c, r / n_r
         z = p.beta * (avg_c - avg_r) - p.simpo_gamma
         return _sigmoid_loss(z, p.label_smoothing), p.beta * avg_c.detach(), p.beta * avg_r.detach()
@@ -195,7 +195,7 @@ class ORPO(Pairwise):
         self.step_pairs = reduce(sum(self.targets(mb) for mb in micro)).clamp(min=1)
 
     def pair_losses(self, c, r, n_c, n_r, rc, rr):
-        alpha = self.settings_.orpo_alpha
+        alpha = self.preference.orpo_alpha
         avg_c, avg_r = c / n_c, r / n_r  # log odds of the per-token average probability
         log_odds = (avg_c - avg_r) - (torch.log1p(-torch.exp(avg_c)) - torch.log1p(-torch.exp(avg_r)))
         return -alpha * F.logsigmoid(log_odds), alpha * avg_c.detach(), alpha * avg_r.detach()
