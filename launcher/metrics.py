@@ -183,8 +183,12 @@ class TrainingProgress:
         if not self.enabled:
             return
         stats = f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_s']:.0f} tok/s"
-        if "reward_accuracy" in record:  # preference objectives
-            stats += f"  reward acc {record['reward_accuracy']:.0%} margin {record['reward_margin']:.3f}"
+        if "reward_accuracy" in record:  # pairwise objectives and reward models
+            stats += f"  reward acc {record['reward_accuracy']:.0%}"
+        if "reward_margin" in record:
+            stats += f" margin {record['reward_margin']:.3f}"
+        if "kl" in record:  # KTO's reference point
+            stats += f"  kl {record['kl']:.3f}"
         if "mfu" in record:
             stats += f"  MFU {record['mfu']:.1%}"
         stats += f"  mem {record['peak_memory_gib']:.1f}GiB"

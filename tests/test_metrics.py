@@ -118,4 +118,8 @@ def test_summary_means_windows_and_the_progress_shows_ftls_eta(capsys):
     progress = TrainingProgress(100)
     progress.update(10, {"loss": 1.0, "lr": 1e-4, "tokens_per_s": 5.0, "peak_memory_gib": 0.1, "eta_s": 3725.0})
     assert "eta 1:02:05" in capsys.readouterr().out
+    progress.update(11, {"loss": 1.0, "lr": 1e-4, "tokens_per_s": 5.0, "peak_memory_gib": 0.1, "eta_s": 60.0,
+                         "reward_margin": 0.25, "kl": 0.125})  # KTO: margin and its reference point, no accuracy
+    shown = capsys.readouterr().out
+    assert "margin 0.250" in shown and "kl 0.125" in shown and "reward acc" not in shown
     assert smoothed([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])  # debiased: no ramp from 0
