@@ -16,10 +16,14 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ftl.config import DataSource
 from ftl.errors import DataError, first_line
+from ftl.objectives.batch import IGNORE_INDEX
+from ftl.text_data import truncated_row
+
+if TYPE_CHECKING:  # (annotations only: the recipe schema imports the rules, which read the formats)
+    from ftl.config import DataSection, DataSource
 
 ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant", "function_call": "assistant",
                 "observation": "tool"}
@@ -322,3 +326,11 @@ def _overlaps(token: tuple[int, int], span: tuple[int, int]) -> bool:
     before ``It`` into ``▁It``, and the model has to generate that token."""
     (a, b), (s, e) = token, span
     return a < e and (b > s if b > a else a >= s)
+
+
+def tokenize_chat_row(row: dict, source: DataSource, tokenizer: Any, cfg: DataSection, where: str) -> dict[str, Any]:
+    """A chat or sharegpt row for supervised training: the trained turns' tokens are targets (every
+    token, with ``data.mask_prompt: false``), cut to ``data.max_length``."""
+    input_ids, targets = tokenize_conversation(row, source, tokenizer, where)
+    labels = [t if (on or not cfg.mask_prompt) else IGNORE_INDEX for t, on in zip(input_ids, targets)]
+    return truncated_row(input_ids, labels, cfg, where)

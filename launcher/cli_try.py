@@ -19,7 +19,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, source = _eval_target(Path(args.model), args.data, args.format)
     console.print(f"evaluating {escape(str(model))} on {escape(args.data)} ({source.format} format)", markup=True,
                   highlight=False, soft_wrap=True)
-    if source.format == "preference":
+    from ftl.formats import FORMATS
+
+    if FORMATS[source.format].pairs:
         from ftl.evaluate import preference_accuracy
 
         result = preference_accuracy(model, source, limit=args.limit, trust_remote_code=args.trust_remote_code)

@@ -1,9 +1,8 @@
-"""Training data: load sources, render them (alpaca | chat | sharegpt | completion | preference | unpaired), tokenize, mask.
+"""Training data: load sources, tokenize each row as its format does (``ftl.formats``), draw each
+source's share, and deal the rows into micro-batches.
 
 Every example becomes ``input_ids`` and ``labels`` of equal length, with ``-100`` wherever the
-model must not be trained (the prompt, unless ``data.mask_prompt`` is off). An alpaca or completion
-example is rendered as (text, trainable) segments tokenized one by one, so the prompt is tokenized
-exactly as it will be at inference time; conversations are rendered and masked by ``ftl.chat``.
+model must not be trained (the prompt, unless ``data.mask_prompt`` is off).
 """
 
 from __future__ import annotations
@@ -18,24 +17,15 @@ import datasets
 import numpy as np
 import torch
 
-from ftl.chat import check_tokenizer, tokenize_conversation
+from ftl.chat import check_tokenizer
 from ftl.config import DataSection, DataSource
 from ftl.errors import DataError, first_line
+from ftl.formats import FORMATS
 from ftl.objectives.batch import IGNORE_INDEX
-from ftl.preference_data import INVALID, tokenize_pair
-from ftl.unpaired_data import tokenize_unpaired, with_mismatched
+from ftl.preference_data import INVALID
 
 log = logging.getLogger(__name__)
 
-ALPACA_PROMPT = (
-    "Below is an instruction that describes a task. Write a response that completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:\n"
-)
-ALPACA_PROMPT_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
 FILE_TYPES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -150,70 +140,13 @@ def check_json_rows(path: Path, limit: int | None = None) -> None:
 
 
 
-# ----------------------------------------------------------------------------- rendering
-
-
-def render_segments(row: dict, source: DataSource, where: str) -> list[tuple[str, bool]]:
-    """Render one alpaca or completion row as (text, is_response) segments."""
-    if source.format == "alpaca":
-        instruction = _field(row, source, "instruction", where)
-        extra = _field(row, source, "input", where, required=False)
-        output = _field(row, source, "output", where)
-        template = ALPACA_PROMPT_WITH_INPUT if extra else ALPACA_PROMPT
-        return [(template.format(instruction=instruction, input=extra), False), (output, True)]
-    return [(_field(row, source, "text", where), True)]
-
-
-def _field(row: dict, source: DataSource, name: str, where: str, required: bool = True) -> str | None:
-    column = source.fields.get(name, name)
-    value = row.get(column)
-    if value is None:
-        if required:
-            raise DataError(f"{where}: missing field '{column}' ({source.format} format needs '{name}')")
-        return None
-    if not isinstance(value, str):
-        raise DataError(f"{where}: field '{column}' must be a string, got {type(value).__name__}")
-    return value
-
-
 # ----------------------------------------------------------------------------- tokenizing
 
 
-def tokenize_segments(
-    segments: list[tuple[str, bool]], tokenizer: Any, mask_prompt: bool, add_special_tokens: bool
-) -> tuple[list[int], list[int]]:
-    input_ids: list[int] = []
-    labels: list[int] = []
-    for i, (text, trainable) in enumerate(segments):
-        ids = tokenizer(text, add_special_tokens=add_special_tokens and i == 0)["input_ids"]
-        input_ids += ids
-        labels += ids if (trainable or not mask_prompt) else [IGNORE_INDEX] * len(ids)
-    return input_ids, labels
-
-
 def tokenize_row(row: dict, source: DataSource, tokenizer: Any, cfg: DataSection, where: str) -> dict[str, Any]:
-    """Tokenize one row into ``input_ids``/``labels`` truncated to ``cfg.max_length`` (preference rows:
-    the chosen side, and the rejected one beside it; see ``ftl.preference_data``)."""
-    if source.format == "preference":
-        return tokenize_pair(row, source, tokenizer, cfg, where)
-    if source.format == "unpaired":
-        return tokenize_unpaired(row, source, tokenizer, cfg, where)
-    if source.format in ("chat", "sharegpt"):
-        input_ids, targets = tokenize_conversation(row, source, tokenizer, where)
-        labels = [t if (on or not cfg.mask_prompt) else IGNORE_INDEX for t, on in zip(input_ids, targets)]
-    else:
-        segments = render_segments(row, source, where)
-        if cfg.add_eos and tokenizer.eos_token:
-            segments.append((tokenizer.eos_token, True))
-        input_ids, labels = tokenize_segments(segments, tokenizer, cfg.mask_prompt, add_special_tokens=True)
-    if all(label == IGNORE_INDEX for label in labels):
-        raise DataError(f"{where}: no trainable token (empty response or no assistant turn)")
-    truncated = len(input_ids) > cfg.max_length
-    return {
-        "input_ids": input_ids[: cfg.max_length],
-        "labels": labels[: cfg.max_length],
-        "truncated": truncated,
-    }
+    """Tokenize one row of ``source`` as its format does (``ftl.formats``): ``input_ids``/``labels``
+    truncated to ``cfg.max_length``, ``truncated``, and what else the format's rows carry."""
+    return FORMATS[source.format].tokenize(row, source, tokenizer, cfg, where)
 
 
 def build_dataset(
@@ -225,7 +158,7 @@ def build_dataset(
     for number, source in enumerate(sources):
         raw = load_source(source)
         name = source.path
-        if source.format in ("chat", "sharegpt"):
+        if FORMATS[source.format].conversation:
             check_tokenizer(tokenizer, source)
 
         def encode(row: dict, index: int, source: DataSource = source, name: str = name) -> dict[str, Any]:
@@ -258,8 +191,8 @@ def build_dataset(
     dataset = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     if len(dataset) == 0:
         raise DataError(f"{', '.join(s.path for s in sources)}: no usable rows")
-    if "prompt_length" in dataset.column_names:  # unpaired rows: KTO's mismatched pairs, over the whole set
-        dataset = with_mismatched(dataset, cfg.max_length)
+    for finish in {FORMATS[s.format].finish for s in sources} - {None}:  # e.g. KTO's mismatched pairs, over the whole set
+        dataset = finish(dataset, cfg.max_length)
     return dataset
 
 

@@ -14,22 +14,26 @@ import torch
 
 from ftl.config import DataSource
 from ftl.chat import parse_conversation, render
-from ftl.data import DataError, load_source, render_segments
+from ftl.data import DataError, load_source
+from ftl.formats import FORMATS, names
+from ftl.text_data import render_alpaca
 
 
 def questions(source: DataSource, limit: int | None = None) -> list[tuple[Any, str, str]]:
     """(prompt: text or (messages, tools), reference answer, where) per row: the data checked before
     any model is loaded."""
-    if source.format not in ("alpaca", "chat", "sharegpt"):
-        raise DataError(f"{source.path}: exact match needs prompts and answers (alpaca, chat or sharegpt format, not {source.format})")
+    fmt = FORMATS[source.format]
+    if not fmt.answers:
+        raise DataError(f"{source.path}: exact match needs prompts and answers ({', '.join(names(lambda f: f.answers))} "
+                        f"format, not {source.format})")
     rows = load_source(source)
     found = []
     for index, row in enumerate(rows):
         if limit is not None and index >= limit:
             break
         where = f"{source.path}: row {index}"
-        if source.format == "alpaca":
-            prompt, answer = render_segments(row, source, where)
+        if not fmt.conversation:
+            prompt, answer = render_alpaca(row, source, where)
             found.append((prompt[0], answer[0], where))
         else:
             messages, tools = parse_conversation(row, source, where)
@@ -44,7 +48,7 @@ def prompts_and_answers(source: DataSource, tokenizer: Any, limit: int | None = 
     """(prompt token ids, reference answer) for each row of an alpaca or chat source."""
     pairs = []
     for prompt, answer, where in rows if rows is not None else questions(source, limit):
-        if source.format == "alpaca":
+        if not FORMATS[source.format].conversation:
             pairs.append((tokenizer(prompt, add_special_tokens=True)["input_ids"], answer))
         else:
             text = render(tokenizer, prompt[0], prompt[1], True, where)
@@ -58,12 +62,12 @@ def detect_format(path: str | Path) -> str:
     sharegpt, ``instruction``: alpaca, ``text``: completion)."""
     rows = load_source(DataSource(path=str(path), format="completion"))
     first = rows[0] if len(rows) else {}
-    for field, name in (("chosen", "preference"), ("label", "unpaired"), ("messages", "chat"), ("conversations", "sharegpt"), ("instruction", "alpaca"),
-                        ("text", "completion")):
-        if field in first:
+    for name, fmt in FORMATS.items():
+        if fmt.marker in first:
             return name
-    raise DataError(f"{path}: cannot tell its format from its first row (no chosen, label, messages, conversations, "
-                    "instruction or text field); pass --format, or see the README's data formats")
+    fields = ", ".join(fmt.marker for fmt in FORMATS.values())
+    raise DataError(f"{path}: cannot tell its format from its first row (no {fields} field); pass --format, or see the "
+                    "README's data formats")
 
 
 @torch.no_grad()

@@ -15,11 +15,11 @@ import logging
 from typing import Any
 
 from ftl.config import Recipe
-from ftl.data import ALPACA_PROMPT
+from ftl.formats import FORMATS, names
 
 log = logging.getLogger(__name__)
 
-CHAT_FORMATS = {"chat", "sharegpt"}
+CHAT_FORMATS = set(names(lambda f: f.conversation))
 
 
 def trained_chat_template(tokenizer: Any, recipe: Recipe) -> tuple[str | None, str]:
@@ -34,10 +34,11 @@ def trained_chat_template(tokenizer: Any, recipe: Recipe) -> tuple[str | None, s
     (fmt,) = formats
     adds_bos = tokenizer.bos_token is not None and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
     eos = recipe.data.add_eos and tokenizer.eos_token is not None
-    if fmt == "alpaca":
-        before, after = ALPACA_PROMPT.split("{instruction}")
+    prompt = FORMATS[fmt].prompt
+    if prompt is not None:
+        before, after = prompt.split("{instruction}")
         user = f"{json.dumps(before)} + message['content'] + {json.dumps(after)}"
-        origin = "alpaca: the training prompt around the user's message (no input field)"
+        origin = f"{fmt}: the training prompt around the user's message (no input field)"
     else:
         user = "message['content']"
         origin = "completion: the messages' text as one document, as trained"

@@ -19,12 +19,14 @@ nothing: an error naming file and row, or with ``data.invalid_pairs: drop`` drop
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ftl.chat import tokenize_conversation
-from ftl.config import DataSection, DataSource
 from ftl.errors import DataError
 from ftl.objectives.batch import IGNORE_INDEX
+
+if TYPE_CHECKING:  # (annotations only: the recipe schema imports the rules, which read the formats)
+    from ftl.config import DataSection, DataSource
 
 INVALID = "invalid"  # column marking the rows data.invalid_pairs: drop removes
 

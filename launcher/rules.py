@@ -11,6 +11,7 @@ import importlib.util
 from typing import TYPE_CHECKING
 
 from ftl import objectives, strategies
+from ftl.formats import FORMATS, names
 from ftl.units import parse_gib, slurm_seconds
 
 if TYPE_CHECKING:
@@ -58,8 +59,9 @@ def _data(recipe: Recipe) -> Problems:
         for k, source in enumerate(sources):
             chat_only = [key for key, default in (("roles_to_train", ["assistant"]), ("train_eot", True), ("mask_history", False))
                          if getattr(source, key) != default]
-            if source.format not in ("chat", "sharegpt") and chat_only:
-                problems.append((("data", side, k, chat_only[0]), f"applies to format chat or sharegpt, not {source.format}"))
+            if not FORMATS[source.format].conversation and chat_only:
+                conversations = " or ".join(names(lambda f: f.conversation))
+                problems.append((("data", side, k, chat_only[0]), f"applies to format {conversations}, not {source.format}"))
     if data.eval_fraction and data.eval:
         problems.append((("data", "eval_fraction"), "set either data.eval (a separate eval source) or data.eval_fraction, not both"))
     return problems

@@ -14,6 +14,7 @@ from typing import Any
 
 from ftl import objectives
 from ftl.errors import UserError
+from ftl.formats import FORMATS
 from ftl.objectives.preference import DPO
 from ftl.objectives.sft import SFT
 
@@ -36,7 +37,7 @@ def starter_recipe(model: Path, data: Path, method: str = "lora") -> str:
     config = AutoConfig.from_pretrained(model)
     tokenizer = load_tokenizer(ModelSection(path=str(model)))
     notes = []
-    if fmt in ("chat", "sharegpt") and not tokenizer.chat_template:
+    if FORMATS[fmt].conversation and not tokenizer.chat_template:
         raise UserError(f"{model}: the data is {fmt} but the tokenizer has no chat template; point model.tokenizer at the "
                         "instruct model's tokenizer, or use alpaca/completion data")
     objective = objectives.default_for(fmt)
@@ -74,7 +75,7 @@ def starter_recipe(model: Path, data: Path, method: str = "lora") -> str:
         "  epochs: 3",
         "  micro_batch_size: 4",
         "  gradient_accumulation_steps: 4   # 16 rows per optimizer step",
-        f"  learning_rate: {'5.0e-6' if fmt == 'preference' else ('2.0e-5' if method == 'full' else '2.0e-4')}",
+        f"  learning_rate: {'5.0e-6' if objective is not SFT else ('2.0e-5' if method == 'full' else '2.0e-4')}",
         "  lr_scheduler: cosine",
         "  warmup_ratio: 0.03",
         "  mixed_precision: auto   # bf16 where the hardware computes it natively",

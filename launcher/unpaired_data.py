@@ -14,14 +14,16 @@ batched, split across ranks or accumulated (TRL rotates within each batch of its
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
-
-from ftl.config import DataSection, DataSource
 from ftl.errors import DataError
 from ftl.objectives.batch import IGNORE_INDEX
 from ftl.preference_data import chat_side, common_prefix, response_field
+
+if TYPE_CHECKING:  # (annotations only: the recipe schema imports the rules, which read the formats)
+    import datasets
+
+    from ftl.config import DataSection, DataSource
 
 
 def tokenize_unpaired(row: dict, source: DataSource, tokenizer: Any, cfg: DataSection, where: str) -> dict[str, Any]:

@@ -163,3 +163,16 @@ def test_an_unknown_chat_role_is_an_error_not_silently_untrained(tmp_path, token
     path = write_jsonl(tmp_path / "chat.jsonl", rows)
     with pytest.raises(DataError, match=r"chat.jsonl: row 0: messages\[1\] has role 'asistant'; known roles: system, user, assistant"):
         build_dataset([DataSource(path=str(path), format="chat")], tokenizer, _cfg())
+
+
+def test_the_recipe_schema_names_exactly_the_registered_formats() -> None:
+    """One registry owns the data formats (ftl.formats); the schema's choices are its names, and every
+    objective trains on registered formats."""
+    from typing import get_args
+
+    from ftl.config import DataSource
+    from ftl.formats import FORMATS
+    from ftl.objectives import OBJECTIVES
+
+    assert set(get_args(DataSource.model_fields["format"].annotation)) == set(FORMATS)
+    assert {f for cls in OBJECTIVES.values() for f in cls.formats} == set(FORMATS)
