@@ -54,7 +54,7 @@ def recipe(work: Path, steps: int, packing: bool, kernels: str = "none") -> dict
 
 def worker_ftl(work: Path, steps: int, packing: bool, kernels: str = "none") -> dict:
     from ftl.config import validate_recipe
-    from ftl.metrics import read_metrics
+    from ftl.rundir import read_metrics
     from ftl.train import train
 
     cfg = validate_recipe(recipe(work, steps, packing, kernels)).resolved()

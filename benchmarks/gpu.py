@@ -64,7 +64,7 @@ def worker_ftl(work: Path, method: str, steps: int, smoke: bool) -> dict:
     from ftl.config import validate_recipe
     from ftl.flops import peak_memory_gib
     from ftl.memory import estimate, model_shape
-    from ftl.metrics import read_metrics
+    from ftl.rundir import read_metrics
     from ftl.train import train
 
     cfg = validate_recipe(recipe(work, method, steps, smoke)).resolved()

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from ftl.config import validate_recipe
-from ftl.data import collate
-from ftl.loss import causal_lm_loss_sum
+from ftl.objectives.batch import pad_rows
+from ftl.objectives.sft import causal_lm_loss_sum
 from ftl.model import load_tokenizer
 from ftl.preprocess import prepare
 from ftl.tiny import write_tiny_model
@@ -42,8 +42,8 @@ def run_round(model, optimizer, rows, pad_id: int, batch: int, steps: int, offse
     tokens, start = 0, time.perf_counter()
     for step in range(steps):
         chosen = [rows[(offset + step * batch + i) % len(rows)] for i in range(batch)]
-        mb = collate(chosen, pad_id)
-        loss = causal_lm_loss_sum(model, mb) / max(1, int((mb["labels"][:, 1:] != -100).sum()))
+        mb = pad_rows(chosen, pad_id)
+        loss = causal_lm_loss_sum(model, mb) / max(1, int(mb.trainable_tokens()))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

@@ -116,7 +116,7 @@ def lora_model(model: Path):
 
 def worker_ftl(work: Path, model: Path, steps: int) -> dict:
     from ftl.config import validate_recipe
-    from ftl.metrics import read_metrics
+    from ftl.rundir import read_metrics
     from ftl.train import train
 
     cfg = validate_recipe(recipe(work, model, steps)).resolved()
