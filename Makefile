@@ -18,7 +18,7 @@ demo: install
 	$(VENV)/bin/ftl demo
 
 test: install
-	$(VENV)/bin/python -P -m pytest -q $(PYTEST_ARGS)
+	$(VENV)/bin/python -P -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 test-fast: install
 	$(VENV)/bin/python -P -m pytest -q -m "not slow and not multiprocess" $(PYTEST_ARGS)
