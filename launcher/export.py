@@ -119,6 +119,7 @@ def export(
         tmp.mkdir(parents=True)
     except OSError as err:  # a file where a directory of the path should be, no permission, a full disk
         raise ExportError(f"--out: cannot create {out.parent}/: {err.strerror}") from None
+    head = head_of(checkpoint) if foreign else objectives.for_recipe(recipe).head  # score: a reward model
     try:
         is_adapter = (checkpoint / "adapter_config.json").is_file()
         if adapter_only:
@@ -133,7 +134,6 @@ def export(
                 report["gguf"] = gguf.convert(tmp, options.gguf, tmp / f"adapter-{options.gguf}.gguf", base=base).name
         else:
             dtype = DTYPES[options.dtype]
-            head = head_of(checkpoint) if foreign else objectives.for_recipe(recipe).head
             mode, merge = _write_model(checkpoint, recipe, tmp, dtype, options, head)
             template = _write_tokenizer(checkpoint, recipe, tmp, foreign)
             report = {"mode": mode, "dtype": options.dtype, "checkpoint": f"{checkpoint.parent.name}/{checkpoint.name}",
@@ -151,7 +151,7 @@ def export(
             if options.gguf and report["passed"]:
                 report.update(_write_gguf(tmp, options, report, sequences))
             (tmp / "verify.json").write_text(json.dumps(_json_safe(report), indent=2, allow_nan=False))
-        _write_model_card(tmp, checkpoint, recipe, report)
+        _write_model_card(tmp, checkpoint, recipe, report, head)
         _readable(tmp)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)  # ours alone; nothing of the user's is touched
@@ -353,12 +353,12 @@ def _readable(out: Path) -> None:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
-def _write_model_card(out: Path, checkpoint: Path, recipe: Recipe, report: dict[str, Any]) -> None:
+def _write_model_card(out: Path, checkpoint: Path, recipe: Recipe, report: dict[str, Any], head: str) -> None:
     state = read_state(checkpoint) if (checkpoint / STATE).is_file() else {"step": "unknown"}
     base = _public_name(recipe.model.path)
     data = ", ".join(Path(s.path).name for s in recipe.data.train)
     library = "peft" if report.get("adapter_only") else "transformers"
-    auto = HEADS[objectives.for_recipe(recipe).head][0].__name__  # a reward model: AutoModelForSequenceClassification
+    auto = HEADS[head][0].__name__  # a reward model: AutoModelForSequenceClassification
     lines = [
         "---", f"base_model: {base}", f"library_name: {library}", "tags: [ftl, fine-tuned]", "---", "",
         f"# Fine-tuned {base}", "",

@@ -74,7 +74,7 @@ def check(recipe: Recipe) -> Problems:
     if not cls.fused_ce and isinstance(recipe.kernels, list) and "fused_ce" in recipe.kernels:
         problems.append((("kernels",), f"fused_ce computes a summed loss; method.objective {name} needs per-sequence "
                          "log-probabilities: remove fused_ce"))
-    for section in ("preference", "kto"):
+    for section in [s for s in SECTIONS if any(c.reference_section == s for c in OBJECTIVES.values())]:
         if getattr(recipe, section).reference == "model" and recipe.method.type != "full":
             problems.append(((section, "reference"), "LoRA and QLoRA use the base model with the adapter disabled as the "
                              "reference; a frozen copy (model) is for method.type: full"))

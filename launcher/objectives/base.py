@@ -39,6 +39,7 @@ class Objective:
     fused_ce: ClassVar[bool] = False  # its loss is a summed cross-entropy, which the fused kernel computes
     head: ClassVar[str] = "causal_lm"  # the model's head: causal_lm (next-token logits) or score (one value per sequence)
     reference_columns: ClassVar[tuple[str, ...]] = ()  # per row, with preference.reference: precomputed
+    reference_section: ClassVar[str | None] = None  # the recipe section whose `reference` says which reference it uses
 
     @classmethod
     def check(cls, recipe: Recipe) -> Problems:
@@ -47,13 +48,14 @@ class Objective:
 
     @classmethod
     def reference_copy(cls, recipe: Recipe) -> bool:
-        """A frozen copy of the starting model runs beside the policy (full fine-tuning with a live reference)."""
-        return False
+        """A frozen copy of the starting model runs beside the policy (full fine-tuning with a live
+        reference; LoRA disables its adapter instead)."""
+        return cls.reference_section is not None and recipe.method.type == "full" and not cls.precomputed(recipe)
 
     @classmethod
     def precomputed(cls, recipe: Recipe) -> bool:
         """The reference's log-probabilities are computed once before the first step (``reference_columns``)."""
-        return False
+        return cls.reference_section is not None and getattr(recipe, cls.reference_section).reference == "precomputed"
 
     def __init__(self, recipe: Recipe, pad_token_id: int, fused: Callable | None = None,
                  reference: torch.nn.Module | None = None):

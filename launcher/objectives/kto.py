@@ -44,14 +44,7 @@ class KTO(Objective):
     settings = ("kto.beta", "kto.desirable_weight", "kto.undesirable_weight", "kto.reference")
     packs_batches = True
     reference_columns = ("ref_logps", "ref_kl_logps")
-
-    @classmethod
-    def reference_copy(cls, recipe: Any) -> bool:
-        return recipe.method.type == "full" and recipe.kto.reference != "precomputed"
-
-    @classmethod
-    def precomputed(cls, recipe: Any) -> bool:
-        return recipe.kto.reference == "precomputed"
+    reference_section = "kto"
 
     def __init__(self, recipe: Any, pad_token_id: int, fused: Any = None, reference: torch.nn.Module | None = None):
         super().__init__(recipe, pad_token_id, fused, reference)

@@ -26,7 +26,7 @@ computed in one pass before the first step and kept beside the preprocessed data
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -47,13 +47,17 @@ class Pairs(Batch):
 REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
+def pair_sides(rows: list[dict[str, Any]]) -> list[dict[str, list[int]]]:
+    """The rows' chosen sequences, then their rejected ones."""
+    return ([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
+            + [{"input_ids": r["rejected_input_ids"], "labels": r["rejected_labels"]} for r in rows])
+
+
 def collate_pairs(rows: list[dict[str, Any]], pad_token_id: int, packed: bool = False) -> Pairs:
-    sides = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
-    sides += [{"input_ids": r["rejected_input_ids"], "labels": r["rejected_labels"]} for r in rows]
     reference = None
     if REFERENCE_COLUMNS[0] in rows[0]:  # preference.reference: precomputed
         reference = torch.tensor([[r[c] for c in REFERENCE_COLUMNS] for r in rows])
-    return Pairs(sequences(sides, pad_token_id, packed), len(rows), reference)
+    return Pairs(sequences(pair_sides(rows), pad_token_id, packed), len(rows), reference)
 
 
 def pair_logps(model: torch.nn.Module, batch: Pairs) -> torch.Tensor:
@@ -67,15 +71,6 @@ class Pairwise(Objective):
     sequences_per_row = 2
     packs_batches = True
     reference_columns = REFERENCE_COLUMNS
-    uses_reference: ClassVar[bool] = False
-
-    @classmethod
-    def reference_copy(cls, recipe: Any) -> bool:
-        return cls.uses_reference and recipe.method.type == "full" and recipe.preference.reference != "precomputed"
-
-    @classmethod
-    def precomputed(cls, recipe: Any) -> bool:
-        return cls.uses_reference and recipe.preference.reference == "precomputed"
 
     def __init__(self, recipe: Any, pad_token_id: int, fused: Any = None, reference: torch.nn.Module | None = None):
         super().__init__(recipe, pad_token_id, fused, reference)
@@ -106,7 +101,7 @@ class Pairwise(Objective):
         rc = rr = None
         if batch.reference is not None:
             rc, rr = batch.reference[:, 0].to(logps.dtype), batch.reference[:, 1].to(logps.dtype)
-        elif self.uses_reference:
+        elif self.reference_section is not None:
             ref = self.live_reference_logps(model, batch.tokens)
             rc, rr = ref[:n], ref[n:]
         losses, chosen_rewards, rejected_rewards = self.pair_losses(c, r, n_c, n_r, rc, rr)
@@ -131,7 +126,7 @@ def _sigmoid_loss(z: torch.Tensor, e: float) -> torch.Tensor:
 class DPO(Pairwise):
     name = "dpo"
     settings = ("preference.beta", "preference.label_smoothing", "preference.loss_type", "preference.reference")
-    uses_reference = True
+    reference_section = "preference"
 
     @classmethod
     def check(cls, recipe: Any) -> Problems:
@@ -157,7 +152,7 @@ class DPO(Pairwise):
 class IPO(Pairwise):
     name = "ipo"
     settings = ("preference.beta", "preference.reference")
-    uses_reference = True
+    reference_section = "preference"
 
     def pair_losses(self, c, r, n_c, n_r, rc, rr):
         b = self.preference.beta

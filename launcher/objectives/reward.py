@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ftl.objectives.base import Means, Objective, Problems, Reduce
 from ftl.objectives.batch import Batch, Tokens, pad_rows
+from ftl.objectives.preference import pair_sides
 
 
 @dataclass
@@ -31,9 +32,7 @@ class ScoredPairs(Batch):
 
 
 def collate_scored(rows: list[dict[str, Any]], pad_token_id: int) -> ScoredPairs:
-    sides = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
-    sides += [{"input_ids": r["rejected_input_ids"], "labels": r["rejected_labels"]} for r in rows]
-    return ScoredPairs(pad_rows(sides, pad_token_id), torch.tensor([float(r.get("margin") or 0.0) for r in rows]))
+    return ScoredPairs(pad_rows(pair_sides(rows), pad_token_id), torch.tensor([float(r.get("margin") or 0.0) for r in rows]))
 
 
 def scores(model: torch.nn.Module, tokens: Tokens) -> torch.Tensor:
