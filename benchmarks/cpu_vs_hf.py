@@ -104,7 +104,7 @@ def worker_hf(work: Path, steps: int) -> dict:
 
     from ftl.config import validate_recipe
     from ftl.data import build_dataset
-    from ftl.model import load_tokenizer
+    from ftl.tokenizer import load_tokenizer
 
     cfg = validate_recipe(recipe(work, steps, False)).resolved()
     tokenizer = load_tokenizer(cfg.model)

@@ -82,7 +82,7 @@ def worker_hf(work: Path, method: str, steps: int, smoke: bool) -> dict:
     from ftl.config import validate_recipe
     from ftl.data import build_dataset
     from ftl.flops import flops_counter, peak_flops, peak_memory_gib
-    from ftl.model import load_tokenizer
+    from ftl.tokenizer import load_tokenizer
 
     cfg = validate_recipe({**recipe(work, method, steps, smoke), "data": {"train": {"path": str(work / "data.jsonl")},
                                                                          "max_length": 256 if smoke else 2048}}).resolved()

@@ -23,7 +23,7 @@ import torch
 from ftl.config import validate_recipe
 from ftl.objectives.batch import pad_rows
 from ftl.objectives.sft import causal_lm_loss_sum
-from ftl.model import load_tokenizer
+from ftl.tokenizer import load_tokenizer
 from ftl.preprocess import prepare
 from ftl.tiny import write_tiny_model
 

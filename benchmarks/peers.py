@@ -98,7 +98,7 @@ def tokenized_rows(work: Path, model: Path, steps: int):
     """The rows as ftl tokenizes them (alpaca template, prompt masked): the same tokens for all three."""
     from ftl.config import validate_recipe
     from ftl.data import build_dataset
-    from ftl.model import load_tokenizer
+    from ftl.tokenizer import load_tokenizer
 
     cfg = validate_recipe(recipe(work, model, steps)).resolved()
     tokenizer = load_tokenizer(cfg.model)

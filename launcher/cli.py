@@ -121,9 +121,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         recipe = _fit_memory(recipe)
     plan = make_plan(recipe)
     if plan.world_size > 1 and "LOCAL_RANK" not in os.environ:
-        from ftl.train import preflight
-
-        from ftl.train import writer_lock
+        from ftl.preflight import preflight, writer_lock
 
         with writer_lock(recipe):
             preflight(recipe)
@@ -264,7 +262,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
-    from ftl.model import load_tokenizer
+    from ftl.tokenizer import load_tokenizer
     from ftl.preprocess import prepare
 
     recipe = _one_recipe(args, "preprocess")

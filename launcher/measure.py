@@ -44,7 +44,7 @@ def _proxy(recipe: Recipe, layers: int, out: Path) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ftl.model import load_tokenizer
+    from ftl.tokenizer import load_tokenizer
     from ftl.precision import torch_dtype
 
     config = AutoConfig.from_pretrained(recipe.model.path, local_files_only=True)

@@ -21,79 +21,11 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from ftl import objectives
 from ftl.config import MethodSection, ModelSection, QuantizationSection, Recipe
-from ftl.errors import UserError, first_line
+from ftl.errors import first_line
 from ftl.precision import DTYPES, torch_dtype
+from ftl.tokenizer import LOAD_ERRORS, ModelError, check_local, load_tokenizer, set_pad_token
 
 log = logging.getLogger(__name__)
-
-
-
-class ModelError(UserError):
-    """The model or tokenizer cannot be loaded as the recipe asks; the message says why."""
-
-
-def _load_errors() -> tuple[type[BaseException], ...]:
-    from safetensors import SafetensorError
-
-    # What loading a damaged or mismatched model directory raises, besides missing files: torn or
-    # empty safetensors, weights of the wrong shape, a config missing fields, broken tokenizer JSON.
-    return (OSError, ValueError, ImportError, KeyError, TypeError, RuntimeError, SafetensorError)
-
-
-LOAD_ERRORS = _load_errors()
-
-
-def looks_local(path: str) -> bool:
-    """A path meant as a directory on this machine, not a hub id ('org/name')."""
-    return path.startswith(("/", ".", "~")) or path.count("/") > 1 or Path(path).expanduser().exists()
-
-
-def _check_local(path: str, field: str) -> None:
-    """A local path that is missing is reported now, not as a bad hub id after a minute of network retries."""
-    if looks_local(path) and not Path(path).expanduser().exists():
-        raise ModelError(f"{field}: {path} does not exist (a local path; hub ids look like org/name)")
-
-
-def load_tokenizer(cfg: ModelSection) -> Any:
-    source = cfg.tokenizer or cfg.path
-    _check_local(source, "model.tokenizer" if cfg.tokenizer else "model.path")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
-    except LOAD_ERRORS as err:
-        raise ModelError(f"model.tokenizer: cannot load a tokenizer from '{source}': {first_line(err)}") from None
-    set_pad_token(tokenizer)
-    return tokenizer
-
-
-# Tokens that vocabularies keep for padding, or reserve unused, in the order they are preferred.
-PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|finetune_right_pad|>", "<pad>", "<|pad|>", "[PAD]",
-                  "<|reserved_special_token_0|>", "<|reserved_special_token_2|>")
-
-
-def set_pad_token(tokenizer: Any) -> None:
-    """Give a tokenizer without a pad token one that is not EOS where its vocabulary has one.
-
-    Padding is masked out of attention and loss, so any token would do for ftl; but a pad equal to
-    EOS makes collators and inference code that mask by pad id also mask EOS (the model never learns
-    to stop), the best-known way Llama 3 fine-tunes break.
-    """
-    if tokenizer.pad_token is not None:
-        return
-    vocab = tokenizer.get_vocab()
-    choice = next((t for t in PAD_CANDIDATES if t in vocab), None)
-    if choice is None and tokenizer.unk_token is not None and tokenizer.unk_token != tokenizer.eos_token:
-        choice = tokenizer.unk_token
-    if choice is None and tokenizer.eos_token is None:
-        raise ModelError(f"model.tokenizer: the tokenizer of {tokenizer.name_or_path} has no pad, EOS or unknown token, so "
-                         "batches cannot be padded nor sequences ended; set eos_token (and pad_token) in its "
-                         "tokenizer_config.json")
-    if choice is None:
-        choice = tokenizer.eos_token
-        log.warning("tokenizer has no pad token and no unused token to pad with; padding with EOS %r (ftl masks "
-                    "padding by position, so training is unaffected)", choice)
-    else:
-        log.warning("tokenizer has no pad token; padding with %r (id %d), not EOS", choice, vocab[choice])
-    tokenizer.pad_token = choice
 
 
 def quantization_config(quant: QuantizationSection) -> BitsAndBytesConfig | None:
@@ -143,7 +75,7 @@ def load_base_model(
         if torch.cuda.is_available():
             # bitsandbytes quantizes while loading, on the device the weights land on: this rank's GPU.
             extra["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
-    _check_local(cfg.path, "model.path")
+    check_local(cfg.path, "model.path")
     try:
         model = auto_class.from_pretrained(
             cfg.path,
@@ -348,7 +280,7 @@ def load_for_inference(
     only when the caller passes ``trust_remote_code`` (``--trust-remote-code`` on the command).
     """
     path = Path(path)
-    _check_local(str(path), str(path))
+    check_local(str(path), str(path))
     try:
         if (path / "adapter_config.json").exists():
             from peft import PeftModel

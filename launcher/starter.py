@@ -27,7 +27,7 @@ def starter_recipe(model: Path, data: Path, method: str = "lora") -> str:
 
     from ftl.config import ModelSection
     from ftl.evaluate import detect_format
-    from ftl.model import load_tokenizer
+    from ftl.tokenizer import load_tokenizer
 
     if not (model / "config.json").is_file():
         raise UserError(f"{model}: not a model directory (no config.json); download the model first")

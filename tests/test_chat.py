@@ -174,7 +174,7 @@ def test_sharegpt_rows(tokenizers):
 @pytest.mark.parametrize("name", sorted(END_OF_TURN))
 def test_real_tokenizers_get_a_pad_token_that_is_not_eos(artifacts, name, caplog):
     from ftl.config import ModelSection
-    from ftl.model import load_tokenizer
+    from ftl.tokenizer import load_tokenizer
 
     path = artifacts / ("models/smollm2-135m-instruct" if name == "smollm2" else f"tokenizers/{name}")
     had_pad = AutoTokenizer.from_pretrained(path).pad_token is not None

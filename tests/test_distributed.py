@@ -44,7 +44,7 @@ METHODS = {
 }
 QUANTIZATION = {"qlora": {"compute_dtype": "float32", "quant_storage": "float32"}}
 RUNS = {
-    "lora": ["ddp", "zero1", "zero2", "zero3", "zero3-offload", "fsdp2", "2-machines"],
+    "lora": ["ddp", "zero1", "zero2", "zero3", "zero3-offload", "fsdp2"],
     "full": ["ddp", "zero2", "zero3", "fsdp2", "2-machines"],
     "qlora": ["ddp", "zero3", "fsdp2"],
 }

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from ftl.config import validate_recipe
-from ftl.model import ModelError, build_model
+from ftl.model import build_model
+from ftl.tokenizer import ModelError
 from ftl.tiny import write_tiny_model
 from ftl.train import TrainError, train
 from conftest import make_recipe

@@ -163,7 +163,7 @@ def test_chat_rows_train_exactly_the_reply_and_its_end_of_turn(artifacts):
     """Chat preference rows on a real template (Llama 3.1): the prompt's tokens, system and history
     included, carry no loss; each reply and its <|eot_id|> do."""
     tokenizer = AutoTokenizer.from_pretrained(artifacts / "tokenizers" / "llama3.1")
-    from ftl.model import set_pad_token
+    from ftl.tokenizer import set_pad_token
 
     set_pad_token(tokenizer)
     prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
