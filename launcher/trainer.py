@@ -76,7 +76,8 @@ class Trainer:
         acc = self.accelerator = distributed.build_accelerator(recipe, self.plan, self.strategy)
         distributed.check_process_group(acc, self.plan, self.strategy)
         self.run = RunDir(Path(recipe.output.dir))
-        self.main, self.rank, self.world = acc.is_main_process, acc.process_index, acc.num_processes
+        self.main, self.world, self.dims = acc.is_main_process, acc.num_processes, self.strategy.dims
+        self.dp_rank = self.dims.dp_rank(acc.process_index)  # which rows this process reads
         checkpoint = resume_point(recipe)
         set_seed(cfg.seed)
 
@@ -119,7 +120,7 @@ class Trainer:
         # Checked equal to the checkpoint's by resume_point; older checkpoints may not name them.
         self.state.total_steps, self.state.method, self.state.bits = total_steps, recipe.method.type, recipe.quantization.bits
         self.state.base_identity = weights_identity(recipe.model.path)  # checked equal to the checkpoint's by resume_point
-        self.stream = RowStream(recipe, self.tokenizer, self.rank, self.world, **(self.state.data or {})) if recipe.data.streaming else None
+        self.stream = RowStream(recipe, self.tokenizer, self.dp_rank, self.dims.dp, **(self.state.data or {})) if recipe.data.streaming else None
         out = recipe.output
         self.metrics = MetricsWriter(self.run.root, enabled=self.main, report_to=out.report_to, resume_step=self.state.step,
                                      config=recipe.model_dump(mode="json"), wandb_project=out.wandb_project, run_name=out.run_name)
@@ -165,10 +166,10 @@ class Trainer:
         # Rank 0 tokenizes (or finds the cache); the others wait, then read its cache.
         with self.accelerator.main_process_first():
             self.train_set, self.eval_set, self.data_stats = prepare_data(recipe, self.tokenizer)
-        per_epoch = len(batch_indices(len(self.train_set), cfg.micro_batch_size, cfg.seed, 0, self.rank, self.world))
+        per_epoch = len(batch_indices(len(self.train_set), cfg.micro_batch_size, cfg.seed, 0, self.dp_rank, self.dims.dp))
         if per_epoch == 0:
             raise TrainError(
-                f"data.train: {len(self.train_set)} rows make no micro-batch for each of {self.world} processes; "
+                f"data.train: {len(self.train_set)} rows make no micro-batch for each of {self.dims.dp} data-parallel processes; "
                 "lower train.micro_batch_size or add data"
             )
         return cfg.max_steps or math.ceil(cfg.epochs * math.ceil(per_epoch / cfg.gradient_accumulation_steps))
@@ -209,13 +210,13 @@ class Trainer:
             state.restore_rng()  # last, so nothing above draws from the restored streams
             return
         stats, rows = self.data_stats, len(self.train_set) if self.train_set else "streamed"
-        rows_per_step = cfg.micro_batch_size * cfg.gradient_accumulation_steps * self.world
+        rows_per_step = cfg.micro_batch_size * cfg.gradient_accumulation_steps * self.dims.dp
         self.progress.message(
             (f"packed {stats['examples']} examples into {rows} rows of {data.max_length} tokens "
              f"({stats['packing_efficiency']:.1%} filled); " if "packing_efficiency" in stats else "") +
             ("each micro-batch's pairs in one row, padding-free; " if data.packing and "packing_efficiency" not in stats else "") +
             f"training {state.total_steps} steps: {rows} rows, {self.world} process(es) ({self.strategy.name}), micro-batch "
-            f"{cfg.micro_batch_size} x accumulation {cfg.gradient_accumulation_steps} x {self.world} = {rows_per_step} rows/step"
+            f"{cfg.micro_batch_size} x accumulation {cfg.gradient_accumulation_steps} x {self.dims.dp} = {rows_per_step} rows/step"
         )
         if self.eval_set is not None:
             state.initial_eval_loss = self.evaluate(log_as_step=0)
@@ -227,10 +228,10 @@ class Trainer:
             micro = [self.objective.collate(self.stream.next_rows(cfg.micro_batch_size)) for _ in range(accum)]
             state.epoch, self.batches_in_epoch = self.stream.epoch, 0
         else:
-            batches = batch_indices(len(self.train_set), cfg.micro_batch_size, cfg.seed, state.epoch, self.rank, self.world)
+            batches = batch_indices(len(self.train_set), cfg.micro_batch_size, cfg.seed, state.epoch, self.dp_rank, self.dims.dp)
             while state.position >= len(batches):
                 state.epoch, state.position = state.epoch + 1, 0
-                batches = batch_indices(len(self.train_set), cfg.micro_batch_size, cfg.seed, state.epoch, self.rank, self.world)
+                batches = batch_indices(len(self.train_set), cfg.micro_batch_size, cfg.seed, state.epoch, self.dp_rank, self.dims.dp)
             self.batches_in_epoch = len(batches)
             micro = [self.objective.collate([self.train_set[i] for i in idx])
                      for idx in batches[state.position : state.position + accum]]
@@ -249,8 +250,8 @@ class Trainer:
             with strategy.gradient_sync(acc, model, sync=last):
                 with strategy.autocast(acc.device):
                     loss = objective.loss_sum(model, mb)
-                # Every strategy averages gradients over ranks; multiplying by world turns that into a sum.
-                strategy.backward(acc, model, loss * self.world / step_targets, last)
+                # Every strategy averages gradients over ranks; multiplying by their number turns that into a sum.
+                strategy.backward(acc, model, loss * self.dims.gradient_ranks / step_targets, last)
             loss_sum += loss.detach().float()
         step_loss = (acc.reduce(loss_sum, reduction="sum") / step_targets).item()  # the same on every rank
         if not math.isfinite(step_loss):
@@ -277,7 +278,7 @@ class Trainer:
     def _count(self, micro: list[Batch]) -> None:
         tokens = [self.objective.tokens(mb) for mb in micro]
         self.window_tokens += int(self.accelerator.reduce(sum(t.token_mask.sum() for t in tokens), "sum"))
-        self.window_rows += len(micro) * tokens[0].input_ids.shape[0] * self.world
+        self.window_rows += len(micro) * tokens[0].input_ids.shape[0] * self.dims.dp
 
     def log(self, result: StepResult) -> None:
         """Write a metrics record for the steps since the last one."""
@@ -314,8 +315,8 @@ class Trainer:
         batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
         loss_sum = torch.zeros((), device=acc.device)
         targets = torch.zeros((), device=acc.device, dtype=torch.long)
-        for r in range(math.ceil(len(batches) / self.world)):
-            index = r * self.world + self.rank
+        for r in range(math.ceil(len(batches) / self.dims.dp)):
+            index = r * self.dims.dp + self.dp_rank
             # Every rank runs the same number of forwards (sharded models need all ranks); extra ones count zero.
             batch = self.objective.collate([self.eval_set[i] for i in batches[min(index, len(batches) - 1)]]).to(acc.device)
             with self.strategy.autocast(acc.device):

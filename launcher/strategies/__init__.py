@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ftl.strategies.base import CheckpointError, CheckpointFormatError, DistributedError, Single, decoder_layers, is_peft
+from ftl.strategies.base import CheckpointError, CheckpointFormatError, DistributedError, Single, Strategy, decoder_layers, is_peft
 from ftl.strategies.ddp import DDP
 from ftl.strategies.fsdp2 import FSDP2
 from ftl.strategies.zero import Zero
@@ -21,9 +21,7 @@ from ftl.strategies.zero import Zero
 if TYPE_CHECKING:
     from ftl.config import Recipe
 
-Strategy = Single  # the interface every strategy implements
-
-STRATEGIES: dict[str, type[Single]] = {"single": Single, "ddp": DDP, "zero1": Zero, "zero2": Zero, "zero3": Zero, "fsdp2": FSDP2}
+STRATEGIES: dict[str, type[Strategy]] = {"single": Single, "ddp": DDP, "zero1": Zero, "zero2": Zero, "zero3": Zero, "fsdp2": FSDP2}
 
 
 def build(name: str, recipe: Recipe) -> Strategy:

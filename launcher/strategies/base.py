@@ -1,7 +1,8 @@
-"""The one-process strategy, and the interface every strategy implements (see ``ftl.strategies``).
+"""The interface every strategy implements (see ``ftl.strategies``), and the one-process strategy.
 
-Capabilities are class attributes, read by the strategy's own rules (:meth:`Single.check`) and
-memory terms (:meth:`Single.place`); subclasses change the attributes and the hooks that differ.
+Capabilities are class attributes, read by the strategy's own rules (:meth:`Strategy.check`) and
+memory terms (:meth:`Strategy.place`); the interface's hooks do what one process does, and each
+strategy changes the attributes and the hooks that differ.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any, ContextManager, Iterator
 import torch
 
 from ftl.errors import UserError
+from ftl.parallel_dims import ParallelDims
 from ftl.precision import autocast_dtype
 
 if TYPE_CHECKING:
@@ -43,8 +45,9 @@ def is_peft(model: Any) -> bool:
     return hasattr(model, "peft_config") or hasattr(getattr(model, "module", None), "peft_config")
 
 
-class Single:
-    """One process: nothing to shard or synchronise; the optimizer state is ``optimizer.pt``."""
+class Strategy:
+    """How a run's processes hold the model and take a step. The hooks as written are those of one
+    process: nothing to shard or synchronise; the optimizer state is ``optimizer.pt``."""
 
     multi_process = False  # needs 2 or more processes
     distributed_type = "NO"  # Accelerate's name for it
@@ -55,6 +58,7 @@ class Single:
     own_optimizer = False  # runs its own optimizer implementation (no bitsandbytes optimizers)
     fp32_master = False  # under mixed precision: bf16/fp16 module, fp32 master weights in the optimizer
     owns_optimizer_state = False  # True: the checkpoint's sharded state replaces optimizer.pt
+    shards_data_parallel = False  # the data-parallel ranks shard the model's state (ZeRO, FSDP2) or replicate it
     module_in_compute_dtype = False  # under mixed precision the module itself runs in bf16/fp16 (no autocast)
     # The caching allocator's reserved pool over its allocated peak: ~10% for one model and its
     # optimizer; sharded stacks churn buffers of many sizes (the issue's 20-45% under DeepSpeed/FSDP).
@@ -63,7 +67,8 @@ class Single:
     def __init__(self, name: str, recipe: Recipe):
         self.name = name
         self.recipe = recipe
-        self.world_size = recipe.world_size
+        self.world_size = world = recipe.world_size
+        self.dims = ParallelDims(dp_shard=world) if self.shards_data_parallel else ParallelDims(dp_replicate=world)
         self.scaler: torch.amp.GradScaler | None = None  # fp16 loss scaling (set in prepare)
 
     # ------------------------------------------------------------------------- rules
@@ -245,3 +250,5 @@ def decoder_layers(model: torch.nn.Module, needed_by: str = "distributed.strateg
     return layers
 
 
+class Single(Strategy):
+    """One process: the interface's hooks as they are."""

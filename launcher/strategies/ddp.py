@@ -6,13 +6,13 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterator
 
-from ftl.strategies.base import Single
+from ftl.strategies.base import Strategy
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
 
-class DDP(Single):
+class DDP(Strategy):
     multi_process = True
     distributed_type = "MULTI_GPU"
 

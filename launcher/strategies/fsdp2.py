@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
-from ftl.strategies.base import CheckpointFormatError, Single, decoder_layers
+from ftl.strategies.base import CheckpointFormatError, Strategy, decoder_layers
 from ftl.precision import DTYPES, mixed_dtype_name
 
 if TYPE_CHECKING:
@@ -22,16 +22,17 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class FSDP2(Single):
+class FSDP2(Strategy):
     multi_process = True
     distributed_type = "MULTI_GPU"
     shards_weights = True
     owns_optimizer_state = True
+    shards_data_parallel = True
     module_in_compute_dtype = True  # MixedPrecisionPolicy gathers the layers in param_dtype
     allocator_overhead = 0.30
 
     def place(self, weights: float, gradients: float, optimizer: float, layer_bytes: float) -> tuple[float, float, float, float]:
-        fsdp, world = self.recipe.distributed.fsdp, self.world_size
+        fsdp, world = self.recipe.distributed.fsdp, self.dims.dp_shard
         optimizer, gradients = optimizer / world, gradients / world
         if fsdp.reshard_after_forward:
             weights = weights / world + 2 * layer_bytes  # two layers gathered at a time (one prefetched)
@@ -40,7 +41,6 @@ class FSDP2(Single):
         return weights, gradients, optimizer, 0.0
 
     def shard(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
         fsdp = self.recipe.distributed.fsdp
@@ -48,7 +48,7 @@ class FSDP2(Single):
         if param_dtype == "auto":
             param_dtype = mixed_dtype_name(self.recipe.train.mixed_precision)
         options = {
-            "mesh": init_device_mesh(device.type, (self.world_size,)),
+            "mesh": self.dims.mesh(device.type)["dp_shard"],
             "reshard_after_forward": fsdp.reshard_after_forward,
             "mp_policy": MixedPrecisionPolicy(
                 param_dtype=DTYPES[param_dtype] if param_dtype else None, reduce_dtype=DTYPES[fsdp.reduce_dtype]
@@ -61,7 +61,7 @@ class FSDP2(Single):
         for layer in layers:
             fully_shard(layer, **options)
         fully_shard(model, **options)
-        log.info("FSDP2: sharded %d decoder layers and the root over %d processes", len(layers), self.world_size)
+        log.info("FSDP2: sharded %d decoder layers and the root over %d processes", len(layers), self.dims.dp_shard)
         return model
 
     def prepare(self, accelerator: Accelerator, model: torch.nn.Module, optimizer: Any) -> tuple[Any, Any]:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, ContextManager, Iterator
 import torch
 
 from ftl.errors import first_line
-from ftl.strategies.base import CheckpointError, CheckpointFormatError, Single, is_peft
+from ftl.strategies.base import CheckpointError, CheckpointFormatError, Strategy, is_peft
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from ftl.config import Recipe
 
 
-class Zero(Single):
+class Zero(Strategy):
     multi_process = True
     distributed_type = "DEEPSPEED"
     uses_deepspeed = True
@@ -32,6 +32,7 @@ class Zero(Single):
     module_in_compute_dtype = True
     allocator_overhead = 0.35
     owns_optimizer_state = True
+    shards_data_parallel = True
 
     def __init__(self, name: str, recipe: Recipe):
         super().__init__(name, recipe)
@@ -41,7 +42,7 @@ class Zero(Single):
     # ------------------------------------------------------------------------- memory and launch
 
     def place(self, weights: float, gradients: float, optimizer: float, layer_bytes: float) -> tuple[float, float, float, float]:
-        zero, world, cpu = self.recipe.distributed.zero, self.world_size, 0.0
+        zero, world, cpu = self.recipe.distributed.zero, self.dims.dp_shard, 0.0
         optimizer /= world
         if self.zero_stage >= 2:
             gradients /= world
@@ -90,7 +91,7 @@ class Zero(Single):
         return {
             "train_micro_batch_size_per_gpu": train.micro_batch_size,
             "gradient_accumulation_steps": train.gradient_accumulation_steps,
-            "train_batch_size": train.micro_batch_size * train.gradient_accumulation_steps * self.world_size,
+            "train_batch_size": train.micro_batch_size * train.gradient_accumulation_steps * self.dims.dp,
             "gradient_clipping": train.max_grad_norm or 0.0,
             "zero_optimization": optimization,
             "bf16": {"enabled": precision == "bf16"},
