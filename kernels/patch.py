@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import torch
 
+from ftl.families import MLPS, RMSNORMS, base_model, decoder
 from ftl.kernels.fused_ce import linear_cross_entropy
 from ftl.kernels.rmsnorm import RMSNorm
 from ftl.kernels.swiglu import SwiGLUMLP
@@ -31,12 +32,6 @@ KERNELS = ("rmsnorm", "swiglu", "fused_ce")
 # own modules (SmolLM2-135M LoRA in benchmarks/peers.py: bf16 274 against 293 tokens/s, fp32 2%
 # slower and 0.5 GiB more RSS), so there ``auto`` is the fused cross-entropy alone.
 AUTO = {"triton": KERNELS, "torch": ("fused_ce",)}
-# RMSNorm classes and their weight offset (Gemma scales by 1 + weight).
-RMSNORMS = {"LlamaRMSNorm": 0.0, "Qwen2RMSNorm": 0.0, "MistralRMSNorm": 0.0, "Qwen3RMSNorm": 0.0,
-            "GemmaRMSNorm": 1.0, "Gemma2RMSNorm": 1.0}
-MLPS = ("LlamaMLP", "Qwen2MLP", "MistralMLP", "Qwen3MLP")
-
-
 class KernelError(ValueError):
     """A requested kernel cannot apply to this model."""
 
@@ -86,7 +81,7 @@ def check(model: torch.nn.Module, kernel: str) -> None:
         if act not in ("silu", "swish"):
             raise KernelError(f"kernels: swiglu: the model's MLP activation is {act!r}, not SiLU; leave swiglu out")
     elif kernel == "fused_ce":
-        output_head(model), decoder(model)  # the loss is computed from them
+        output_head(model), _decoder(model)  # the loss is computed from them
     else:
         raise KernelError(f"kernels: unknown kernel {kernel!r}; choose from {', '.join(KERNELS)}")
 
@@ -118,12 +113,12 @@ def supported(model: torch.nn.Module, backend: str) -> list[str]:
     return chosen
 
 
-def decoder(model: torch.nn.Module) -> torch.nn.Module:
+def _decoder(model: torch.nn.Module) -> torch.nn.Module:
     """The decoder stack whose output is the final (normed) hidden state."""
-    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
-    stack = base.get_decoder() if hasattr(base, "get_decoder") else None
-    if not isinstance(stack, torch.nn.Module) or stack is base:
-        raise KernelError(f"kernels: fused_ce: {type(base).__name__} has no separate decoder (get_decoder); leave fused_ce out")
+    stack = decoder(model)
+    if stack is None:
+        raise KernelError(f"kernels: fused_ce: {type(base_model(model)).__name__} has no separate decoder (get_decoder); "
+                          "leave fused_ce out")
     return stack
 
 
@@ -148,7 +143,7 @@ class FusedLoss:
 
     def __init__(self, model: torch.nn.Module, chunk: int | None = None, backend: str = "torch"):  # chunk None: chunk_size
         self.head = output_head(model)  # the same module through DDP/DeepSpeed wrapping (not FSDP2/ZeRO-3)
-        self.decoder = decoder(model)
+        self.decoder = _decoder(model)
         self.chunk, self.backend = chunk, backend
         self._hidden: torch.Tensor | None = None
         self._armed = False  # only our own forward is captured (not eval, not generation)

@@ -20,6 +20,8 @@ from typing import Callable
 
 import torch
 
+from ftl.families import head_dim
+
 # Dense bf16/fp16 tensor-core peaks (no sparsity), FLOP/s, by a substring of the device name.
 PEAK_FLOPS = {
     "H200": 989e12,
@@ -54,10 +56,9 @@ def flops_per_token(trainable: int, frozen: int, layers: int, attention_width: i
 def flops_counter(model: torch.nn.Module) -> Callable[[float], float]:
     """FLOPs per token as a function of the mean sequence length, for an (unwrapped) model."""
     config = model.config
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    width = config.num_attention_heads * head_dim(config)
     trainable, frozen = matmul_params(model)
-    return lambda seq_len: flops_per_token(trainable, frozen, config.num_hidden_layers, heads * head_dim, seq_len)
+    return lambda seq_len: flops_per_token(trainable, frozen, config.num_hidden_layers, width, seq_len)
 
 
 def peak_flops(override_tflops: float | None = None) -> float | None:

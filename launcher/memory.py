@@ -48,23 +48,14 @@ from typing import Any, Callable
 
 from ftl import objectives, strategies
 from ftl.config import Recipe
+from ftl.families import KNOWN_SHAPES, LINEARS, head_dim, kv_heads
 from ftl.precision import BYTES
 from ftl.units import parse_gib
 from ftl.errors import UserError
 
 GIB = 2**30
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MASK = 1  # bytes per element of a dropout mask: CUDA keeps a bool (CPU: the input dtype)
 CONTEXT_GIB = 0.75  # the CUDA context with cuBLAS/cuDNN/NCCL loaded, outside the allocator
-
-# Architectures of common hub models, for planning on a machine that cannot download config.json.
-KNOWN_SHAPES = {
-    "llama-3.1-8b": dict(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, head_dim=128, vocab=128256, tied=False),
-    "llama-3.1-70b": dict(hidden=8192, intermediate=28672, layers=80, heads=64, kv_heads=8, head_dim=128, vocab=128256, tied=False),
-    "qwen2.5-7b": dict(hidden=3584, intermediate=18944, layers=28, heads=28, kv_heads=4, head_dim=128, vocab=152064, tied=False),
-    "mistral-7b": dict(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, head_dim=128, vocab=32768, tied=False),
-}
-
 
 @dataclass(frozen=True)
 class Shape:
@@ -104,8 +95,8 @@ def shape_from_config(config: Any) -> Shape:
         intermediate=config.intermediate_size,
         layers=config.num_hidden_layers,
         heads=heads,
-        kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+        kv_heads=kv_heads(config),
+        head_dim=head_dim(config),
         vocab=config.vocab_size,
         tied=bool(getattr(config, "tie_word_embeddings", False)),
     )

@@ -20,7 +20,8 @@ from ftl import strategies
 from ftl.config import Recipe
 from ftl.objectives.batch import Tokens
 from ftl.objectives.sft import SFT
-from ftl.model import build_model, decoder
+from ftl.families import decoder
+from ftl.model import build_model
 from ftl.optim import build_optimizer
 from ftl.trainer import apply_kernels
 

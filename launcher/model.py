@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from ftl import objectives
 from ftl.config import MethodSection, ModelSection, QuantizationSection, Recipe
 from ftl.errors import first_line
+from ftl.families import decoder_layers
 from ftl.precision import DTYPES, torch_dtype
 from ftl.tokenizer import LOAD_ERRORS, ModelError, check_local, load_tokenizer, set_pad_token
 
@@ -211,17 +212,9 @@ def _is_checkpointing(model: PreTrainedModel) -> bool:
     return bool(getattr(model, "is_gradient_checkpointing", False))
 
 
-def decoder(model: torch.nn.Module) -> torch.nn.Module:
-    """The module holding the stack of decoder layers, with the final norm and the rotary
-    embedding (under peft, inside the wrapped model); ``ftl.strategies.decoder_layers`` gives the blocks."""
-    return next(m for m in model.modules() if isinstance(getattr(m, "layers", None), torch.nn.ModuleList))
-
-
 def compile_layers(model: torch.nn.Module) -> None:
     """``train.compile``: each decoder layer compiled in place, as torchtune and torchtitan do.
     The layers share their code, so one graph serves them all; state-dict names do not change."""
-    from ftl.strategies import decoder_layers  # the blocks FSDP2 shards
-
     for layer in decoder_layers(model, "train.compile:", "set train.compile: false for this architecture"):
         layer.compile()
 

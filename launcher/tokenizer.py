@@ -15,6 +15,7 @@ from transformers import AutoTokenizer
 
 from ftl.config import ModelSection
 from ftl.errors import UserError, first_line
+from ftl.families import PAD_CANDIDATES
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +55,6 @@ def load_tokenizer(cfg: ModelSection) -> Any:
         raise ModelError(f"model.tokenizer: cannot load a tokenizer from '{source}': {first_line(err)}") from None
     set_pad_token(tokenizer)
     return tokenizer
-
-
-# Tokens that vocabularies keep for padding, or reserve unused, in the order they are preferred.
-PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|finetune_right_pad|>", "<pad>", "<|pad|>", "[PAD]",
-                  "<|reserved_special_token_0|>", "<|reserved_special_token_2|>")
 
 
 def set_pad_token(tokenizer: Any) -> None:

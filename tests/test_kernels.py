@@ -125,25 +125,3 @@ def test_each_comparison_can_fail(case):
         h, w, y = torch.randn(20, 16), torch.randn(64, 16), torch.randint(0, 64, (20,))
         got, want = linear_cross_entropy(h, w, y, chunk=8, backend="triton"), linear_cross_entropy_reference(h, w, y, label_smoothing=1e-3)
     assert not close(got, want, torch.float32)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_rope_in_place_matches_reference(dtype):
-    from ftl.kernels.rope import rope_, rope_reference
-
-    torch.manual_seed(0)
-    q, k = torch.randn(2, 3, 5, 24).to(dtype), torch.randn(2, 1, 5, 24).to(dtype)  # GQA: 3 q heads, 1 kv head
-    angles = torch.randn(2, 5, 12)
-    cos, sin = torch.cat([angles.cos()] * 2, -1).to(dtype), torch.cat([angles.sin()] * 2, -1).to(dtype)
-
-    def run(fn):
-        leaves = [q.clone().requires_grad_(True), k.clone().requires_grad_(True)]
-        outs = fn(leaves[0] * 1, leaves[1] * 1, cos, sin)  # non-leaf copies: the Triton version rotates in place
-        torch.manual_seed(1)
-        sum((o.float() * torch.randn_like(o.float())).sum() for o in outs).backward()
-        return [o.detach() for o in outs] + [x.grad for x in leaves]
-
-    triton_out = run(lambda a, b, c, s: rope_(a, b, c, s, backend="triton"))
-    for got, want in zip(triton_out, run(rope_reference)):
-        assert close(got, want, dtype)
-    assert not close(triton_out[0], rope_reference(q, k, cos, -sin)[0], dtype)  # the comparison can fail

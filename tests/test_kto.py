@@ -54,12 +54,14 @@ def _recipe(tiny_llama: Path, tmp_path: Path, **kto) -> object:
                                        method={"objective": "kto"}, kto=kto))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bf16"])
 @pytest.mark.parametrize("weights", [{}, {"desirable_weight": 1.33, "undesirable_weight": 0.8}])
-def test_loss_and_gradients_equal_trls(tiny_llama, tmp_path, weights):
-    """On the same model, adapter and batch, ftl's KTO loss and gradients equal TRL's (float32, 1e-5),
-    the KL reference point included; another beta or weight gives another loss."""
+def test_loss_and_gradients_equal_trls(tiny_llama, tmp_path, weights, dtype):
+    """On the same model, adapter and batch, ftl's KTO loss and gradients equal TRL's (1e-5), the KL
+    reference point included, in float32 and in bf16 (the recipe's default weights and compute: both
+    take log-probabilities in float32); another beta or weight gives another loss."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
-    model = _policy(tiny_llama)
+    model = _policy(tiny_llama).to(dtype)
     trainer = _trl(model, tokenizer, tmp_path, beta=0.3, **weights)
     _move(model)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(ROWS))])

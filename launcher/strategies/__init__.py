@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ftl.strategies.base import CheckpointError, CheckpointFormatError, DistributedError, Single, Strategy, decoder_layers, is_peft
+from ftl.strategies.base import CheckpointError, CheckpointFormatError, DistributedError, Single, Strategy, is_peft
 from ftl.strategies.ddp import DDP
 from ftl.strategies.fsdp2 import FSDP2
 from ftl.strategies.zero import Zero
@@ -35,4 +35,4 @@ def for_recipe(recipe: Recipe) -> Strategy:
 
 
 __all__ = ["CheckpointError", "CheckpointFormatError", "DDP", "DistributedError", "FSDP2", "STRATEGIES", "Single", "Strategy", "Zero",
-           "build", "decoder_layers", "for_recipe", "is_peft"]
+           "build", "for_recipe", "is_peft"]

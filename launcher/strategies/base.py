@@ -235,20 +235,5 @@ class Strategy:
         """Restore what :meth:`save_state` wrote (every rank calls it)."""
 
 
-def decoder_layers(model: torch.nn.Module, needed_by: str = "distributed.strategy: fsdp2",
-                   instead: str = "use zero3 or ddp for this architecture") -> list[torch.nn.Module]:
-    """The repeated blocks, by the class names transformers lists in ``_no_split_modules``
-    (``needed_by`` and ``instead`` word the error when there are none)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    names = set(getattr(base, "_no_split_modules", None) or [])
-    layers = [m for m in model.modules() if type(m).__name__ in names]
-    if not layers:
-        raise DistributedError(
-            f"{needed_by} found no decoder layers in {type(base).__name__} "
-            f"(_no_split_modules={sorted(names)}); {instead}"
-        )
-    return layers
-
-
 class Single(Strategy):
     """One process: the interface's hooks as they are."""

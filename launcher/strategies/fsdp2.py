@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
-from ftl.strategies.base import CheckpointFormatError, Strategy, decoder_layers
+from ftl.families import decoder_layers
+from ftl.strategies.base import CheckpointFormatError, Strategy
 from ftl.precision import DTYPES, mixed_dtype_name
 
 if TYPE_CHECKING:
@@ -57,7 +58,7 @@ class FSDP2(Strategy):
         }
         if not fsdp.cpu_offload and not getattr(model, "is_loaded_in_4bit", False):
             model.to(device)
-        layers = decoder_layers(model)
+        layers = decoder_layers(model, "distributed.strategy: fsdp2", "use zero3 or ddp for this architecture")
         for layer in layers:
             fully_shard(layer, **options)
         fully_shard(model, **options)
