@@ -53,8 +53,8 @@ def recipe(work: Path, steps: int, packing: bool, kernels: str = "none") -> dict
 
 
 def worker_ftl(work: Path, steps: int, packing: bool, kernels: str = "none") -> dict:
-    from ftl.config import validate_recipe
-    from ftl.rundir import read_metrics
+    from ftl.recipe.schema import validate_recipe
+    from ftl.checkpoints.rundir import read_metrics
     from ftl.train import train
 
     cfg = validate_recipe(recipe(work, steps, packing, kernels)).resolved()
@@ -102,9 +102,9 @@ def worker_hf(work: Path, steps: int) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, TrainingArguments
 
-    from ftl.config import validate_recipe
-    from ftl.data import build_dataset
-    from ftl.tokenizer import load_tokenizer
+    from ftl.recipe.schema import validate_recipe
+    from ftl.data.sources import build_dataset
+    from ftl.models.tokenizer import load_tokenizer
 
     cfg = validate_recipe(recipe(work, steps, False)).resolved()
     tokenizer = load_tokenizer(cfg.model)
@@ -134,7 +134,7 @@ def main() -> None:
         else:
             result = worker_ftl(work, args.steps, packing=args.worker != "ftl",
                                 kernels="auto" if args.worker.endswith("kernels") else "none")
-        from ftl.flops import proc_status_gib
+        from ftl.training.flops import proc_status_gib
 
         print("RESULT " + json.dumps({**result, "peak_rss_mib": proc_status_gib("VmHWM") * 1024}))
         return

@@ -31,7 +31,7 @@ def worker(method: str, tokens: int, hidden: int, vocab: int, device: str, head:
     import torch.nn.functional as F
 
     from ftl.kernels.fused_ce import linear_cross_entropy
-    from ftl.flops import proc_status_gib
+    from ftl.training.flops import proc_status_gib
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(0)

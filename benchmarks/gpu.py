@@ -9,7 +9,7 @@ Model: Llama config with hidden 2048, 16 layers, MLP 5632, 32 heads (4 KV heads)
 Both: bf16, gradient checkpointing, micro-batch 4 x accumulation 2, AdamW (full) or paged 8-bit
 AdamW on an NF4 + double-quant base with LoRA r=16 on all linear layers (QLoRA); ftl adds
 ``kernels: auto``. Each run is its own process; tokens/s is real (non-pad) tokens per second after
-the first step, MFU uses ftl.flops (the same count for both), peak memory is
+the first step, MFU uses ftl.training.flops (the same count for both), peak memory is
 ``torch.cuda.max_memory_allocated``, and for ftl the plan's estimate is printed next to it.
 """
 
@@ -61,10 +61,10 @@ def recipe(work: Path, method: str, steps: int, smoke: bool) -> dict:
 
 
 def worker_ftl(work: Path, method: str, steps: int, smoke: bool) -> dict:
-    from ftl.config import validate_recipe
-    from ftl.flops import peak_memory_gib
-    from ftl.memory import estimate, model_shape
-    from ftl.rundir import read_metrics
+    from ftl.recipe.schema import validate_recipe
+    from ftl.training.flops import peak_memory_gib
+    from ftl.planning.memory import estimate, model_shape
+    from ftl.checkpoints.rundir import read_metrics
     from ftl.train import train
 
     cfg = validate_recipe(recipe(work, method, steps, smoke)).resolved()
@@ -79,10 +79,10 @@ def worker_hf(work: Path, method: str, steps: int, smoke: bool) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainingArguments
 
-    from ftl.config import validate_recipe
-    from ftl.data import build_dataset
-    from ftl.flops import flops_counter, peak_flops, peak_memory_gib
-    from ftl.tokenizer import load_tokenizer
+    from ftl.recipe.schema import validate_recipe
+    from ftl.data.sources import build_dataset
+    from ftl.training.flops import flops_counter, peak_flops, peak_memory_gib
+    from ftl.models.tokenizer import load_tokenizer
 
     cfg = validate_recipe({**recipe(work, method, steps, smoke), "data": {"train": {"path": str(work / "data.jsonl")},
                                                                          "max_length": 256 if smoke else 2048}}).resolved()

@@ -6,7 +6,7 @@ then runs each merge in a fresh process and reports its peak RSS against the lar
 
     python benchmarks/merge_memory.py [--workdir /tmp/merge-bench]
 
-- ``stream``: ``ftl.merge.write_merged`` (what ``ftl export`` runs for LoRA checkpoints)
+- ``stream``: ``ftl.export.merge.write_merged`` (what ``ftl export`` runs for LoRA checkpoints)
 - ``peft``: ``from_pretrained`` + ``PeftModel.from_pretrained`` + ``merge_and_unload`` +
   ``save_pretrained``, the usual recipe.
 
@@ -53,8 +53,8 @@ def run(mode: str, workdir: Path) -> dict:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from ftl.flops import proc_status_gib
-    from ftl.merge import Adapter, Merge, TensorSource, write_merged
+    from ftl.training.flops import proc_status_gib
+    from ftl.export.merge import Adapter, Merge, TensorSource, write_merged
 
     baseline = proc_status_gib("VmRSS") * 1024  # the interpreter with torch, transformers and peft imported
     start = time.perf_counter()

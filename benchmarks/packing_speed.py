@@ -5,7 +5,7 @@
 A Llama of ~6M parameters (hidden 256, 4 layers, byte-level BPE trained locally) and 2,000
 completion examples whose lengths are long-tailed like instruction data (log-normal, median ~90
 tokens, capped at 512). Both modes run the same model code and loss through ftl's data pipeline
-(``ftl.preprocess``) with micro-batches of 8 rows: padding pads each micro-batch to its
+(``ftl.data.preprocess``) with micro-batches of 8 rows: padding pads each micro-batch to its
 longest example, packing fills rows of 512. Rounds alternate (padding, packing, ...) in one
 process; the figure is real (non-pad) tokens per second, and the ratio is packing / padding.
 """
@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from ftl.config import validate_recipe
+from ftl.recipe.schema import validate_recipe
 from ftl.objectives.batch import pad_rows
 from ftl.objectives.sft import causal_lm_loss_sum
-from ftl.tokenizer import load_tokenizer
-from ftl.preprocess import prepare
+from ftl.models.tokenizer import load_tokenizer
+from ftl.data.preprocess import prepare
 from ftl.tiny import write_tiny_model
 
 WORDS = "the of and to in is was for on that with as by at from his her which are this be had not".split()

@@ -96,9 +96,9 @@ def recipe(work: Path, model: Path, steps: int) -> dict:
 
 def tokenized_rows(work: Path, model: Path, steps: int):
     """The rows as ftl tokenizes them (alpaca template, prompt masked): the same tokens for all three."""
-    from ftl.config import validate_recipe
-    from ftl.data import build_dataset
-    from ftl.tokenizer import load_tokenizer
+    from ftl.recipe.schema import validate_recipe
+    from ftl.data.sources import build_dataset
+    from ftl.models.tokenizer import load_tokenizer
 
     cfg = validate_recipe(recipe(work, model, steps)).resolved()
     tokenizer = load_tokenizer(cfg.model)
@@ -115,8 +115,8 @@ def lora_model(model: Path):
 
 
 def worker_ftl(work: Path, model: Path, steps: int) -> dict:
-    from ftl.config import validate_recipe
-    from ftl.rundir import read_metrics
+    from ftl.recipe.schema import validate_recipe
+    from ftl.checkpoints.rundir import read_metrics
     from ftl.train import train
 
     cfg = validate_recipe(recipe(work, model, steps)).resolved()
@@ -240,7 +240,7 @@ def main() -> None:
     KERNELS = args.kernels[0] if args.kernels[0] in ("auto", "none") else args.kernels
     work = Path(args.workdir)
     if args.worker:
-        from ftl.flops import proc_status_gib
+        from ftl.training.flops import proc_status_gib
 
         if args.profile:
             result = profiled(WORKERS[args.worker], work, model_dir(work, args.models[0]), args.steps)

@@ -4,8 +4,8 @@
   ``torch.cuda.max_memory_allocated``, on CPU the bytes one step holds counted tensor by tensor),
   next to its estimate.
 - default: on CPU, tiny Llama/Qwen2/Mistral models trained full, with LoRA, QLoRA and DoRA, with
-  and without activation checkpointing (``ftl.memory_probe``), then the published peaks of
-  tests/test_memory_reference.py (torchtune, LitGPT).
+  and without activation checkpointing (``ftl.planning.probe``), then the published peaks of
+  tests/planning/test_memory_reference.py (torchtune, LitGPT).
 
 Usage: python benchmarks/planner.py [--recipe recipes/x.yaml ...] [--archs llama qwen2 mistral]
 """
@@ -23,8 +23,8 @@ GIB = 2**30
 
 
 def measure_recipes(paths: list[str]) -> None:
-    from ftl.config import load_recipe
-    from ftl.measure import measure
+    from ftl.recipe.schema import load_recipe
+    from ftl.planning.measure import measure
 
     for path in paths:
         result = measure(load_recipe(Path(path)))
@@ -37,9 +37,9 @@ def cpu_grid(archs: list[str]) -> None:
     sys.path.insert(0, str(ROOT / "tests"))
     from test_memory_probe import MICRO, SEQ, _recipe
 
-    from ftl import strategies
-    from ftl.memory import activation_terms, estimate, model_shape, precision
-    from ftl.memory_probe import measure_step
+    from ftl.distributed import strategies
+    from ftl.planning.memory import activation_terms, estimate, model_shape, precision
+    from ftl.planning.probe import measure_step
     from ftl.tiny import write_tiny_model
 
     print("| model | method | checkpointing | activations est/measured | peak est/measured (phase) |\n|---|---|---|---|---|")
@@ -59,10 +59,10 @@ def cpu_grid(archs: list[str]) -> None:
 
 
 def reference_table() -> None:
-    spec = importlib.util.spec_from_file_location("reference", ROOT / "tests/test_memory_reference.py")
+    spec = importlib.util.spec_from_file_location("reference", ROOT / "tests/planning/test_memory_reference.py")
     reference = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(reference)
-    from ftl.memory import estimate, model_shape
+    from ftl.planning.memory import estimate, model_shape
 
     print("\n| case | published GiB | estimate GiB (phase) | estimate/published |\n|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:

@@ -2,7 +2,7 @@
 
 Builds a Llama config of about 200M parameters with random weights (saved once in bf16), then
 loads it in each mode in a fresh child process, through the same code path as training
-(``ftl.model.load_base_model``), and reports:
+(``ftl.models.build.load_base_model``), and reports:
 
 - weight bytes: parameters + buffers + bitsandbytes quantization state (absmax, codebooks),
 - bits per parameter of the quantized linear layers (their storage plus their quantization state),
@@ -73,9 +73,9 @@ def measure(model_dir: str, mode: str) -> dict:
     import bitsandbytes as bnb
     import torch  # noqa: F401  (imported before the baseline so it is not counted)
 
-    from ftl.config import ModelSection, QuantizationSection
-    from ftl.flops import proc_status_gib
-    from ftl.model import load_base_model
+    from ftl.recipe.schema import ModelSection, QuantizationSection
+    from ftl.training.flops import proc_status_gib
+    from ftl.models.build import load_base_model
 
     rss_before = proc_status_gib("VmRSS") * 2**30
     quant = QuantizationSection(compute_dtype="bfloat16", **MODES[mode])

@@ -18,7 +18,7 @@ log-probabilities; llama.cpp: the whole logit row).
 
 ``--install`` puts each engine in a venv of its own under ``<workdir>/venvs`` (torch 2.13.0+cpu for
 vLLM, whose wheel pulls a CUDA torchvision and a torchaudio built for another torch: both removed). The base model's directory is given to
-vLLM with the config ftl's exports carry (``ftl.export.serving_config``): the artifact's config was
+vLLM with the config ftl's exports carry (``ftl.export.write.serving_config``): the artifact's config was
 saved by transformers 5, and vLLM's transformers would read its RoPE base wrongly, as it would any
 such config.
 """
@@ -67,10 +67,10 @@ def exports(work: Path) -> dict[str, Path]:
 
 def train_and_export(work: Path, steps: int, prompts: int) -> dict[str, Path]:
     from ftl.artifacts import artifacts_dir
-    from ftl.config import load_recipe, with_values
-    from ftl.demo_data import write_extraction_data
-    from ftl.export import export, serving_config
-    from ftl.gguf import convert
+    from ftl.recipe.schema import load_recipe, with_values
+    from ftl.data.demo import write_extraction_data
+    from ftl.export.write import export, serving_config
+    from ftl.export.gguf import convert
     from ftl.train import train
 
     base = artifacts_dir() / "models" / "smollm2-135m-instruct"
@@ -166,7 +166,7 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from ftl.config import DataSource
+    from ftl.recipe.schema import DataSource
     from ftl.evaluate import prompts_and_answers
 
     paths = exports(work) if args.reuse else train_and_export(work, args.steps, args.prompts)

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from ftl.families import MLPS, RMSNORMS, base_model, decoder
+from ftl.models.families import MLPS, RMSNORMS, base_model, decoder
 from ftl.kernels.fused_ce import linear_cross_entropy
 from ftl.kernels.rmsnorm import RMSNorm
 from ftl.kernels.swiglu import SwiGLUMLP

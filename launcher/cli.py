@@ -28,7 +28,7 @@ def _split(items: list[str]) -> tuple[list[str], list[str]]:
 
 def _one_recipe(args: argparse.Namespace, command: str):
     """The single recipe a command names, with its overrides applied, paths resolved."""
-    from ftl.config import load_recipe
+    from ftl.recipe.schema import load_recipe
 
     files, overrides = _split(args.items)
     if len(files) != 1:
@@ -37,7 +37,7 @@ def _one_recipe(args: argparse.Namespace, command: str):
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from ftl.config import RecipeError, load_recipe
+    from ftl.recipe.schema import RecipeError, load_recipe
 
     files, overrides = _split(args.items)
     if not files:
@@ -63,7 +63,7 @@ def _shown(recipe: Any, full: bool) -> str:
     import yaml
     from pydantic import BaseModel
 
-    from ftl.plan import local_device
+    from ftl.distributed.plan import local_device
 
     resolved = recipe.resolved().for_device(local_device())
     everything = resolved.model_dump(mode="json")
@@ -94,7 +94,7 @@ def _stop_before_training() -> None:
     """A stop signal before training has begun (Slurm's warning, a preemption; imports alone take
     seconds) leaves nothing to save: exit as "stopped" (75) so that a job is requeued. Installed
     first thing in :func:`main`; training and the launcher install their own handlers later."""
-    from ftl.signals import EXIT_STOPPED, STOP_SIGNALS
+    from ftl.training.signals import EXIT_STOPPED, STOP_SIGNALS
 
     def stop(signum: int, frame: object) -> None:
         # os._exit: a SystemExit raised inside an import or a library's cleanup could be swallowed.
@@ -107,21 +107,21 @@ def _stop_before_training() -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ftl.signals import EXIT_STOPPED
+    from ftl.training.signals import EXIT_STOPPED
 
-    from ftl.launch import launch
-    from ftl.plan import local_device, make_plan
+    from ftl.distributed.launch import launch
+    from ftl.distributed.plan import local_device, make_plan
 
     recipe = _one_recipe(args, "train").for_device(local_device())
     if args.allow_changed:
-        from ftl.config import with_values
+        from ftl.recipe.schema import with_values
 
         recipe = with_values(recipe, {"train.allow_changed": sorted({*recipe.train.allow_changed, *args.allow_changed})})
     if recipe.distributed.gpu_memory and "LOCAL_RANK" not in os.environ:
         recipe = _fit_memory(recipe)
     plan = make_plan(recipe)
     if plan.world_size > 1 and "LOCAL_RANK" not in os.environ:
-        from ftl.preflight import preflight, writer_lock
+        from ftl.distributed.preflight import preflight, writer_lock
 
         with writer_lock(recipe):
             preflight(recipe)
@@ -138,7 +138,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _fit_memory(recipe):
     """Strategy auto with a known GPU size: choose what fits (as `ftl plan` shows); warn if nothing does."""
-    from ftl.memory import fit_recipe
+    from ftl.planning.memory import fit_recipe
 
     recipe, memory, gpu_gib = fit_recipe(recipe)
     console.print(f"memory plan: {recipe.distributed.strategy}, micro-batch {recipe.train.micro_batch_size}, "
@@ -154,8 +154,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     from rich.table import Table
 
-    from ftl.memory import fit_recipe, largest_fit, model_shape
-    from ftl.plan import local_device, make_plan
+    from ftl.planning.memory import fit_recipe, largest_fit, model_shape
+    from ftl.distributed.plan import local_device, make_plan
 
     device = args.device or local_device()
     recipe = _one_recipe(args, "plan").for_device(device)
@@ -174,7 +174,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     largest = largest_fit(recipe, gpu_gib, model_shape(recipe.model.path)) if gpu_gib else None
     measured = None
     if args.measure:
-        from ftl.measure import measure
+        from ftl.planning.measure import measure
 
         measured = measure(recipe)
     # One process trains inside `ftl train` itself and writes no launch/ files.
@@ -193,7 +193,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if memory is None:
         console.print(f"\n[yellow]memory estimate unavailable[/]: {escape(unavailable)}", markup=True)
     else:
-        console.print("\n[bold]memory per GPU[/] (estimate, GiB; formulas in launcher/memory.py)", markup=True)
+        console.print("\n[bold]memory per GPU[/] (estimate, GiB; formulas in launcher/planning/memory.py)", markup=True)
         mem = Table(show_header=False, box=None)
         for key, value in memory.table().items():
             mem.add_row(key, f"{value:.2f}")
@@ -222,8 +222,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from ftl.units import parse_size
-    from ftl.export import ExportError, export
+    from ftl.recipe.units import parse_size
+    from ftl.export.write import ExportError, export
 
     if args.max_shard_size is not None and parse_size(args.max_shard_size) is None:
         raise UserError(f"--max-shard-size: '{args.max_shard_size}' is not a size; write e.g. 5GB or 500MB")
@@ -262,8 +262,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
-    from ftl.tokenizer import load_tokenizer
-    from ftl.preprocess import prepare
+    from ftl.models.tokenizer import load_tokenizer
+    from ftl.data.preprocess import prepare
 
     recipe = _one_recipe(args, "preprocess")
     train_set, eval_set, stats = prepare(recipe, load_tokenizer(recipe.model))
@@ -277,13 +277,13 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         console.print(f"packed into {stats['packed_rows']} rows of {recipe.data.max_length}: {stats['packing_efficiency']:.1%} of slots hold real tokens")
     console.print(f"eval: {len(eval_set) if eval_set is not None else 0} examples")
     if args.show:
-        from ftl.preprocess import shown_rows
+        from ftl.data.preprocess import shown_rows
 
         marked = not console.is_terminal
         console.print("\ntrained tokens " + ("between [[ and ]]" if marked else "in green, the rest dim") + ":", highlight=False)
         for text in shown_rows(train_set, load_tokenizer(recipe.model), args.show, marked):
             console.print(text, highlight=False, markup=False, soft_wrap=True)
-    from ftl.rundir import RunDir
+    from ftl.checkpoints.rundir import RunDir
 
     run = RunDir(Path(recipe.output.dir))
     run.root.mkdir(parents=True, exist_ok=True)
@@ -293,9 +293,9 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def cmd_slurm(args: argparse.Namespace) -> int:
-    from ftl.slurm import render, submit
+    from ftl.distributed.slurm import render, submit
 
-    from ftl.rundir import RunDir
+    from ftl.checkpoints.rundir import RunDir
 
     recipe = _one_recipe(args, f"slurm {args.action}")
     directory = RunDir(Path(recipe.output.dir)).slurm

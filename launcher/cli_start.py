@@ -46,7 +46,7 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
-    from ftl.demo_data import write_demo_data
+    from ftl.data.demo import write_demo_data
 
     _empty_target(Path(args.out_dir), "out_dir", args.force)
     train_path, eval_path = write_demo_data(args.out_dir, args.train_rows, args.eval_rows, args.seed)

@@ -19,7 +19,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, source = _eval_target(Path(args.model), args.data, args.format)
     console.print(f"evaluating {escape(str(model))} on {escape(args.data)} ({source.format} format)", markup=True,
                   highlight=False, soft_wrap=True)
-    from ftl.formats import FORMATS
+    from ftl.data.formats import FORMATS
 
     if FORMATS[source.format].pairs:
         from ftl.evaluate import preference_accuracy
@@ -73,7 +73,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def _eval_target(model: Path, data: str, fmt: str | None) -> tuple[Path, Any]:
     """What `ftl eval` evaluates: a run directory means its newest complete checkpoint; the data's
     format (unless --format) is the one the run trained with, else read from the data's first row."""
-    from ftl.config import DataSource
+    from ftl.recipe.schema import DataSource
     from ftl.evaluate import detect_format
     from ftl.generate import resolve_target
 

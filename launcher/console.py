@@ -31,7 +31,7 @@ def setup_logging(level: str = "INFO", rank: int = 0) -> None:
     # What libraries say about themselves rather than the user's run stays off the console: their
     # info lines (DeepSpeed's accelerator detection), deprecation notices addressed to library
     # authors (transformers' FutureWarnings), and bitsandbytes' advice to install an optional CPU
-    # kernel package (ftl keeps one 4-bit compute path on every CPU; see ftl.model).
+    # kernel package (ftl keeps one 4-bit compute path on every CPU; see ftl.models.build).
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "torch.distributed", "accelerate", "DeepSpeed", "peft",
                   "transformers"):
         logging.getLogger(noisy).setLevel("WARNING")

@@ -16,9 +16,9 @@ from typing import Any
 from rich.table import Table
 
 from ftl.artifacts import artifacts_dir
-from ftl.config import DataSource, load_recipe, with_values
+from ftl.recipe.schema import DataSource, load_recipe, with_values
 from ftl.console import console
-from ftl.demo_data import write_demo_data, write_extraction_data, write_preference_data
+from ftl.data.demo import write_demo_data, write_extraction_data, write_preference_data
 from ftl.errors import UserError
 from ftl.evaluate import evaluate_path
 from ftl.tiny import write_tiny_model
@@ -69,7 +69,7 @@ def run_demo(recipe_path: str | Path, workdir: Path, tiny: bool = False, force: 
 
     after_path = Path(summary.checkpoint)
     if not tiny:
-        from ftl.export import export
+        from ftl.export.write import export
 
         console.rule("4. export: merged safetensors, verified against the trained model")
         out = Path(recipe.output.dir) / "export"
@@ -101,7 +101,7 @@ def run_preference_demo(recipe_path: str | Path, workdir: Path, force: bool = Fa
                         sft_recipe: str | Path = "recipes/demo.yaml", sft_steps: int = 15) -> dict[str, Any]:
     """DPO on the real SmolLM2: a model fine-tuned to prefer wrong answers, then DPO on pairs flips it."""
     from ftl.evaluate import preference_accuracy
-    from ftl.export import export
+    from ftl.export.write import export
 
     model_dir = artifacts_dir() / "models" / "smollm2-135m-instruct"
     if not (model_dir / "config.json").is_file():

@@ -12,11 +12,11 @@ from typing import Any
 
 import torch
 
-from ftl.config import DataSource
-from ftl.chat import parse_conversation, render
-from ftl.data import DataError, load_source
-from ftl.formats import FORMATS, names
-from ftl.text_data import render_alpaca
+from ftl.recipe.schema import DataSource
+from ftl.data.chat import parse_conversation, render
+from ftl.data.sources import DataError, load_source
+from ftl.data.formats import FORMATS, names
+from ftl.data.text import render_alpaca
 
 
 def questions(source: DataSource, limit: int | None = None) -> list[tuple[Any, str, str]]:
@@ -106,8 +106,8 @@ def evaluate_path(
     model_path: str | Path, data: DataSource, limit: int | None = None, trust_remote_code: bool = False
 ) -> tuple[float, int, list]:
     """Load a model or checkpoint and measure exact match on ``data``."""
-    from ftl.checkpoint import MANIFEST, STATE, verify
-    from ftl.model import load_for_inference
+    from ftl.checkpoints.checkpoint import MANIFEST, STATE, verify
+    from ftl.models.build import load_for_inference
 
     path = Path(model_path)
     if (path / STATE).exists() or (path / MANIFEST).exists():
@@ -128,10 +128,10 @@ def preference_accuracy(model_path: str | Path, data: DataSource, max_length: in
     (a score head): how often it scores the chosen response higher (pairwise accuracy), and by how much."""
     from contextlib import nullcontext
 
-    from ftl.config import DataSection
-    from ftl.data import build_dataset
-    from ftl.checkpoint import MANIFEST, STATE, verify
-    from ftl.model import head_of, load_for_inference
+    from ftl.recipe.schema import DataSection
+    from ftl.data.sources import build_dataset
+    from ftl.checkpoints.checkpoint import MANIFEST, STATE, verify
+    from ftl.models.build import head_of, load_for_inference
     from ftl.objectives.base import precompute_reference
     from ftl.objectives.preference import collate_pairs, pair_logps
     from ftl.objectives.reward import collate_scored, scores

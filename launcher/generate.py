@@ -2,7 +2,7 @@
 
 The target is a run directory (its newest complete checkpoint), a checkpoint or an export. Prompts
 are rendered with the template the model was trained with: the tokenizer's chat template for chat
-data, or for alpaca/completion runs the template ``ftl export`` ships (``ftl.export_template``),
+data, or for alpaca/completion runs the template ``ftl export`` ships (``ftl.export.template``),
 which renders the training prompt around the user's message.
 """
 
@@ -20,9 +20,9 @@ from ftl.errors import UserError
 def resolve_target(path: Path) -> tuple[Path, Any]:
     """(what to load, the run's recipe or None): a run directory means its newest complete checkpoint.
     (Loading verifies a checkpoint against its manifest; resolving does not.)"""
-    from ftl.checkpoint import find_resumable
-    from ftl.config import load_recipe
-    from ftl.rundir import RunDir
+    from ftl.checkpoints.checkpoint import find_resumable
+    from ftl.recipe.schema import load_recipe
+    from ftl.checkpoints.rundir import RunDir
 
     path = Path(path)
     run = RunDir(path) if RunDir(path).checkpoints.is_dir() else RunDir.of_checkpoint(path)
@@ -36,9 +36,9 @@ def resolve_target(path: Path) -> tuple[Path, Any]:
 
 def load(path: Path, trust_remote_code: bool = False) -> tuple[Any, Any]:
     """Model and tokenizer, the tokenizer carrying the template the model was trained with."""
-    from ftl.checkpoint import MANIFEST, STATE, verify
-    from ftl.export_template import trained_chat_template
-    from ftl.model import load_for_inference
+    from ftl.checkpoints.checkpoint import MANIFEST, STATE, verify
+    from ftl.export.template import trained_chat_template
+    from ftl.models.build import load_for_inference
 
     target, recipe = resolve_target(path)
     if (target / STATE).exists() or (target / MANIFEST).exists():

@@ -14,7 +14,7 @@ from typing import Any
 
 from ftl import objectives
 from ftl.errors import UserError
-from ftl.formats import FORMATS
+from ftl.data.formats import FORMATS
 from ftl.objectives.preference import DPO
 from ftl.objectives.sft import SFT
 
@@ -25,9 +25,9 @@ def starter_recipe(model: Path, data: Path, method: str = "lora") -> str:
     """The YAML text of a recipe for ``model`` and ``data`` (checked: both exist and fit together)."""
     from transformers import AutoConfig
 
-    from ftl.config import ModelSection
+    from ftl.recipe.schema import ModelSection
     from ftl.evaluate import detect_format
-    from ftl.tokenizer import load_tokenizer
+    from ftl.models.tokenizer import load_tokenizer
 
     if not (model / "config.json").is_file():
         raise UserError(f"{model}: not a model directory (no config.json); download the model first")
@@ -91,8 +91,8 @@ def starter_recipe(model: Path, data: Path, method: str = "lora") -> str:
 
 def _lengths(data: Path, fmt: str, tokenizer: Any) -> list[int]:
     """Token counts of the first rows, rendered as training renders them (preference: the longer side)."""
-    from ftl.config import DataSection, DataSource
-    from ftl.data import load_source, tokenize_row
+    from ftl.recipe.schema import DataSection, DataSource
+    from ftl.data.sources import load_source, tokenize_row
 
     source = DataSource(path=str(data), format=fmt)
     cfg = DataSection(train=[source], max_length=1 << 20)
@@ -108,7 +108,7 @@ def _lengths(data: Path, fmt: str, tokenizer: Any) -> list[int]:
 
 
 def _row_count(data: Path) -> int:
-    from ftl.config import DataSource
-    from ftl.data import load_source
+    from ftl.recipe.schema import DataSource
+    from ftl.data.sources import load_source
 
     return len(load_source(DataSource(path=str(data), format="completion")))

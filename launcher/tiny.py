@@ -21,7 +21,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from ftl.demo_data import corpus as demo_corpus
+from ftl.data.demo import corpus as demo_corpus
 
 log = logging.getLogger(__name__)
 

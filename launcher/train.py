@@ -1,4 +1,4 @@
-"""The training loop, read top to bottom; its parts are in ``ftl.trainer``.
+"""The training loop, read top to bottom; its parts are in ``ftl.training.trainer``.
 
 Run as ``ftl train RECIPE`` or ``python -m ftl.train RECIPE [key=value ...]``, also under an
 ``accelerate launch`` that the user starts by hand.
@@ -9,13 +9,13 @@ from __future__ import annotations
 import os
 import sys
 
-from ftl.config import Recipe, load_recipe
+from ftl.recipe.schema import Recipe, load_recipe
 from ftl.console import setup_logging
 from ftl.errors import exit_on_user_error
-from ftl.preflight import writer_lock
-from ftl.resume import TrainError
-from ftl.signals import EXIT_STOPPED, StopRequest
-from ftl.trainer import RunSummary, Trainer
+from ftl.distributed.preflight import writer_lock
+from ftl.training.resume import TrainError
+from ftl.training.signals import EXIT_STOPPED, StopRequest
+from ftl.training.trainer import RunSummary, Trainer
 
 __all__ = ["TrainError", "main", "train"]
 

@@ -19,7 +19,7 @@ os.environ["PYTHONSAFEPATH"] = "1"
 import pytest
 import yaml
 
-from ftl.demo_data import write_demo_data
+from ftl.data.demo import write_demo_data
 from ftl.tiny import write_tiny_model
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ftl.config import load_recipe
+from ftl.recipe.schema import load_recipe
 from conftest import make_recipe, write_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -146,7 +146,7 @@ def test_bad_command_arguments_exit_2_with_one_line(tmp_path: Path, args, messag
 
 def test_export_out_that_is_a_file(tiny_llama: Path, demo_data, tmp_path: Path) -> None:
     from ftl.train import train
-    from ftl.config import validate_recipe
+    from ftl.recipe.schema import validate_recipe
 
     train(validate_recipe(make_recipe(tiny_llama, demo_data[0], tmp_path / "run", train={"max_steps": 1})))
     (tmp_path / "taken").write_text("mine")

@@ -4,10 +4,10 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ftl.config import DataSource
+from ftl.recipe.schema import DataSource
 from ftl.evaluate import exact_match, prompts_and_answers
-from ftl.checkpoint import write_manifest
-from ftl.config import validate_recipe
+from ftl.checkpoints.checkpoint import write_manifest
+from ftl.recipe.schema import validate_recipe
 from conftest import make_recipe, write_jsonl
 
 
@@ -69,7 +69,7 @@ def test_eval_of_a_corrupt_checkpoint_is_refused(tiny_llama, demo_data, tmp_path
 def test_eval_of_a_chat_run_reads_its_format_and_checks_the_data_first(tiny_llama, tmp_path, capsys, monkeypatch):
     """`ftl eval RUN --data chat.jsonl` (no --format): the run directory means its newest checkpoint,
     the format is the one it trained with; a row that cannot be evaluated fails before any model loads."""
-    from ftl import model as ftl_model
+    from ftl.models import build as ftl_model
     from ftl.train import train
     from conftest import cli_exit_code
 
@@ -91,7 +91,7 @@ def test_eval_of_a_chat_run_reads_its_format_and_checks_the_data_first(tiny_llam
 def test_eval_of_an_adapter_only_export_names_its_base(tiny_llama, demo_data, tmp_path, capsys, monkeypatch):
     """An --adapter-only export names its base without a path: away from that base, one line that says
     what to load instead; beside it (a relative name), it evaluates with the base's tokenizer."""
-    from ftl.export import export
+    from ftl.export.write import export
     from ftl.train import train
     from conftest import cli_exit_code
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ftl.config import validate_recipe
+from ftl.recipe.schema import validate_recipe
 from ftl.train import train
 from conftest import cli_exit_code, copy_run, make_recipe, write_yaml
 
@@ -64,7 +64,7 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_last_one(tiny_llama, demo_dat
 
 
 def test_export_failures_are_one_line_and_leave_nothing(run, tmp_path, capsys, monkeypatch):
-    from ftl import merge
+    from ftl.export import merge
 
     (tmp_path / "a-file").write_text("mine")
     capsys.readouterr()
@@ -88,7 +88,7 @@ def test_export_failures_are_one_line_and_leave_nothing(run, tmp_path, capsys, m
 
 
 def test_an_empty_adapter_file_with_a_consistent_manifest_is_refused_by_export(run, tmp_path, capsys):
-    from ftl.checkpoint import write_manifest
+    from ftl.checkpoints.checkpoint import write_manifest
 
     checkpoint = run / "checkpoints" / "step-1"
     (checkpoint / "adapter_model.safetensors").write_bytes(b"")
@@ -174,9 +174,9 @@ def test_plan_json_is_valid_json_or_an_error(tiny_llama, demo_data, tmp_path, ca
 
 
 def test_a_tool_calls_dict_and_an_impossible_step_are_named(run, tiny_llama, tmp_path):
-    from ftl.chat import ChatError, parse_conversation
-    from ftl.checkpoint import CheckpointError, read_state
-    from ftl.config import DataSource
+    from ftl.data.chat import ChatError, parse_conversation
+    from ftl.checkpoints.checkpoint import CheckpointError, read_state
+    from ftl.recipe.schema import DataSource
 
     row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": {"function": {}}}]}
     with pytest.raises(ChatError, match=r"x: messages\[1\].tool_calls must be a list of tool calls, not dict"):

@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ftl.cli import main as cli_main
-from ftl.config import Recipe
+from ftl.recipe.schema import Recipe
 from conftest import make_recipe, write_jsonl, write_yaml
 
 HANG_S = 120

@@ -8,8 +8,8 @@ import json
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ftl.config import ExportSection, validate_recipe
-from ftl.export import export
+from ftl.recipe.schema import ExportSection, validate_recipe
+from ftl.export.write import export
 from ftl.generate import chat, load
 from ftl.train import train
 from conftest import cli_exit_code, make_recipe

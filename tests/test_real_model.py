@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from ftl.config import DataSource, validate_recipe
-from ftl.demo_data import write_extraction_data
+from ftl.recipe.schema import DataSource, validate_recipe
+from ftl.data.demo import write_extraction_data
 from ftl.evaluate import prompts_and_answers
-from ftl.export import export
-from ftl.model import load_for_inference
+from ftl.export.write import export
+from ftl.models.build import load_for_inference
 from ftl.train import train
 from conftest import cli_exit_code, make_recipe
 

@@ -19,7 +19,7 @@ from ftl.objectives.reward import Reward
 from ftl.objectives.sft import SFT
 
 if TYPE_CHECKING:
-    from ftl.config import Recipe
+    from ftl.recipe.schema import Recipe
 
 SECTIONS = ("preference", "kto", "reward")  # the recipe's sections of objective settings
 # The order is the one error messages list them in.

@@ -1,6 +1,6 @@
 """The contract between the training loop and an objective, and what objectives share.
 
-The loop (``ftl.trainer``) knows only this interface: an objective turns rows into its typed
+The loop (``ftl.training.trainer``) knows only this interface: an objective turns rows into its typed
 batch (``collate``), gives a micro-batch's loss as a *sum* and the number of targets it is summed
 over (the step divides the sum by the targets of the whole optimizer step, every micro-batch and
 every rank, so accumulation and data parallelism give the update of one big batch), may look at
@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from ftl.objectives.batch import IGNORE_INDEX, Batch, Tokens
-from ftl.weights import weights_identity
+from ftl.checkpoints.weights import weights_identity
 
 if TYPE_CHECKING:
-    from ftl.config import Recipe
+    from ftl.recipe.schema import Recipe
 
 Problems = list[tuple[tuple, str]]
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # a sum over every rank

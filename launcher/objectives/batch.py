@@ -85,7 +85,7 @@ def pad_rows(rows: list[dict[str, list[int]]], pad_token_id: int) -> Tokens:
 
 def pack_sequences(sequences: list[dict[str, list[int]]]) -> Tokens:
     """Padding-free: the sequences one after another in a single row, ``position_ids`` restarting
-    at each (transformers keeps them apart, see ``ftl.packing``) and ``sequence_lengths`` to tell
+    at each (transformers keeps them apart, see ``ftl.data.packing``) and ``sequence_lengths`` to tell
     them apart again after the forward. Each sequence's first token is no target, as alone."""
     input_ids, labels, positions = [], [], []
     for sequence in sequences:

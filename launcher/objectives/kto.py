@@ -4,7 +4,7 @@ desirable or undesirable, as TRL's ``KTOTrainer`` trains it.
 With ``r = b (log pi(y|x) - log ref(y|x))`` a row's implied reward and ``z`` the reference point, a
 desirable row's loss is ``w_d (1 - sigmoid(r - b z))`` and an undesirable one's ``w_u (1 - sigmoid(b z - r))``.
 ``z`` estimates KL(pi || ref) from mismatched pairs: each row's prompt with another row's
-completion (``ftl.unpaired_data``: the completions rotated by one over the data, as TRL rotates
+completion (``ftl.data.unpaired``: the completions rotated by one over the data, as TRL rotates
 them within a batch), ``z = max(0, mean(log pi(y'|x) - log ref(y'|x)))``, without gradient.
 
 TRL takes that mean over one micro-batch on each rank; ftl over the whole optimizer step (every

@@ -19,7 +19,7 @@ from ftl.objectives.batch import IGNORE_INDEX, Tokens, pad_rows
 def causal_lm_loss_sum(model: torch.nn.Module, batch: Tokens, fused: Callable | None = None) -> torch.Tensor:
     """Sum of next-token cross-entropy over the batch's trainable tokens (fp32 logits), or through
     ``fused`` (``ftl.kernels.patch.FusedLoss``: the same sum without materialising the logits)."""
-    inputs = batch.inputs()  # packed batches carry position_ids and no attention mask (see ftl.packing)
+    inputs = batch.inputs()  # packed batches carry position_ids and no attention mask (see ftl.data.packing)
     if fused is not None:
         return fused(model, inputs, batch.labels)
     logits = model(**inputs, use_cache=False).logits.float()  # (a no-op for fp32 logits)
@@ -31,7 +31,7 @@ def causal_lm_loss_sum(model: torch.nn.Module, batch: Tokens, fused: Callable | 
 
 class SFT(Objective):
     """Rows of any supervised format; each trained token is a target. Packing happens at
-    preprocessing (``ftl.packing``): a packed row is one more row here."""
+    preprocessing (``ftl.data.packing``): a packed row is one more row here."""
 
     name = "sft"
     formats = ("alpaca", "chat", "sharegpt", "completion")

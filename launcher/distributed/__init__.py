@@ -1,0 +1,1 @@
+"""How processes run: strategies, parallel dimensions, the process group, the launch plan, preflight, Slurm."""

@@ -1,0 +1,1 @@
+"""Merged exports: merge, sharded safetensors, verification, the chat template, GGUF."""

@@ -1,0 +1,1 @@
+"""Memory and speed before a run: the estimate, the probe, measurement."""

@@ -1,0 +1,1 @@
+"""The recipe: its schema, YAML loading, errors with file:line, and the rules across sections."""
