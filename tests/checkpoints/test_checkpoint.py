@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -63,6 +64,22 @@ def _sigterm_at(run_dir: Path, step: int) -> threading.Thread:
     thread.start()
     return thread
 
+
+
+def assert_resume_is_bitwise(run: Callable[[Path], Path], root: Path, stop_at: int = 3) -> None:
+    """``run(run_dir)`` trains (in this process), saving a LoRA adapter: stopped by SIGTERM at
+    ``stop_at`` and run again, it logs exactly the losses of a run never stopped, and its last
+    checkpoint's adapter is bitwise that run's."""
+    straight = run(root / "straight")
+    watcher = _sigterm_at(root / "stopped", stop_at)
+    run(root / "stopped")
+    watcher.join(timeout=5)
+    assert (root / "stopped" / "STOPPED").exists() and len(_losses(root / "stopped")) < len(_losses(straight))
+    stopped = run(root / "stopped")
+    assert _losses(stopped) == _losses(straight)
+    last = sorted((straight / "checkpoints").glob("step-*"), key=lambda p: int(p.name[5:]))[-1].name
+    a, b = (load_file(r / "checkpoints" / last / "adapter_model.safetensors") for r in (straight, stopped))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", list(VARIANTS))

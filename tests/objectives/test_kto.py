@@ -196,22 +196,11 @@ def test_full_fine_tuning_reference_copy_and_precomputed_give_one_trace(tiny_lla
 
 
 def test_a_stopped_and_resumed_run_is_bitwise_the_uninterrupted_one(tiny_llama, tmp_path):
-    """Stopped by SIGTERM at step 3 and run again, a KTO run resumes from its checkpoint and ends
-    bitwise equal to the run that was never stopped: every logged loss and every saved weight."""
-    from safetensors.torch import load_file
-    from test_checkpoint import _sigterm_at
+    """Stopped by SIGTERM at step 3 and run again, a KTO run ends bitwise as the run never stopped."""
+    from test_checkpoint import assert_resume_is_bitwise
 
     path = write_jsonl(tmp_path / "rows.jsonl", feedback(32))
-    straight = _run(tiny_llama, path, tmp_path / "straight", micro_batch_size=4, save_steps=2)
-    watcher = _sigterm_at(tmp_path / "stopped", 3)
-    _run(tiny_llama, path, tmp_path / "stopped", micro_batch_size=4, save_steps=2)
-    watcher.join(timeout=5)
-    assert (tmp_path / "stopped" / "STOPPED").exists() and len(_records(tmp_path / "stopped")) < len(_records(straight))
-    stopped = _run(tiny_llama, path, tmp_path / "stopped", micro_batch_size=4, save_steps=2)
-    assert [(r["step"], r["loss"]) for r in _records(stopped)] == [(r["step"], r["loss"]) for r in _records(straight)]
-    last = sorted((straight / "checkpoints").glob("step-*"), key=lambda p: int(p.name[5:]))[-1].name
-    a, b = (load_file(run / "checkpoints" / last / "adapter_model.safetensors") for run in (straight, stopped))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_resume_is_bitwise(lambda run_dir: _run(tiny_llama, path, run_dir, micro_batch_size=4, save_steps=2), tmp_path)
 
 
 @pytest.mark.multiprocess
