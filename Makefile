@@ -17,8 +17,9 @@ artifacts: install
 demo: install
 	$(VENV)/bin/ftl demo
 
+# The Slurm tests run beside the others (scripts/test.sh): they mostly wait on slurmctld.
 test: install
-	$(VENV)/bin/python -P -m pytest -q --durations=25 $(PYTEST_ARGS)
+	bash scripts/test.sh $(VENV)/bin/python $(PYTEST_ARGS)
 
 test-fast: install
 	$(VENV)/bin/python -P -m pytest -q -m "not slow and not multiprocess" $(PYTEST_ARGS)

@@ -53,7 +53,7 @@ def recipe(work: Path, steps: int, packing: bool, kernels: str = "none") -> dict
 
 
 def worker_ftl(work: Path, steps: int, packing: bool, kernels: str = "none") -> dict:
-    from ftl.recipe.schema import validate_recipe
+    from ftl.recipe.load import validate_recipe
     from ftl.checkpoints.rundir import read_metrics
     from ftl.train import train
 
@@ -102,7 +102,7 @@ def worker_hf(work: Path, steps: int) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, TrainingArguments
 
-    from ftl.recipe.schema import validate_recipe
+    from ftl.recipe.load import validate_recipe
     from ftl.data.sources import build_dataset
     from ftl.models.tokenizer import load_tokenizer
 

@@ -61,7 +61,7 @@ def recipe(work: Path, method: str, steps: int, smoke: bool) -> dict:
 
 
 def worker_ftl(work: Path, method: str, steps: int, smoke: bool) -> dict:
-    from ftl.recipe.schema import validate_recipe
+    from ftl.recipe.load import validate_recipe
     from ftl.training.flops import peak_memory_gib
     from ftl.planning.memory import estimate, model_shape
     from ftl.checkpoints.rundir import read_metrics
@@ -79,7 +79,7 @@ def worker_hf(work: Path, method: str, steps: int, smoke: bool) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainingArguments
 
-    from ftl.recipe.schema import validate_recipe
+    from ftl.recipe.load import validate_recipe
     from ftl.data.sources import build_dataset
     from ftl.training.flops import flops_counter, peak_flops, peak_memory_gib
     from ftl.models.tokenizer import load_tokenizer

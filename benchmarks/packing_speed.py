@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ftl.recipe.schema import validate_recipe
+from ftl.recipe.load import validate_recipe
 from ftl.objectives.batch import pad_rows
 from ftl.objectives.sft import causal_lm_loss_sum
 from ftl.models.tokenizer import load_tokenizer

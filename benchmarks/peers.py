@@ -96,7 +96,7 @@ def recipe(work: Path, model: Path, steps: int) -> dict:
 
 def tokenized_rows(work: Path, model: Path, steps: int):
     """The rows as ftl tokenizes them (alpaca template, prompt masked): the same tokens for all three."""
-    from ftl.recipe.schema import validate_recipe
+    from ftl.recipe.load import validate_recipe
     from ftl.data.sources import build_dataset
     from ftl.models.tokenizer import load_tokenizer
 
@@ -115,7 +115,7 @@ def lora_model(model: Path):
 
 
 def worker_ftl(work: Path, model: Path, steps: int) -> dict:
-    from ftl.recipe.schema import validate_recipe
+    from ftl.recipe.load import validate_recipe
     from ftl.checkpoints.rundir import read_metrics
     from ftl.train import train
 

@@ -23,7 +23,7 @@ GIB = 2**30
 
 
 def measure_recipes(paths: list[str]) -> None:
-    from ftl.recipe.schema import load_recipe
+    from ftl.recipe.load import load_recipe
     from ftl.planning.measure import measure
 
     for path in paths:

@@ -67,7 +67,7 @@ def exports(work: Path) -> dict[str, Path]:
 
 def train_and_export(work: Path, steps: int, prompts: int) -> dict[str, Path]:
     from ftl.artifacts import artifacts_dir
-    from ftl.recipe.schema import load_recipe, with_values
+    from ftl.recipe.load import load_recipe, with_values
     from ftl.data.demo import write_extraction_data
     from ftl.export.write import export, serving_config
     from ftl.export.gguf import convert

@@ -28,7 +28,7 @@ def _split(items: list[str]) -> tuple[list[str], list[str]]:
 
 def _one_recipe(args: argparse.Namespace, command: str):
     """The single recipe a command names, with its overrides applied, paths resolved."""
-    from ftl.recipe.schema import load_recipe
+    from ftl.recipe.load import load_recipe
 
     files, overrides = _split(args.items)
     if len(files) != 1:
@@ -37,7 +37,8 @@ def _one_recipe(args: argparse.Namespace, command: str):
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from ftl.recipe.schema import RecipeError, load_recipe
+    from ftl.recipe.schema import RecipeError
+    from ftl.recipe.load import load_recipe
 
     files, overrides = _split(args.items)
     if not files:
@@ -114,7 +115,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     recipe = _one_recipe(args, "train").for_device(local_device())
     if args.allow_changed:
-        from ftl.recipe.schema import with_values
+        from ftl.recipe.load import with_values
 
         recipe = with_values(recipe, {"train.allow_changed": sorted({*recipe.train.allow_changed, *args.allow_changed})})
     if recipe.distributed.gpu_memory and "LOCAL_RANK" not in os.environ:
@@ -449,8 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="fine-tune the real SmolLM2-135M-Instruct with LoRA, export it, and compare held-out accuracy")
     p.add_argument("--tiny", action="store_true", help="a tiny random Llama instead (no artifacts needed)")
     p.add_argument("--recipe", help="default recipes/demo.yaml (recipes/demo-tiny.yaml with --tiny, recipes/demo-dpo.yaml with --objective dpo)")
-    p.add_argument("--objective", choices=["sft", "dpo"], default="sft",
-                   help="dpo: a model fine-tuned to prefer wrong answers, corrected by DPO (held-out preference accuracy)")
+    p.add_argument("--objective", help="the objective the demo shows: sft (default: LoRA on a JSON extraction task) or dpo "
+                   "(a model fine-tuned to prefer wrong answers, corrected by DPO; held-out preference accuracy)")
     p.add_argument("--workdir", help="default runs/demo (runs/demo-dpo with --objective dpo); a new directory or an earlier demo's")
     p.add_argument("--force", action="store_true", help="use a --workdir that is not an earlier demo's (the demo rebuilds data/, run/ and the model there)")
     p.set_defaults(fn=cmd_demo)

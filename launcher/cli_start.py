@@ -64,13 +64,7 @@ def _empty_target(path: Path, what: str, force: bool) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ftl.demo import run_demo, run_preference_demo
+    from ftl.demo import run
 
-    if args.objective == "dpo":
-        if args.tiny:
-            raise UserError("--tiny: the DPO demo runs on the real SmolLM2 only")
-        result = run_preference_demo(args.recipe or "recipes/demo-dpo.yaml", Path(args.workdir or "runs/demo-dpo"), args.force)
-        return 0 if result["accuracy_after"] > result["accuracy_before"] else 1
-    recipe = args.recipe or ("recipes/demo-tiny.yaml" if args.tiny else "recipes/demo.yaml")
-    result = run_demo(recipe, Path(args.workdir or "runs/demo"), tiny=args.tiny, force=args.force)
+    result = run(args.objective, args.recipe, args.workdir, tiny=args.tiny, force=args.force)
     return 0 if result["accuracy_after"] > result["accuracy_before"] else 1

@@ -16,11 +16,15 @@ from typing import Any
 from rich.table import Table
 
 from ftl.artifacts import artifacts_dir
-from ftl.recipe.schema import DataSource, load_recipe, with_values
+from ftl.recipe.schema import DataSource
+from ftl.recipe.load import load_recipe, with_values
 from ftl.console import console
 from ftl.data.demo import write_demo_data, write_extraction_data, write_preference_data
 from ftl.errors import UserError
 from ftl.evaluate import evaluate_path
+from ftl.objectives import OBJECTIVES
+from ftl.objectives.preference import DPO
+from ftl.objectives.sft import SFT
 from ftl.tiny import write_tiny_model
 from ftl.train import train
 
@@ -38,6 +42,23 @@ def claim_workdir(workdir: Path, force: bool) -> None:
                         "run/ and model there. Choose a new directory, or pass --force")
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / MARKER).write_text("ftl demo work directory: `ftl demo` rebuilds what is here\n")
+
+
+# The demos, by the objective each shows: its recipe and work directory unless the user names them.
+DEMOS = {SFT: ("recipes/demo.yaml", "runs/demo"), DPO: ("recipes/demo-dpo.yaml", "runs/demo-dpo")}
+
+
+def run(objective: str | None, recipe: str | None, workdir: str | None, tiny: bool = False, force: bool = False) -> dict[str, Any]:
+    """``ftl demo [--objective NAME]``: the demo of that objective (SFT's by default)."""
+    cls = OBJECTIVES.get(objective or SFT.name)
+    if cls not in DEMOS:
+        raise UserError(f"--objective {objective}: no demo shows it; choose {' or '.join(c.name for c in DEMOS)}")
+    default_recipe, default_workdir = DEMOS[cls]
+    if cls is SFT:
+        return run_demo(recipe or ("recipes/demo-tiny.yaml" if tiny else default_recipe), Path(workdir or default_workdir), tiny, force)
+    if tiny:
+        raise UserError(f"--tiny: the {cls.name} demo runs on the real SmolLM2 only")
+    return run_preference_demo(recipe or default_recipe, Path(workdir or default_workdir), force)
 
 
 def run_demo(recipe_path: str | Path, workdir: Path, tiny: bool = False, force: bool = False) -> dict[str, Any]:

@@ -21,7 +21,7 @@ def resolve_target(path: Path) -> tuple[Path, Any]:
     """(what to load, the run's recipe or None): a run directory means its newest complete checkpoint.
     (Loading verifies a checkpoint against its manifest; resolving does not.)"""
     from ftl.checkpoints.checkpoint import find_resumable
-    from ftl.recipe.schema import load_recipe
+    from ftl.recipe.load import load_recipe
     from ftl.checkpoints.rundir import RunDir
 
     path = Path(path)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 import sys
 
-from ftl.recipe.schema import Recipe, load_recipe
+from ftl.recipe.schema import Recipe
+from ftl.recipe.load import load_recipe
 from ftl.console import setup_logging
 from ftl.errors import exit_on_user_error
 from ftl.distributed.preflight import writer_lock

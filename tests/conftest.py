@@ -85,6 +85,22 @@ def cli_exit_code(argv: list[str]) -> int:
     return 0
 
 
+def ftl_train(*args: str) -> int:
+    """``ftl train ARGS`` from this process, as the CLI runs it: its exit code. A multi-process
+    recipe is launched for real (``accelerate launch``, ranks whose output pytest captures); only the
+    launcher's own start, ~7 s of imports per launch, is saved. Signal handlers are restored."""
+    import signal
+
+    from ftl.training.signals import STOP_SIGNALS
+
+    saved = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    try:
+        return cli_exit_code(["train", *args])
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
 def copy_run(finished: Path, copy: Path) -> Path:
     """A copy of a finished run directory to damage or resume; its recipe names the copy."""
     import shutil

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ftl.recipe.schema import load_recipe
+from ftl.recipe.load import load_recipe
 from conftest import make_recipe, write_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -146,7 +146,7 @@ def test_bad_command_arguments_exit_2_with_one_line(tmp_path: Path, args, messag
 
 def test_export_out_that_is_a_file(tiny_llama: Path, demo_data, tmp_path: Path) -> None:
     from ftl.train import train
-    from ftl.recipe.schema import validate_recipe
+    from ftl.recipe.load import validate_recipe
 
     train(validate_recipe(make_recipe(tiny_llama, demo_data[0], tmp_path / "run", train={"max_steps": 1})))
     (tmp_path / "taken").write_text("mine")
@@ -205,6 +205,22 @@ def test_helper_commands_refuse_a_non_empty_directory_without_force(tmp_path, co
     if command[0] == "demo-data":
         assert cli_exit_code([*argv, "--force", "--train-rows", "3", "--eval-rows", "2"]) == 0
         assert (target / "train.jsonl").read_text() != '{"mine": 1}\n'
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--objective", "kto"], "--objective kto: no demo shows it; choose sft or dpo"),
+    (["--objective", "grpo-ish"], "--objective grpo-ish: no demo shows it; choose sft or dpo"),
+    (["--objective", "dpo", "--tiny"], "--tiny: the dpo demo runs on the real SmolLM2 only"),
+])
+def test_demo_objective_is_resolved_through_the_objectives(tmp_path, argv, message, capsys):
+    """``ftl demo --objective`` names an objective; one without a demo is a one-line error that lists
+    those with one, before anything is written."""
+    from conftest import cli_exit_code
+
+    assert cli_exit_code(["demo", *argv, "--workdir", str(tmp_path / "demo")]) == 2
+    err = capsys.readouterr().err
+    assert message in " ".join(err.split()) and "Traceback" not in err
+    assert not (tmp_path / "demo").exists()
 
 
 def test_version_log_levels_and_commands_in_order_of_use() -> None:

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ftl.recipe.schema import DataSource
 from ftl.evaluate import exact_match, prompts_and_answers
 from ftl.checkpoints.checkpoint import write_manifest
-from ftl.recipe.schema import validate_recipe
+from ftl.recipe.load import validate_recipe
 from conftest import make_recipe, write_jsonl
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ftl.recipe.schema import validate_recipe
+from ftl.recipe.load import validate_recipe
 from ftl.train import train
 from conftest import cli_exit_code, copy_run, make_recipe, write_yaml
 

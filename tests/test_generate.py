@@ -8,7 +8,8 @@ import json
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ftl.recipe.schema import ExportSection, validate_recipe
+from ftl.recipe.schema import ExportSection
+from ftl.recipe.load import validate_recipe
 from ftl.export.write import export
 from ftl.generate import chat, load
 from ftl.train import train

@@ -100,3 +100,14 @@ def test_every_module_imports_in_a_fresh_interpreter():
     result = subprocess.run([sys.executable, "-c", code, *names], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"imported {len(names)}" in result.stdout
+
+
+def test_every_package_is_in_the_wheel():
+    """pyproject's package list names each package folder: a wheel (``pip install .``, not the
+    editable install the tests run on) holds only those, and would miss a subpackage left out."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    packages = {name for name, path in installed().items() if path.name == "__init__.py"}
+    assert packages == listed

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ftl.recipe.schema import DataSource, validate_recipe
+from ftl.recipe.schema import DataSource
+from ftl.recipe.load import validate_recipe
 from ftl.data.demo import write_extraction_data
 from ftl.evaluate import prompts_and_answers
 from ftl.export.write import export

@@ -35,7 +35,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 
 from ftl import objectives
 from ftl.checkpoints.checkpoint import STATE, find_resumable, read_state, verify
-from ftl.recipe.schema import ExportSection, Recipe, load_recipe
+from ftl.recipe.schema import ExportSection, Recipe
+from ftl.recipe.load import load_recipe
 from ftl.errors import UserError
 from ftl.export.template import trained_chat_template
 from ftl.export.verify import TOLERANCE, verification_sequences, verify_export

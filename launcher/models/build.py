@@ -283,7 +283,7 @@ def load_for_inference(
             run = RunDir.of_checkpoint(path)
             recipe_file = run.recipe_to_read if run is not None else None
             if recipe_file is not None:
-                from ftl.recipe.schema import load_recipe
+                from ftl.recipe.load import load_recipe
 
                 recipe = load_recipe(recipe_file)
                 if recipe.model.trust_remote_code and not trust_remote_code:

@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ftl.recipe.schema import Recipe, validate_recipe
+from ftl.recipe.schema import Recipe
+from ftl.recipe.load import validate_recipe
 from ftl.errors import UserError
 
 UNKNOWN = ("no training recipe: the training data, the dtype the base was trained in and any quantization are unknown; "

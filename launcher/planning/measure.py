@@ -21,7 +21,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ftl.recipe.schema import Recipe, validate_recipe
+from ftl.recipe.schema import Recipe
+from ftl.recipe.load import validate_recipe
 from ftl.errors import UserError
 from ftl.planning.memory import GIB, Shape, estimate, model_shape
 

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from ftl.checkpoints.checkpoint import find_resumable, verify
-from ftl.recipe.schema import validate_recipe
+from ftl.recipe.load import validate_recipe
 from ftl.checkpoints.rundir import read_metrics
 from ftl.training.signals import EXIT_STOPPED
 from ftl.train import train
@@ -149,7 +149,7 @@ def test_resume_path_that_is_not_a_checkpoint(tiny_llama: Path, small_data, tmp_
 
 
 RUNNER = """
-import sys, time
+import os, sys, time
 import ftl.checkpoints.checkpoint as checkpoint
 _sha256 = checkpoint._sha256
 def slow_sha256(path):  # makes each save last long enough to be killed in the middle
@@ -157,7 +157,18 @@ def slow_sha256(path):  # makes each save last long enough to be killed in the m
     return _sha256(path)
 checkpoint._sha256 = slow_sha256
 from ftl.train import main
-main(sys.argv[1:])
+# One training process per line read, forked from this one, which has imported the stack already
+# (~7 s a kill otherwise): its pid, then its exit status once it has been killed (or finished).
+for _ in sys.stdin:
+    pid = os.fork()
+    if pid == 0:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # this stdout is the test's channel
+        try:
+            main(sys.argv[1:])
+        finally:
+            os._exit(0)
+    print(pid, flush=True)
+    print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
 """
 
 
@@ -172,7 +183,7 @@ def _save_in_progress(run_dir: Path, since: float) -> bool:
     return False
 
 
-KILLS = 12  # each costs a process start (~5 s): 12 random points of 12 saves
+KILLS = 12  # 12 random points of 12 saves
 
 
 @pytest.mark.slow
@@ -189,24 +200,38 @@ def test_sigkill_during_saves_never_leaves_a_partial_checkpoint(tiny_llama: Path
     env = dict(os.environ)
     rng = random.Random(0)
     kills, steps_done = 0, []
+    zygote = subprocess.Popen([sys.executable, str(runner), str(recipe_file)], env=env, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+    def running(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)  # the zygote reaps its child at once: a pid that is gone has exited
+            return True
+        except ProcessLookupError:
+            return False
+
     while kills < KILLS:
         started = time.time()
-        proc = subprocess.Popen([sys.executable, str(runner), str(recipe_file)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        zygote.stdin.write("run\n")
+        zygote.stdin.flush()
+        pid = int(zygote.stdout.readline())
         deadline = started + 120
         while not _save_in_progress(run_dir, since=started):  # a save by this process has begun
-            if proc.poll() is not None or time.time() > deadline:
+            if not running(pid) or time.time() > deadline:
                 break
             time.sleep(0.005)
         time.sleep(rng.uniform(0, 0.5))  # lands in one of the next few saves, at a random point (the kills stay well short of step 80)
-        if proc.poll() is not None:
+        if not running(pid):
             break  # finished before we could kill it
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        os.kill(pid, signal.SIGKILL)
+        assert int(zygote.stdout.readline()) == -signal.SIGKILL
         kills += 1
         steps_done.append(len(_losses(run_dir)))
         latest = find_resumable(run_dir)
         if latest is not None:
             verify(latest)  # what a resume would load is complete
+    zygote.stdin.close()
+    zygote.wait(timeout=60)
     assert kills == KILLS, f"the run finished after {kills} kills, too early for the test to mean anything"
     assert steps_done[-1] > 0 and steps_done[-1] < 80
     final = subprocess.run([sys.executable, "-m", "ftl.train", str(recipe_file)], env=env, capture_output=True, text=True)

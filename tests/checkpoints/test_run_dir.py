@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ftl.recipe.schema import validate_recipe
+from ftl.recipe.load import validate_recipe
 from ftl.errors import UserError
 from ftl.checkpoints.rundir import read_metrics
 from ftl.train import TrainError, train

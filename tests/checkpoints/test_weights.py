@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ftl.recipe.schema import validate_recipe
+from ftl.recipe.load import validate_recipe
 from ftl.tiny import write_tiny_model
 from ftl.train import train
 from ftl.checkpoints.weights import weights_identity

@@ -147,7 +147,8 @@ def test_malformed_data_files_name_the_file_and_line(tmp_path, tokenizer, name, 
 
 
 def test_chat_options_apply_to_chat_formats_only(tmp_path) -> None:
-    from ftl.recipe.schema import RecipeError, validate_recipe
+    from ftl.recipe.schema import RecipeError
+    from ftl.recipe.load import validate_recipe
     from conftest import make_recipe
 
     raw = make_recipe(tmp_path / "m", tmp_path / "d.jsonl", tmp_path / "run")

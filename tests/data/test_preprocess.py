@@ -10,7 +10,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from ftl.data import preprocess
-from ftl.recipe.schema import validate_recipe, with_values
+from ftl.recipe.load import validate_recipe, with_values
 from ftl.data.sources import batch_indices
 from ftl.checkpoints.rundir import read_metrics
 from ftl.train import train

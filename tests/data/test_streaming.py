@@ -7,7 +7,8 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from ftl.recipe.schema import RecipeError, validate_recipe
+from ftl.recipe.schema import RecipeError
+from ftl.recipe.load import validate_recipe
 from ftl.checkpoints.rundir import read_metrics
 from ftl.data.streaming import RowStream
 from ftl.train import train

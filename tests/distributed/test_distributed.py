@@ -11,7 +11,6 @@ order of floating-point reductions differs. Tolerance: 1e-5 relative per step; m
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import socket
@@ -25,12 +24,13 @@ import pytest
 import torch
 
 from ftl.checkpoints.checkpoint import write_manifest
-from ftl.recipe.schema import ExportSection, validate_recipe
+from ftl.recipe.schema import ExportSection
+from ftl.recipe.load import validate_recipe
 from ftl.export.write import export
 from ftl.checkpoints.rundir import read_metrics
 from ftl.training.signals import EXIT_STOPPED
 from ftl.train import train
-from conftest import make_recipe, write_yaml
+from conftest import ftl_train, make_recipe, write_yaml
 
 pytestmark = pytest.mark.multiprocess
 
@@ -64,11 +64,6 @@ def recipe_dict(model: Path, data: tuple[Path, Path], run_dir: Path, method: str
                        quantization=QUANTIZATION.get(method, {}), distributed={"num_processes": processes, **dist})
 
 
-def ftl(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "ftl", *args], capture_output=True, text=True, timeout=timeout, env=env)
-
-
 def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
 
@@ -93,8 +88,7 @@ def run_strategy(model: Path, data, run_dir: Path, method: str, strategy: str) -
         dist = {"strategy": "zero3", "main_process_port": port,
                 "zero": {"offload_optimizer": True, "offload_params": True, "gather_16bit_weights_on_model_save": False}}
     recipe = write_yaml(run_dir.with_suffix(".yaml"), recipe_dict(model, data, run_dir, method, 2, **dist))
-    result = ftl("train", str(recipe))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert ftl_train(str(recipe)) == 0
     return losses(run_dir)
 
 
@@ -139,8 +133,7 @@ def objective_matches_one_process(recipe: Callable[[Path, int, str], dict], root
     assert len(reference) >= 10 and max(reference.values()) - min(reference.values()) > 1e-4, reference
     for strategy in strategies:
         config = write_yaml(root / f"{strategy}.yaml", recipe(root / strategy, 2, strategy))
-        result = ftl("train", str(config))
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+        assert ftl_train(str(config)) == 0
         assert_same_trace(reference, losses(root / strategy), f"{what}/{strategy}")
 
 
@@ -171,7 +164,7 @@ def test_checkpoints_of_sharded_runs_hold_a_loadable_model(traces):
 
 @pytest.mark.parametrize("traces", ["lora", "full"], indirect=True)
 @pytest.mark.parametrize("strategy", ["zero3", "fsdp2"])
-def test_resume_continues_the_trace(traces, strategy, tmp_path):
+def test_resume_continues_the_trace(traces, strategy, tmp_path, capfd):
     """Resume from the step-10 checkpoint of a sharded run: steps 11-20 repeat the uninterrupted run."""
     method, root, result = traces
     run_dir = tmp_path / "run"
@@ -181,9 +174,9 @@ def test_resume_continues_the_trace(traces, strategy, tmp_path):
     original = (root / strategy / "launch" / "recipe.yaml").read_text()
     recipe_path = tmp_path / "resume.yaml"
     recipe_path.write_text(original.replace(str(root / strategy), str(run_dir)))
-    out = ftl("train", str(recipe_path), f"distributed.main_process_port={free_port()}")
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
-    assert "resuming from" in out.stdout + out.stderr
+    assert ftl_train(str(recipe_path), f"distributed.main_process_port={free_port()}") == 0
+    out = capfd.readouterr()
+    assert "resuming from" in out.out + out.err
     resumed = losses(run_dir)
     assert_same_trace(result[strategy], resumed, f"{method}/{strategy} resumed")
 
@@ -199,8 +192,7 @@ def test_compiled_layers_under_two_ranks_trace_the_eager_run(traces, strategy, t
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))
     raw = recipe_dict(tiny_llama, demo_data, tmp_path / "run", "lora", 2, strategy=strategy, main_process_port=free_port())
     raw["train"]["compile"] = True
-    out = ftl("train", str(write_yaml(tmp_path / "r.yaml", raw)))
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    assert ftl_train(str(write_yaml(tmp_path / "r.yaml", raw))) == 0
     assert any(cache.rglob("*.py")), "the ranks compiled nothing"
     trace, reference = losses(tmp_path / "run"), result["single"]
     assert sorted(trace) == sorted(reference)
@@ -229,8 +221,7 @@ def test_stop_signal_reaches_the_ranks_and_resume_finishes_the_trace(traces, tin
     assert "Traceback" not in output  # the agent saw a clean exit, not a failure
     stopped = json.loads((run_dir / "STOPPED").read_text())
     assert stopped["reason"] == "SIGUSR1" and 5 <= stopped["step"] < STEPS
-    again = ftl("train", str(recipe), f"distributed.main_process_port={free_port()}")
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert ftl_train(str(recipe), f"distributed.main_process_port={free_port()}") == 0
     assert_same_trace(result["ddp"], losses(run_dir), f"{method}/ddp stopped and resumed")
 
 

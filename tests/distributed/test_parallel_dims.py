@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from ftl.distributed import strategies
-from ftl.recipe.schema import validate_recipe
+from ftl.recipe.load import validate_recipe
 from ftl.data.sources import batch_indices
 from ftl.distributed.parallel_dims import ParallelDims
 from conftest import make_recipe

@@ -12,7 +12,8 @@ import torch
 import yaml
 from accelerate.commands.config.config_args import ClusterConfig
 
-from ftl.recipe.schema import RecipeError, load_recipe, validate_recipe
+from ftl.recipe.schema import RecipeError
+from ftl.recipe.load import load_recipe, validate_recipe
 from ftl.distributed.strategies import DistributedError, for_recipe
 from ftl.distributed.plan import make_plan, write_launch_files
 from conftest import make_recipe

@@ -10,7 +10,7 @@ import yaml
 from accelerate.commands.config.config_args import ClusterConfig
 
 from ftl.distributed import strategies
-from ftl.recipe.schema import validate_recipe
+from ftl.recipe.load import validate_recipe
 from ftl.distributed.plan import make_plan, write_launch_files
 from conftest import make_recipe
 
@@ -68,7 +68,8 @@ def test_a_rule_is_decided_by_the_strategy_auto_resolves_to(tmp_path):
     full = make_recipe(tmp_path / "m", tmp_path / "d.jsonl", tmp_path / "run", method={"type": "full"}, distributed=offload)
     assert strategies.for_recipe(validate_recipe(full)).name == "zero3"
     lora = {**full, "method": {"type": "lora"}}
-    from ftl.recipe.schema import Recipe, with_implied
+    from ftl.recipe.schema import Recipe
+    from ftl.recipe.load import with_implied
 
     assert [key for key, _ in strategies.for_recipe(with_implied(Recipe.model_validate(lora))).check()] == [
         ("distributed", "zero", "offload_optimizer")]

@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ftl.export import merge
 from ftl.cli import main as cli_main
-from ftl.recipe.schema import ExportSection, validate_recipe
+from ftl.recipe.schema import ExportSection
+from ftl.recipe.load import validate_recipe
 from ftl.errors import UserError
 from ftl.export.write import export
 from ftl.train import train

@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Llam
 from ftl.kernels.patch import KERNELS, FusedLoss, KernelError, apply, supported
 from ftl.kernels.rmsnorm import RMSNorm
 from ftl.kernels.swiglu import SwiGLUMLP
-from ftl.recipe.schema import RecipeError, validate_recipe
+from ftl.recipe.schema import RecipeError
+from ftl.recipe.load import validate_recipe
 from ftl.objectives.batch import Tokens
 from ftl.objectives.sft import causal_lm_loss_sum
 from ftl.tiny import write_tiny_model

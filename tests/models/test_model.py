@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ftl.recipe.schema import validate_recipe
+from ftl.recipe.load import validate_recipe
 from ftl.models.build import build_model
 from ftl.models.tokenizer import ModelError
 from ftl.tiny import write_tiny_model

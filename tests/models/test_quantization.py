@@ -9,7 +9,8 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
-from ftl.recipe.schema import RecipeError, validate_recipe
+from ftl.recipe.schema import RecipeError
+from ftl.recipe.load import validate_recipe
 from ftl.data.sources import build_dataset
 from ftl.objectives.batch import pad_rows
 from ftl.objectives.sft import causal_lm_loss_sum

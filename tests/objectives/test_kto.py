@@ -12,7 +12,8 @@ import torch
 from datasets import Dataset
 from transformers import AutoTokenizer
 
-from ftl.recipe.schema import DataSection, DataSource, validate_recipe
+from ftl.recipe.schema import DataSection, DataSource
+from ftl.recipe.load import validate_recipe
 from ftl.data.sources import build_dataset
 from ftl.errors import DataError
 from ftl.objectives import build as build_objective

@@ -12,7 +12,8 @@ from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ftl.recipe.schema import DataSection, DataSource, validate_recipe
+from ftl.recipe.schema import DataSection, DataSource
+from ftl.recipe.load import validate_recipe
 from ftl.data.sources import tokenize_row
 from ftl.errors import DataError
 from ftl.objectives import build as build_objective
@@ -384,8 +385,8 @@ def test_dpo_on_two_processes_matches_one(tiny_llama, tmp_path, method):
     """The reference (LoRA: the adapter disabled; full: a frozen copy, sharded under ZeRO-3 and FSDP2,
     or precomputed) and the pair mean under every strategy: 2 processes give one process's loss
     trace (20 steps, 1e-5 relative)."""
-    from test_distributed import assert_same_trace, free_port, ftl, losses
-    from conftest import write_yaml
+    from test_distributed import assert_same_trace, free_port, losses
+    from conftest import ftl_train, write_yaml
     from ftl.train import train
 
     path = write_jsonl(tmp_path / "pairs.jsonl", _pairs(160))
@@ -407,8 +408,7 @@ def test_dpo_on_two_processes_matches_one(tiny_llama, tmp_path, method):
     for strategy, ref in PARITY[method]:
         name = f"{strategy}-{ref}"
         config = write_yaml(tmp_path / f"{name}.yaml", recipe(tmp_path / name, 2, strategy, ref))
-        result = ftl("train", str(config))
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+        assert ftl_train(str(config)) == 0
         assert_same_trace(reference, losses(tmp_path / name), f"{method} dpo/{name}")
 
 

@@ -12,7 +12,8 @@ from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from ftl.recipe.schema import DataSection, DataSource, validate_recipe
+from ftl.recipe.schema import DataSection, DataSource
+from ftl.recipe.load import validate_recipe
 from ftl.data.sources import build_dataset
 from ftl.objectives import build as build_objective
 from ftl.objectives.batch import Tokens
@@ -192,7 +193,7 @@ def test_export_scores_as_trained_and_loads_as_a_sequence_classifier(tiny_llama,
         got = exported(**batch.tokens.inputs()).logits.squeeze(-1)
     assert want.std() > 0 and (got - want).abs().max() <= 0.05 * want.std() + 1e-3  # bf16 weights
     # The verification can fail: the merge with its score head 10% off is refused.
-    from ftl.recipe.schema import load_recipe
+    from ftl.recipe.load import load_recipe
     from ftl.export.verify import verify_export
     from ftl.export.merge import Merge, TensorSource
     from safetensors.torch import load_file

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ftl.recipe.schema import RecipeError, load_recipe, validate_recipe
+from ftl.recipe.schema import RecipeError
+from ftl.recipe.load import load_recipe, validate_recipe
 from ftl.planning.memory import GIB, Shape, autofit, estimate, micro_batch_options, model_shape
 from conftest import make_recipe
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ftl.recipe.schema import validate_recipe
+from ftl.recipe.load import validate_recipe
 from ftl.planning.memory import estimate, model_shape
 
 MODELS = Path(__file__).resolve().parents[1] / "planner_models"

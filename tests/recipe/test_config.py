@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from ftl.recipe.schema import RecipeError, load_recipe, validate_recipe
+from ftl.recipe.schema import RecipeError
+from ftl.recipe.load import load_recipe, validate_recipe
 from conftest import make_recipe, write_yaml
 
 RECIPES = sorted(Path(__file__).resolve().parents[2].joinpath("recipes").glob("*.yaml"))
@@ -174,7 +175,7 @@ def test_validation_does_not_change_the_recipe_it_checks():
 def test_a_recipe_is_frozen_and_changes_go_through_validation():
     from pydantic import ValidationError
 
-    from ftl.recipe.schema import with_values
+    from ftl.recipe.load import with_values
 
     recipe = validate_recipe(make_recipe(Path("m"), Path("d.jsonl"), Path("runs/x")))
     with pytest.raises(ValidationError, match="frozen"):
@@ -206,7 +207,8 @@ def test_mixed_precision_auto_is_decided_for_the_device_and_named_values_are_kep
 def test_override_list_indices_are_named(tmp_path):
     """data.train.N.key addresses the N-th source (a single source written as a mapping is item 0);
     an index out of range says how many there are."""
-    from ftl.recipe.schema import RecipeError, load_recipe
+    from ftl.recipe.schema import RecipeError
+    from ftl.recipe.load import load_recipe
 
     path = tmp_path / "r.yaml"
     path.write_text("model: {path: m}\ndata:\n  train:\n  - {path: a.jsonl}\n  - {path: b.jsonl}\n  eval: {path: e.jsonl}\noutput: {dir: r}\n")

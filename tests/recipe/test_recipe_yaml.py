@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from ftl.recipe.schema import RecipeError, load_recipe
+from ftl.recipe.schema import RecipeError
+from ftl.recipe.load import load_recipe
 
 BASE = """model:
   path: some/model

@@ -45,7 +45,7 @@ def test_known_gpus(monkeypatch, name, expected):
 
 
 def test_training_records_model_flops_and_peak_memory(tiny_llama, demo_data, tmp_path):
-    from ftl.recipe.schema import validate_recipe
+    from ftl.recipe.load import validate_recipe
     from ftl.checkpoints.rundir import read_metrics
     from ftl.train import train
     from conftest import make_recipe

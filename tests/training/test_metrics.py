@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from ftl.recipe.schema import validate_recipe
+from ftl.recipe.load import validate_recipe
 from ftl.training.metrics import MetricsWriter
 from ftl.checkpoints.rundir import read_metrics
 from conftest import make_recipe

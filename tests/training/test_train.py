@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ftl.recipe.schema import load_recipe, validate_recipe
+from ftl.recipe.load import load_recipe, validate_recipe
 from ftl.checkpoints.rundir import read_metrics
 from ftl.tiny import write_tiny_model
 from ftl.train import TrainError, train
