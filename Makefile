@@ -2,7 +2,7 @@
 VENV ?= .venv
 PYTEST_ARGS ?=
 
-.PHONY: install artifacts demo test test-fast
+.PHONY: install artifacts demo test test-fast gpu-wheels
 
 install: $(VENV)/.installed
 
@@ -23,3 +23,7 @@ test: install
 
 test-fast: install
 	$(VENV)/bin/python -P -m pytest -q -m "not slow and not multiprocess" $(PYTEST_ARGS)
+
+# What benchmarks/gpu_check.py installs on a lent GPU machine (no registry there): .whl/, at most 50 MiB.
+gpu-wheels:
+	bash scripts/gpu_wheels.sh

@@ -222,6 +222,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def best_checkpoint(run_dir: Path) -> Path:
+    """``--best``: the checkpoint a run directory's ``checkpoints/best`` names."""
+    from ftl.checkpoints.rundir import RunDir
+
+    run = RunDir(run_dir)
+    if not run.checkpoints.is_dir():
+        raise UserError(f"--best: {run_dir} is not a run directory (no checkpoints/); name the run directory, not a checkpoint")
+    best = run.best_checkpoint()
+    if best is None:
+        raise UserError(f"--best: {run_dir} records no best checkpoint (checkpoints/best); train.early_stopping records one, "
+                        "or name a checkpoint directory to export")
+    return best
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from ftl.recipe.units import parse_size
     from ftl.export.write import ExportError, export
@@ -235,9 +249,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
+    source = Path(args.source)
+    if args.best:
+        source = best_checkpoint(source)
     previous = signal.signal(signal.SIGTERM, interrupt)  # a killed export cleans up as a Ctrl-C'd one does
     try:
-        report = export(Path(args.source), Path(args.out) if args.out else None, adapter_only=args.adapter_only,
+        report = export(source, Path(args.out) if args.out else None, adapter_only=args.adapter_only,
                         updates=updates, trust_remote_code=args.trust_remote_code, base=args.base)
     except KeyboardInterrupt:
         console_err.print("ftl export: interrupted; nothing was written at the output directory", highlight=False)
@@ -411,6 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="merged, sharded safetensors model (or adapter) from a run or checkpoint, verified")
     p.add_argument("source", help="run directory (newest complete checkpoint), checkpoint directory, or a peft adapter "
                    "directory trained elsewhere (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--best", action="store_true", help="export the run directory's best checkpoint (checkpoints/best, "
+                   "recorded by train.early_stopping) instead of its newest")
     p.add_argument("--out", help="output directory (default: export.dir, or <run dir>/export; <adapter>-merged for an adapter)")
     p.add_argument("--base", help="a peft adapter's base model directory (default: its base_model_name_or_path)")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"])

@@ -14,6 +14,7 @@ from ftl.recipe.load import load_recipe
 from ftl.console import setup_logging
 from ftl.errors import exit_on_user_error
 from ftl.distributed.preflight import writer_lock
+from ftl.training.early_stopping import NOTHING
 from ftl.training.resume import TrainError
 from ftl.training.signals import EXIT_STOPPED, StopRequest
 from ftl.training.trainer import RunSummary, Trainer
@@ -32,19 +33,21 @@ def _train(recipe: Recipe) -> RunSummary:
     state, cfg = trainer.state, trainer.cfg
     trainer.begin()
     with StopRequest() as stop:
-        while state.step < state.total_steps:
+        while state.step < state.total_steps and not state.early_stopped:
             result = trainer.step(trainer.next_micro_batches())
             if not result.taken:
                 raise trainer.refuse(result)
             last = state.step == state.total_steps
             if state.step % cfg.logging_steps == 0 or last:
                 trainer.log(result)
+            verdict = NOTHING
             if trainer.eval_set is not None and ((cfg.eval_steps and state.step % cfg.eval_steps == 0) or last):
                 state.final_eval_loss = trainer.evaluate()
+                verdict = trainer.judge({"eval_loss": state.final_eval_loss})
             reason, timed = stop.agreed(trainer.accelerator, trainer.save_due())
-            if (cfg.save_steps and state.step % cfg.save_steps == 0) or timed or last or reason:
-                trainer.save()
-            if reason and not last:
+            if (cfg.save_steps and state.step % cfg.save_steps == 0) or timed or last or reason or verdict.improved or verdict.stop:
+                trainer.save(best=verdict.improved)
+            if reason and not last and not verdict.stop:
                 trainer.stop(reason)
                 break
     return trainer.finish()

@@ -10,6 +10,7 @@ Layout of the run directory::
                              dcp/        instead of optimizer.pt under FSDP2: torch distributed
                                          checkpoint of the sharded model and optimizer
     checkpoints/latest       name of the newest complete checkpoint
+    checkpoints/best         name of the best one by train.early_stopping's metric (kept by keep_last)
 
 The model files are always a consolidated, loadable model (gathered from the shards), so
 ``ftl eval`` and export work from any checkpoint; the one exception is ZeRO-3 with
@@ -67,9 +68,11 @@ def save_checkpoint(
     strategy: Strategy,
     keep_last: int | None = None,
     recipe_yaml: str | None = None,
+    best: bool = False,
 ) -> Path:
     """Save everything needed to continue; every rank must call this (it synchronises). The
-    strategy decides the format: consolidated weights always, its sharded state where it has one."""
+    strategy decides the format: consolidated weights always, its sharded state where it has one.
+    ``best``: it is also the run's best checkpoint (``checkpoints/best``, after ``latest``)."""
     step = state.step
     run = RunDir(run_dir)
     final = run.checkpoint(step)
@@ -107,6 +110,8 @@ def save_checkpoint(
         os.replace(tmp, final)
         _fsync_dir(final.parent)
         write_atomic(run.latest, final.name)
+        if best:
+            write_atomic(run.best, final.name)
         if keep_last:
             _prune(run_dir, keep_last, keep=final)
     accelerator.wait_for_everyone()
@@ -141,9 +146,11 @@ def write_manifest(directory: Path) -> None:
 
 
 def _prune(run_dir: Path, keep_last: int, keep: Path) -> None:
-    complete = sorted(RunDir(run_dir).step_dirs(), key=step_of)
+    """The newest ``keep_last`` checkpoints stay, and the best one besides them."""
+    run = RunDir(run_dir)
+    complete = sorted(run.step_dirs(), key=step_of)
     for old in complete[: max(0, len(complete) - keep_last)]:
-        if old != keep:
+        if old != keep and old != run.best_checkpoint():
             shutil.rmtree(old, ignore_errors=True)
 
 

@@ -4,7 +4,7 @@ atomically, and nothing in it is deleted unless the recipe says so.
 Layout (see the README's "Where outputs go")::
 
     run.yaml  metrics.jsonl  data_stats.json  loss.png  STOPPED
-    checkpoints/step-N/ checkpoints/latest   tensorboard/   data/   launch/   slurm/   export/
+    checkpoints/step-N/ checkpoints/latest checkpoints/best   tensorboard/   data/   launch/   slurm/   export/
     set-aside/<time>/    what ftl moved out of its way instead of deleting it
 
 A run directory may hold an earlier run, files a user put there, or damage; :meth:`RunDir.prepare`
@@ -87,6 +87,18 @@ class RunDir:
     def latest(self) -> Path:
         """Name of the newest complete checkpoint, replaced atomically after it is complete."""
         return self.checkpoints / "latest"
+
+    @property
+    def best(self) -> Path:
+        """Name of the best checkpoint by ``train.early_stopping``'s metric (never pruned)."""
+        return self.checkpoints / "best"
+
+    def best_checkpoint(self) -> Path | None:
+        """The checkpoint ``best`` names, if it names one that is there."""
+        if not self.best.is_file():
+            return None
+        path = self.checkpoints / self.best.read_text().strip()
+        return path if STEP_DIR.match(path.name) and path.is_dir() else None
 
     @property
     def tensorboard(self) -> Path:

@@ -14,6 +14,7 @@ from ftl import objectives
 from ftl.distributed import strategies
 from ftl.data.formats import FORMATS, names
 from ftl.recipe.units import parse_gib, slurm_seconds
+from ftl.training import early_stopping
 
 if TYPE_CHECKING:
     from ftl.recipe.schema import Recipe
@@ -23,8 +24,8 @@ Problems = list[tuple[tuple, str]]
 
 def check(recipe: Recipe) -> Problems:
     """Every cross-section rule, on a recipe with what it implies filled in (``with_implied``)."""
-    return (_method(recipe) + objectives.check(recipe) + _data(recipe) + _output(recipe) + _machines(recipe)
-            + strategies.for_recipe(recipe).check())
+    return (_method(recipe) + objectives.check(recipe) + _data(recipe) + early_stopping.check(recipe) + _output(recipe)
+            + _machines(recipe) + strategies.for_recipe(recipe).check())
 
 
 def _method(recipe: Recipe) -> Problems:

@@ -210,6 +210,13 @@ class QuantizationSection(_Section):
         "less memory, bf16 norms.")
 
 
+class EarlyStoppingSection(_Section):
+    metric: str = Field("eval_loss", description="The logged eval metric to judge (eval_loss).")
+    mode: Literal["min", "max"] = Field("min", description="min: lower is better (a loss); max: higher is better.")
+    patience: int = Field(3, ge=1, le=10**6, description="Evaluations in a row without an improvement that stop the run.")
+    min_delta: float = Field(0.0, ge=0, description="How much better than the best so far counts as an improvement.")
+
+
 class TrainSection(_Section):
     epochs: float = Field(1.0, gt=0, le=100_000)
     max_steps: int | None = Field(None, ge=1, le=10**9, description="Optimizer steps; overrides epochs when set.")
@@ -248,6 +255,9 @@ class TrainSection(_Section):
         default_factory=list, description="On resume, recipe fields (dotted, e.g. train.learning_rate) that may differ "
         "from the checkpoint's; any other change that alters training is refused. (`ftl train --allow-changed FIELD`)")
     peak_tflops: float | None = Field(None, gt=0, description="Peak TFLOP/s of one device, for MFU (default: known GPUs).")
+    early_stopping: EarlyStoppingSection | None = Field(None, description="Judge every evaluation: save each new best as "
+                                                        "checkpoints/best (never pruned; ftl export RUN --best) and stop after "
+                                                        "`patience` evaluations without one.")
 
 
 class OutputSection(_Section):

@@ -142,6 +142,10 @@ def summary_table(records: list[dict[str, Any]], summary: RunSummary) -> Table:
         rows.append(("peak memory", f"{max(r['peak_memory_gib'] for r in train):.2f} GiB per device"))
     if evals:
         rows.append(("eval loss", f"{evals[0]['eval_loss']:.4f} -> {evals[-1]['eval_loss']:.4f}"))
+    if summary.early_stopped:
+        rows.append(("stopped early", f"at step {summary.steps}: train.early_stopping's patience ran out"))
+    if summary.best_checkpoint:
+        rows.append(("best checkpoint", f"{summary.best_checkpoint} ({summary.best_metric:.4f}; ftl export RUN --best)"))
     if summary.checkpoint:
         rows.append(("checkpoint", summary.checkpoint))
     table = Table(title="run summary", show_header=False, box=None, title_justify="left")

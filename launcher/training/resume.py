@@ -75,7 +75,7 @@ NEVER = ("method.type", "method.objective", "method.lora.r", "method.lora.use_do
 # the number of steps below; the parallel layout by the strategy's own resume checks).
 FREE = ("model.path", "model.attn_implementation", "model.trust_remote_code", "data.cache_dir", "train.max_steps",
         "train.epochs", "train.eval_steps", "train.save_steps", "train.save_minutes", "train.logging_steps", "train.resume", "train.allow_changed",
-        "train.peak_tflops", "train.compile", "train.gradient_checkpointing", "train.mixed_precision")
+        "train.peak_tflops", "train.early_stopping", "train.compile", "train.gradient_checkpointing", "train.mixed_precision")
 COMPARED = ("model", "method", "quantization", "data", *objectives.SECTIONS, "train")
 
 

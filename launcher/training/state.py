@@ -25,12 +25,17 @@ class TrainState:
     base_identity: str | None = None  # ftl.checkpoints.weights.weights_identity of model.path: the base trained on
     initial_eval_loss: float | None = None
     final_eval_loss: float | None = None
+    # train.early_stopping's judge (ftl.training.early_stopping): the best evaluation so far and since when
+    best_metric: float | None = None
+    best_step: int | None = None
+    evals_since_best: int = 0
+    early_stopped: bool = False
     # Per rank, not in trainer_state.json:
     data: dict[str, Any] | None = None  # streaming: this rank's position in its part of the stream
     rng: dict[str, Any] | None = field(default=None, repr=False)  # this rank's RNG streams, as loaded
 
     SHARED = ("step", "epoch", "position", "total_steps", "method", "bits", "base_identity", "initial_eval_loss",
-              "final_eval_loss")
+              "final_eval_loss", "best_metric", "best_step", "evals_since_best", "early_stopped")
 
     def shared(self) -> dict[str, Any]:
         """What ``trainer_state.json`` holds: the same on every rank."""

@@ -38,8 +38,9 @@ from ftl.training.optim import build_optimizer
 from ftl.distributed.plan import local_device, make_plan
 from ftl.data.preprocess import prepare as prepare_data
 from ftl.training.resume import TrainError, resume_point
-from ftl.checkpoints.rundir import RunDir, read_metrics
+from ftl.checkpoints.rundir import RunDir, read_metrics, write_atomic
 from ftl.data.streaming import RowStream
+from ftl.training import early_stopping
 from ftl.training.state import TrainState
 from ftl.checkpoints.weights import weights_identity
 
@@ -66,6 +67,9 @@ class RunSummary:
     final_eval_loss: float | None = None
     final_train_loss: float | None = None
     stopped: str | None = None  # the signal that stopped the run before its last step
+    early_stopped: bool = False  # train.early_stopping's patience ran out
+    best_checkpoint: str | None = None  # checkpoints/best (train.early_stopping)
+    best_metric: float | None = None
 
 
 class Trainer:
@@ -118,6 +122,8 @@ class Trainer:
             self._continue_schedule(checkpoint, total_steps)
         else:
             self.state = TrainState(total_steps=total_steps, method=recipe.method.type, bits=recipe.quantization.bits)
+        if self.main and self.state.best_step is not None and self.run.checkpoint(self.state.best_step).is_dir():
+            write_atomic(self.run.best, f"step-{self.state.best_step}")  # the resumed run's own best (newer ones were set aside)
         # Checked equal to the checkpoint's by resume_point; older checkpoints may not name them.
         self.state.total_steps, self.state.method, self.state.bits = total_steps, recipe.method.type, recipe.quantization.bits
         self.state.base_identity = weights_identity(recipe.model.path)  # checked equal to the checkpoint's by resume_point
@@ -332,18 +338,27 @@ class Trainer:
         self.progress.message(f"step {step}: eval loss {result:.4f}")
         return result
 
+    def judge(self, metrics: dict[str, float]) -> early_stopping.Verdict:
+        """``train.early_stopping``'s verdict on this evaluation (the same on every rank)."""
+        verdict = early_stopping.judge(self.cfg.early_stopping, self.state, metrics)
+        if verdict.stop:
+            section, state = self.cfg.early_stopping, self.state
+            self.progress.message(f"step {state.step}: {section.metric} has not improved for {section.patience} evaluations; "
+                                  f"stopping early (best {state.best_metric:.4f} at step {state.best_step})")
+        return verdict
+
     def save_due(self) -> bool:
         """``train.save_minutes`` of training time have passed since the last checkpoint (or the start):
         without ``save_steps``, a crash then loses at most that much."""
         minutes = self.cfg.save_minutes
         return bool(minutes) and not self.cfg.save_steps and time.perf_counter() - self.last_save >= 60 * minutes
 
-    def save(self) -> Path:
-        """A checkpoint of the run as it is now (every rank calls it)."""
+    def save(self, best: bool = False) -> Path:
+        """A checkpoint of the run as it is now (every rank calls it); ``best``: also checkpoints/best."""
         self.last_save = time.perf_counter()
         self.state.data = self.stream.state() if self.stream else None
         path = save_checkpoint(self.accelerator, self.model, self.tokenizer, self.optimizer, self.scheduler, self.run.root,
-                               self.state, self.strategy, self.recipe.output.keep_last, self.recipe.to_yaml())
+                               self.state, self.strategy, self.recipe.output.keep_last, self.recipe.to_yaml(), best=best)
         self.summary.checkpoint = str(path)
         return path
 
@@ -361,8 +376,13 @@ class Trainer:
         summary = self.summary
         summary.steps, summary.elapsed_s = self.state.step, time.perf_counter() - self.start
         summary.initial_eval_loss, summary.final_eval_loss = self.state.initial_eval_loss, self.state.final_eval_loss
-        if summary.steps >= summary.total_steps and summary.resumed_from and summary.final_train_loss is None:
-            self.progress.message(f"{self.run.root} is already complete ({summary.steps} steps)")
+        summary.early_stopped, summary.best_metric = self.state.early_stopped, self.state.best_metric
+        best = self.run.best_checkpoint() if self.cfg.early_stopping else None
+        summary.best_checkpoint = str(best) if best else None
+        done = summary.steps >= summary.total_steps or summary.early_stopped
+        if done and summary.resumed_from and summary.final_train_loss is None:
+            self.progress.message(f"{self.run.root} is already complete ({summary.steps} steps"
+                                  + (", stopped early)" if summary.early_stopped else ")"))
         elif self.main:
             records = read_metrics(self.metrics.path)
             plot_losses(records, self.run.loss_plot, title=self.recipe.output.run_name or self.run.root.name)

@@ -67,9 +67,9 @@ def _sigterm_at(run_dir: Path, step: int) -> threading.Thread:
 
 
 def assert_resume_is_bitwise(run: Callable[[Path], Path], root: Path, stop_at: int = 3) -> None:
-    """``run(run_dir)`` trains (in this process), saving a LoRA adapter: stopped by SIGTERM at
-    ``stop_at`` and run again, it logs exactly the losses of a run never stopped, and its last
-    checkpoint's adapter is bitwise that run's."""
+    """``run(run_dir)`` trains (in this process): stopped by SIGTERM at ``stop_at`` and run again,
+    it logs exactly the losses of a run never stopped, and its last checkpoint's adapter (or full
+    model) is bitwise that run's."""
     straight = run(root / "straight")
     watcher = _sigterm_at(root / "stopped", stop_at)
     run(root / "stopped")
@@ -78,8 +78,26 @@ def assert_resume_is_bitwise(run: Callable[[Path], Path], root: Path, stop_at: i
     stopped = run(root / "stopped")
     assert _losses(stopped) == _losses(straight)
     last = sorted((straight / "checkpoints").glob("step-*"), key=lambda p: int(p.name[5:]))[-1].name
-    a, b = (load_file(r / "checkpoints" / last / "adapter_model.safetensors") for r in (straight, stopped))
+    weights = "adapter_model.safetensors" if (straight / "checkpoints" / last / "adapter_model.safetensors").exists() else "model.safetensors"
+    a, b = (load_file(r / "checkpoints" / last / weights) for r in (straight, stopped))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+def assert_accumulation_equals_one_batch(run: Callable[..., Path], root: Path, atol: float = 1e-5) -> list[dict]:
+    """``run(run_dir, **train)`` trains a LoRA adapter in this process: micro-batch 2 x 4
+    accumulation logs the losses of micro-batch 8 (1e-5 relative) and its last checkpoint's adapter
+    is that run's (rtol 1e-5, ``atol``). Returns the big run's loss records."""
+    big = run(root / "big")
+    small = run(root / "small", micro_batch_size=2, gradient_accumulation_steps=4)
+    a, b = ([r for r in read_metrics(r / "metrics.jsonl") if "loss" in r] for r in (big, small))
+    for x, y in zip(a, b, strict=True):
+        assert abs(x["loss"] - y["loss"]) <= 1e-5 * max(1.0, abs(x["loss"])), (a, b)
+    last = sorted((big / "checkpoints").glob("step-*"), key=lambda p: int(p.name[5:]))[-1].name
+    wa, wb = (load_file(r / "checkpoints" / last / "adapter_model.safetensors") for r in (big, small))
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-5, atol=atol)
+    return a
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", list(VARIANTS))

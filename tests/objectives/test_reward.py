@@ -124,25 +124,17 @@ def _run(tiny_llama: Path, path: Path, run_dir: Path, method: str = "lora", **tr
     return run_dir
 
 
-def _records(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
-
-
 def test_a_reward_run_learns_and_accumulation_equals_one_big_batch(tiny_llama, tmp_path):
     """The score head learns to rank the right category first; micro-batch 2 x 4 = micro-batch 8."""
     from safetensors.torch import load_file
+    from test_checkpoint import assert_accumulation_equals_one_batch
 
     path = write_jsonl(tmp_path / "pairs.jsonl", _pairs(48))
-    big = _run(tiny_llama, path, tmp_path / "big")
-    small = _run(tiny_llama, path, tmp_path / "small", micro_batch_size=2, gradient_accumulation_steps=4)
-    a, b = ([r["loss"] for r in _records(run)] for run in (big, small))
-    for x, y in zip(a, b, strict=True):
-        assert abs(x - y) <= 1e-5 * max(1.0, abs(x)), (a, b)
-    wa, wb = (load_file(run / "checkpoints" / "step-8" / "adapter_model.safetensors") for run in (big, small))
-    assert any("score" in key for key in wa)  # the head is saved with the adapter
-    for key in wa:  # (Adam divides by the gradients' RMS: where one is near 0, float32 sums' order shows, ~1e-5)
-        torch.testing.assert_close(wa[key], wb[key], rtol=1e-5, atol=1e-4)
-    last = _records(big)[-1]
+    # (Adam divides by the gradients' RMS: where one is near 0, float32 sums' order shows, ~1e-5)
+    records = assert_accumulation_equals_one_batch(lambda run_dir, **cfg: _run(tiny_llama, path, run_dir, **cfg), tmp_path, atol=1e-4)
+    a, big = [r["loss"] for r in records], tmp_path / "big"
+    assert any("score" in key for key in load_file(next((big / "checkpoints").glob("step-*")) / "adapter_model.safetensors"))  # the head is saved
+    last = records[-1]
     assert {"rewards_chosen", "rewards_rejected", "reward_accuracy", "reward_margin"} <= set(last)
     evals = [json.loads(line)["eval_loss"] for line in (big / "metrics.jsonl").read_text().splitlines() if "eval_loss" in line]
     assert a[-1] < a[0] and evals[-1] < evals[0] - 0.05, evals
