@@ -236,6 +236,22 @@ def best_checkpoint(run_dir: Path) -> Path:
     return best
 
 
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    from ftl.distributed.plan import local_device
+    from ftl.training.lr_find import lr_find, out_dir_for
+
+    recipe = _one_recipe(args, "lr-find").for_device(local_device())
+    out = Path(args.out) if args.out else out_dir_for(recipe)
+    result = lr_find(recipe, out, args.start, args.end, args.steps)
+    console.print(f"{len(result.lrs)} steps from {result.lrs[0]:.3g} to {result.lrs[-1]:.3g}"
+                  + (f" (stopped: {result.stopped})" if result.stopped else ""), highlight=False)
+    if result.suggestion is None:
+        raise UserError("lr-find: too few steps before the loss diverged to suggest a rate; lower --start or add --steps")
+    console.print(f"suggested train.learning_rate: [bold]{result.suggestion:.3g}[/] (steepest fall of the smoothed loss); "
+                  f"plot and losses in {escape(str(out))}", markup=True, highlight=False)
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from ftl.recipe.units import parse_size
     from ftl.export.write import ExportError, export
@@ -457,6 +473,15 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--data", help="alpaca, chat or sharegpt file: its rows' prompts (the conversation before the last reply)")
             p.add_argument("--limit", type=_count(1), help="only the first N rows of --data")
             p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("lr-find", help="learning-rate range test: a short sweep of growing rates on the recipe's model "
+                       "and data; a plot, the losses and a suggested train.learning_rate (the run directory is not touched)")
+    p.add_argument("items", nargs="+", metavar="RECIPE_OR_OVERRIDE")
+    p.add_argument("--start", type=float, default=1e-7, help="first learning rate (default 1e-7)")
+    p.add_argument("--end", type=float, default=1.0, help="last learning rate (default 1)")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps of the sweep (default 100)")
+    p.add_argument("--out", help="directory for lr_find.png and lr_find.json (default <output.dir>-lr-find)")
+    p.set_defaults(fn=cmd_lr_find)
 
     p = sub.add_parser("slurm", help="render or submit the recipe as a (multi-node) Slurm job")
     p.add_argument("action", choices=["render", "submit"])
