@@ -300,7 +300,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     from ftl.data.preprocess import prepare
 
     recipe = _one_recipe(args, "preprocess")
-    train_set, eval_set, stats = prepare(recipe, load_tokenizer(recipe.model))
+    train_set, eval_sets, stats = prepare(recipe, load_tokenizer(recipe.model))
     for source in stats["sources"]:
         dropped = ", ".join(f"{n} ({why})" for why, n in source["dropped"].items()) or "none"
         console.print(f"{source['path']}: {source['rows']} rows, {source['truncated']} truncated, dropped {dropped}, {source['used']} used")
@@ -309,7 +309,8 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
                   f"length p50 {length['p50']}, p90 {length['p90']}, p99 {length['p99']}, max {length['max']}")
     if "packing_efficiency" in stats:
         console.print(f"packed into {stats['packed_rows']} rows of {recipe.data.max_length}: {stats['packing_efficiency']:.1%} of slots hold real tokens")
-    console.print(f"eval: {len(eval_set) if eval_set is not None else 0} examples")
+    for name, rows in (eval_sets or {"eval": []}).items():
+        console.print(f"{'eval' if name == 'eval' else f'eval set {name}'}: {len(rows)} examples", highlight=False)
     if args.show:
         from ftl.data.preprocess import shown_rows
 

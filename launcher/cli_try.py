@@ -79,7 +79,7 @@ def _eval_target(model: Path, data: str, fmt: str | None) -> tuple[Path, Any]:
 
     model, recipe = resolve_target(model)
     if recipe is not None:
-        sources = recipe.data.train + (recipe.data.eval or [])
+        sources = recipe.data.train + recipe.data.eval_sources()
         same = [s for s in sources if Path(s.path).resolve() == Path(data).resolve()]
         if same and fmt in (None, same[0].format):
             return model, same[0]  # with its field mapping and chat settings

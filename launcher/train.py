@@ -41,9 +41,10 @@ def _train(recipe: Recipe) -> RunSummary:
             if state.step % cfg.logging_steps == 0 or last:
                 trainer.log(result)
             verdict = NOTHING
-            if trainer.eval_set is not None and ((cfg.eval_steps and state.step % cfg.eval_steps == 0) or last):
-                state.final_eval_loss = trainer.evaluate()
-                verdict = trainer.judge({"eval_loss": state.final_eval_loss})
+            if trainer.eval_sets and ((cfg.eval_steps and state.step % cfg.eval_steps == 0) or last):
+                metrics = trainer.evaluate()
+                state.final_eval_loss = metrics["eval_loss"]
+                verdict = trainer.judge(metrics)
             reason, timed = stop.agreed(trainer.accelerator, trainer.save_due())
             if (cfg.save_steps and state.step % cfg.save_steps == 0) or timed or last or reason or verdict.improved or verdict.stop:
                 trainer.save(best=verdict.improved)

@@ -108,3 +108,23 @@ def copy_run(finished: Path, copy: Path) -> Path:
     shutil.copytree(finished, copy)
     (copy / "run.yaml").write_text((copy / "run.yaml").read_text().replace(str(finished), str(copy)))
     return copy
+
+
+def hf_eval_loss(model_dir: Path, recipe, sources) -> float:
+    """The mean loss per target of a saved model on ``sources`` as transformers computes it, row by
+    row (an oracle for ftl's batched, rank-split evaluation)."""
+    from transformers import AutoModelForCausalLM
+
+    from ftl.data.sources import build_dataset
+    from ftl.models.tokenizer import load_tokenizer
+
+    rows = build_dataset(sources, load_tokenizer(recipe.model), recipe.data)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    total, targets = 0.0, 0
+    with torch.no_grad():
+        for row in rows:
+            labels = torch.tensor([row["labels"]])
+            n = int((labels[:, 1:] != -100).sum())
+            total += model(input_ids=torch.tensor([row["input_ids"]]), labels=labels).loss.item() * n
+            targets += n
+    return total / targets

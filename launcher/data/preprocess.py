@@ -52,7 +52,7 @@ def cache_key(recipe: Recipe, tokenizer: Any) -> str:
         digest.update(f"{name}={value}".encode())
     digest.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
     digest.update(str(tokenizer.chat_template).encode())
-    for source in recipe.data.train + (recipe.data.eval or []):
+    for source in recipe.data.train + recipe.data.eval_sources():
         for path in _files(source):
             stat = path.stat()
             digest.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode())
@@ -66,8 +66,13 @@ def _files(source: DataSource) -> list[Path]:
     return [path] if path.exists() else []
 
 
-def prepare(recipe: Recipe, tokenizer: Any) -> tuple[datasets.Dataset, datasets.Dataset | None, dict[str, Any]]:
-    """Train set (packed if asked), eval set and statistics, from the cache when it is there."""
+def eval_dir(name: str) -> str:
+    """Where eval set ``name`` is cached (the unnamed set where it always was)."""
+    return "eval" if name == "eval" else f"eval-{name}"
+
+
+def prepare(recipe: Recipe, tokenizer: Any) -> tuple[datasets.Dataset, dict[str, datasets.Dataset], dict[str, Any]]:
+    """Train set (packed if asked), the eval sets by name and statistics, from the cache when it is there."""
     directory = cache_dir(recipe, tokenizer)
     if (directory / STATS).is_file():
         try:
@@ -80,14 +85,14 @@ def prepare(recipe: Recipe, tokenizer: Any) -> tuple[datasets.Dataset, datasets.
     stats: dict[str, Any] = {"sources": []}
     cfg = recipe.data
     train_set = build_dataset(cfg.train, tokenizer, cfg, seed=recipe.train.seed, stats=stats["sources"])
-    eval_set = build_dataset(cfg.eval, tokenizer, cfg) if cfg.eval else None
+    eval_sets = {name: build_dataset(sources, tokenizer, cfg) for name, sources in cfg.eval_sets().items()}
     if cfg.eval_fraction:
         order = np.random.default_rng(recipe.train.seed).permutation(len(train_set))
         held_out = max(1, round(cfg.eval_fraction * len(train_set)))
         if held_out >= len(train_set):
             raise DataError(f"data.eval_fraction: holding out {held_out} of {len(train_set)} rows leaves none to train on; "
                             "lower it or add data")
-        eval_set = train_set.select(sorted(order[:held_out].tolist()))
+        eval_sets = {"eval": train_set.select(sorted(order[:held_out].tolist()))}
         train_set = train_set.select(sorted(order[held_out:].tolist()))
     stats.update(_length_stats(train_set))
     if cfg.packing and not objectives.for_recipe(recipe).packs_batches:  # else packed per micro-batch (collate)
@@ -96,8 +101,9 @@ def prepare(recipe: Recipe, tokenizer: Any) -> tuple[datasets.Dataset, datasets.
     tmp = directory.with_name(f"{directory.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     train_set.save_to_disk(str(tmp / "train"))
-    if eval_set is not None:
-        eval_set.save_to_disk(str(tmp / "eval"))
+    for name, rows in eval_sets.items():
+        rows.save_to_disk(str(tmp / eval_dir(name)))
+    stats["eval_sets"] = list(eval_sets)
     (tmp / STATS).write_text(json.dumps(stats, indent=2))
     _publish(tmp, directory, stale)
     return _load(directory)
@@ -120,12 +126,13 @@ def _publish(tmp: Path, directory: Path, stale: bool) -> None:
             raise
 
 
-def _load(directory: Path) -> tuple[datasets.Dataset, datasets.Dataset | None, dict[str, Any]]:
+def _load(directory: Path) -> tuple[datasets.Dataset, dict[str, datasets.Dataset], dict[str, Any]]:
     train_set = datasets.load_from_disk(str(directory / "train"))
-    eval_set = datasets.load_from_disk(str(directory / "eval")) if (directory / "eval").is_dir() else None
     stats = json.loads((directory / STATS).read_text())
+    names = stats.get("eval_sets", ["eval"] if (directory / "eval").is_dir() else [])  # (caches from before named sets)
+    eval_sets = {name: datasets.load_from_disk(str(directory / eval_dir(name))) for name in names}
     stats["cache"] = str(directory)
-    return train_set, eval_set, stats
+    return train_set, eval_sets, stats
 
 
 def _length_stats(dataset: datasets.Dataset) -> dict[str, Any]:

@@ -44,7 +44,7 @@ def preflight(recipe: Recipe) -> None:
     except LOAD_ERRORS as err:
         raise ModelError(f"model.path: no model config in '{recipe.model.path}': {first_line(err)}") from None
     if recipe.data.streaming:
-        for source in recipe.data.train + (recipe.data.eval or []):
+        for source in recipe.data.train + recipe.data.eval_sources():
             load_source(source, streaming=True)
     else:
         prepare_data(recipe, tokenizer)

@@ -109,7 +109,7 @@ def verification_sequences(recipe: Recipe, tokenizer: Any, limit: int) -> list[l
     """Token ids of the first rows of the eval split (else train), or fixed prompts without data."""
     from ftl.data.sources import build_dataset
 
-    for sources in (recipe.data.eval, recipe.data.train):
+    for sources in (next(iter(recipe.data.eval_sets().values()), None), recipe.data.train):
         if sources and all(Path(s.path).exists() for s in sources):
             dataset = build_dataset(sources, tokenizer, recipe.data)
             return [list(dataset[i]["input_ids"]) for i in range(min(limit, len(dataset)))]

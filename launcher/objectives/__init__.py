@@ -56,16 +56,15 @@ def check(recipe: Recipe) -> Problems:
             dotted = f"{section}.{key}"
             if getattr(values, key) != getattr(defaults, key) and dotted not in cls.settings:
                 problems.append(((section, key), f"applies to method.objective {_names(lambda c: dotted in c.settings)}, not {name}"))
-    for side, sources in (("train", data.train), ("eval", data.eval or [])):
-        for k, source in enumerate(sources):
-            if source.format in cls.formats:
-                continue
-            others = _names(lambda c: source.format in c.formats)
-            if cls.formats == SFT.formats:
-                problems.append((("data", side, k, "format"), f"{source.format} rows need method.objective {others}"))
-            else:
-                problems.append((("data", side, k, "format"), f"method.objective {name} trains on {' or '.join(cls.formats)} "
-                                 f"rows: use format: {' or '.join(cls.formats)} (see the README's data formats)"))
+    for key, source in [(("train", k), s) for k, s in enumerate(data.train)] + data.eval_keys():
+        if source.format in cls.formats:
+            continue
+        others = _names(lambda c: source.format in c.formats)
+        if cls.formats == SFT.formats:
+            problems.append((("data", *key, "format"), f"{source.format} rows need method.objective {others}"))
+        else:
+            problems.append((("data", *key, "format"), f"method.objective {name} trains on {' or '.join(cls.formats)} "
+                             f"rows: use format: {' or '.join(cls.formats)} (see the README's data formats)"))
     if data.invalid_pairs != "error" and "preference" not in cls.formats:
         problems.append((("data", "invalid_pairs"), f"applies to preference data (method.objective "
                          f"{_names(lambda c: 'preference' in c.formats)})"))

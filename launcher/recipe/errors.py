@@ -16,11 +16,16 @@ def describe(error: dict, source: str, lines: dict[tuple, int | str], schema: ty
     loc = tuple(error["loc"])
     # Errors raised by model validators end their loc at the section; strip pydantic's internals.
     loc = tuple(p for p in loc if not (isinstance(p, str) and p.startswith("function-")))
+    if loc[:2] == ("data", "eval") and len(loc) > 2 and loc[2] in ("sources", "named"):
+        loc = loc[:2] + loc[3:]  # the tag of data.eval's form (schema.EvalSets), not a key the user wrote
     dotted = ".".join(str(p) for p in loc) or "(recipe)"
     where = locate(source, lines, loc)
     kind = error["type"]
     if kind == "extra_forbidden":
-        valid = _valid_keys(schema, loc[:-1])
+        section = loc[:-1]
+        if section[:2] == ("data", "eval") and len(section) > 2 and isinstance(section[2], str):
+            section = section[:2] + section[3:]  # data.eval.<set name>.k: the set's name is not a key of the schema
+        valid = _valid_keys(schema, section)
         hint = _suggest(str(loc[-1]), valid)
         tip = f"did you mean {hint}?" if hint else f"valid keys here: {', '.join(valid)}"
         return f"{where}: unknown key '{loc[-1]}' at {dotted}; {tip}"

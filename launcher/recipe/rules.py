@@ -57,13 +57,12 @@ def _data(recipe: Recipe) -> Problems:
             if bad:
                 problems.append((("data", key), "not available with data.streaming: one train source, no packing, mixing or "
                                  "eval_fraction; preprocess instead"))
-    for side, sources in (("train", data.train), ("eval", data.eval or [])):
-        for k, source in enumerate(sources):
-            chat_only = [key for key, default in (("roles_to_train", ["assistant"]), ("train_eot", True), ("mask_history", False))
-                         if getattr(source, key) != default]
-            if not FORMATS[source.format].conversation and chat_only:
-                conversations = " or ".join(names(lambda f: f.conversation))
-                problems.append((("data", side, k, chat_only[0]), f"applies to format {conversations}, not {source.format}"))
+    for key, source in [(("train", k), s) for k, s in enumerate(data.train)] + data.eval_keys():
+        chat_only = [name for name, default in (("roles_to_train", ["assistant"]), ("train_eot", True), ("mask_history", False))
+                     if getattr(source, name) != default]
+        if not FORMATS[source.format].conversation and chat_only:
+            conversations = " or ".join(names(lambda f: f.conversation))
+            problems.append((("data", *key, chat_only[0]), f"applies to format {conversations}, not {source.format}"))
     if data.eval_fraction and data.eval:
         problems.append((("data", "eval_fraction"), "set either data.eval (a separate eval source) or data.eval_fraction, not both"))
     return problems

@@ -14,8 +14,8 @@ from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import (AfterValidator, AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints,
-                      ValidationInfo, field_validator)
+from pydantic import (AfterValidator, AliasChoices, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field,
+                      StringConstraints, Tag, ValidationInfo, field_validator)
 
 from ftl.errors import UserError
 from ftl.precision import dtype_name, mixed_name
@@ -111,9 +111,18 @@ class DataSource(_Section):
         return fields
 
 
+# data.eval: one source or a list (one set, logged as eval_loss), or named sets, name -> source(s),
+# each logged as eval_<name>_loss (the first also as eval_loss). The tag picks the branch, so a
+# typo inside a source is reported once (ftl.recipe.errors drops the tag from the key path).
+EVAL_NAME = re.compile(r"[a-z][a-z0-9_]{0,39}")
+EvalSets = Annotated[Union[Annotated[list[DataSource], Tag("sources")], Annotated[dict[str, list[DataSource]], Tag("named")]],
+                     Discriminator(lambda v: "named" if isinstance(v, dict) else "sources")]
+
+
 class DataSection(_Section):
     train: list[DataSource] = Field(min_length=1)
-    eval: list[DataSource] | None = None
+    eval: EvalSets | None = Field(None, description="Held-out rows: a source, a list of them, or named sets "
+                                  "{name: source(s)} (e.g. task and retain), each evaluated and logged on its own.")
     max_length: int = Field(2048, ge=8, le=1 << 20)
     mask_prompt: bool = Field(True, description="Train only on responses (assistant turns); -100 elsewhere.")
     add_eos: bool = Field(True, description="Append the EOS token to alpaca/completion examples.")
@@ -127,8 +136,32 @@ class DataSection(_Section):
 
     @field_validator("train", "eval", mode="before")
     @classmethod
-    def _one_or_many(cls, value: Any) -> Any:
+    def _one_or_many(cls, value: Any, info: ValidationInfo) -> Any:
+        if info.field_name == "eval" and isinstance(value, dict) and "path" not in value:  # named sets
+            for name in value:
+                if not isinstance(name, str) or not EVAL_NAME.fullmatch(name):
+                    raise ValueError(f"eval set name {name!r}: use lowercase letters, digits and _ (e.g. task, retain)")
+            return {name: [sources] if isinstance(sources, dict) else sources for name, sources in value.items()}
         return [value] if isinstance(value, dict) else value
+
+    @property
+    def named_eval(self) -> bool:
+        return isinstance(self.eval, dict)
+
+    def eval_sets(self) -> dict[str, list[DataSource]]:
+        """Every eval set by name; an unnamed list is the one set ``eval``."""
+        if self.eval is None:
+            return {}
+        return dict(self.eval) if isinstance(self.eval, dict) else {"eval": self.eval}
+
+    def eval_sources(self) -> list[DataSource]:
+        return [source for sources in self.eval_sets().values() for source in sources]
+
+    def eval_keys(self) -> list[tuple[tuple, DataSource]]:
+        """Each eval source with its key path in the recipe (for errors)."""
+        if isinstance(self.eval, dict):
+            return [(("eval", name, k), s) for name, sources in self.eval.items() for k, s in enumerate(sources)]
+        return [(("eval", k), s) for k, s in enumerate(self.eval or [])]
 
 
 class LoraSection(_Section):
@@ -436,7 +469,8 @@ class Recipe(_Section):
 
         data["model"]["path"] = absolute(data["model"]["path"])
         data["model"]["tokenizer"] = absolute(data["model"]["tokenizer"])
-        for source in data["data"]["train"] + (data["data"]["eval"] or []):
+        evals = data["data"]["eval"] or []
+        for source in data["data"]["train"] + ([s for sources in evals.values() for s in sources] if isinstance(evals, dict) else evals):
             source["path"] = absolute(source["path"])
         data["output"]["dir"] = str(expand_path(data["output"]["dir"]).resolve())
         if data["data"]["cache_dir"]:
@@ -449,8 +483,8 @@ class Recipe(_Section):
         problems: list[tuple[tuple, str]] = []
         for key, path, what in [(("model", "path"), self.model.path, "model directory"),
                                 (("model", "tokenizer"), self.model.tokenizer, "tokenizer directory"),
-                                *[(("data", split, i, "path"), s.path, "data file")
-                                  for split in ("train", "eval") for i, s in enumerate(getattr(self.data, split) or [])]]:
+                                *[(("data", "train", i, "path"), s.path, "data file") for i, s in enumerate(self.data.train)],
+                                *[(("data", *key, "path"), s.path, "data file") for key, s in self.data.eval_keys()]]:
             if path is None or expand_path(path).exists() or not _looks_local(path, data=what == "data file"):
                 continue
             problems.append((key, f"{path}: {what} not found (relative paths are resolved from {Path.cwd()})"))

@@ -18,8 +18,10 @@ if TYPE_CHECKING:
     from ftl.recipe.schema import EarlyStoppingSection, Recipe
     from ftl.training.state import TrainState
 
-# What Trainer.evaluate logs, and so what a run can stop on.
-EVAL_METRICS = ("eval_loss",)
+def eval_metrics(recipe: Recipe) -> list[str]:
+    """What Trainer.evaluate logs for this recipe's eval sets, and so what a run can stop on."""
+    named = recipe.data.eval_sets() if recipe.data.named_eval else {}
+    return ["eval_loss", *[f"eval_{name}_{what}" for name in named for what in ("loss", "vs_base")]]
 
 
 @dataclass(frozen=True)
@@ -41,9 +43,9 @@ def check(recipe: Recipe) -> list[tuple[tuple, str]]:
         problems.append((("train", "early_stopping"), "needs an eval set to judge: set data.eval or data.eval_fraction"))
     if train.eval_steps is None:
         problems.append((("train", "early_stopping"), "needs train.eval_steps (how often to evaluate, e.g. 50)"))
-    if section.metric not in EVAL_METRICS:
+    if section.metric not in eval_metrics(recipe):
         problems.append((("train", "early_stopping", "metric"), f"'{section.metric}' is not logged by evaluation; "
-                         f"use one of: {', '.join(EVAL_METRICS)}"))
+                         f"use one of: {', '.join(eval_metrics(recipe))}"))
     return problems
 
 

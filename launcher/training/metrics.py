@@ -60,7 +60,7 @@ class MetricsWriter:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         step = record["step"]
-        scalars = {("eval/loss" if k == "eval_loss" else f"train/{k}"): v for k, v in record.items()
+        scalars = {(f"eval/{k.removeprefix('eval_')}" if k.startswith("eval_") else f"train/{k}"): v for k, v in record.items()
                    if k != "step" and isinstance(v, (int, float))}
         if self.tensorboard is not None:
             for key, value in scalars.items():
@@ -142,6 +142,11 @@ def summary_table(records: list[dict[str, Any]], summary: RunSummary) -> Table:
         rows.append(("peak memory", f"{max(r['peak_memory_gib'] for r in train):.2f} GiB per device"))
     if evals:
         rows.append(("eval loss", f"{evals[0]['eval_loss']:.4f} -> {evals[-1]['eval_loss']:.4f}"))
+        for key in [k for k in evals[-1] if k.startswith("eval_") and k.endswith("_loss") and k != "eval_loss"]:
+            first, last = evals[0].get(key), evals[-1][key]
+            ratio = evals[-1].get(key.removesuffix("_loss") + "_vs_base")
+            rows.append((f"eval {key[5:-5]} loss", (f"{first:.4f} -> " if first is not None else "") + f"{last:.4f}"
+                         + (f" ({ratio:.3f}x the base model's)" if ratio is not None else "")))
     if summary.early_stopped:
         rows.append(("stopped early", f"at step {summary.steps}: train.early_stopping's patience ran out"))
     if summary.best_checkpoint:

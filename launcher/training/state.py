@@ -25,6 +25,7 @@ class TrainState:
     base_identity: str | None = None  # ftl.checkpoints.weights.weights_identity of model.path: the base trained on
     initial_eval_loss: float | None = None
     final_eval_loss: float | None = None
+    initial_eval_losses: dict[str, float] | None = None  # every eval set's, before the first step (the base model's)
     # train.early_stopping's judge (ftl.training.early_stopping): the best evaluation so far and since when
     best_metric: float | None = None
     best_step: int | None = None
@@ -35,7 +36,7 @@ class TrainState:
     rng: dict[str, Any] | None = field(default=None, repr=False)  # this rank's RNG streams, as loaded
 
     SHARED = ("step", "epoch", "position", "total_steps", "method", "bits", "base_identity", "initial_eval_loss",
-              "final_eval_loss", "best_metric", "best_step", "evals_since_best", "early_stopped")
+              "final_eval_loss", "initial_eval_losses", "best_metric", "best_step", "evals_since_best", "early_stopped")
 
     def shared(self) -> dict[str, Any]:
         """What ``trainer_state.json`` holds: the same on every rank."""

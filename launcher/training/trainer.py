@@ -36,7 +36,7 @@ from ftl.models.build import build_model, compile_layers, load_base_model
 from ftl.objectives.base import Batch, precompute_reference, reference_file
 from ftl.training.optim import build_optimizer
 from ftl.distributed.plan import local_device, make_plan
-from ftl.data.preprocess import prepare as prepare_data
+from ftl.data.preprocess import eval_dir, prepare as prepare_data
 from ftl.training.resume import TrainError, resume_point
 from ftl.checkpoints.rundir import RunDir, read_metrics, write_atomic
 from ftl.data.streaming import RowStream
@@ -87,7 +87,7 @@ class Trainer:
         set_seed(cfg.seed)
 
         # Fail on missing data before spending minutes loading a model.
-        for source in recipe.data.train + (recipe.data.eval or []):
+        for source in recipe.data.train + recipe.data.eval_sources():
             if self.main:
                 load_source(source, streaming=recipe.data.streaming)
         self.model, self.tokenizer = build_model(recipe)
@@ -168,11 +168,11 @@ class Trainer:
         recipe, cfg = self.recipe, self.cfg
         if recipe.data.streaming:  # rows come from a RowStream; only eval data is loaded now
             self.train_set, self.data_stats = None, {"streaming": True}
-            self.eval_set = build_dataset(recipe.data.eval, self.tokenizer, recipe.data) if recipe.data.eval else None
+            self.eval_sets = {name: build_dataset(sources, self.tokenizer, recipe.data) for name, sources in recipe.data.eval_sets().items()}
             return cfg.max_steps
         # Rank 0 tokenizes (or finds the cache); the others wait, then read its cache.
         with self.accelerator.main_process_first():
-            self.train_set, self.eval_set, self.data_stats = prepare_data(recipe, self.tokenizer)
+            self.train_set, self.eval_sets, self.data_stats = prepare_data(recipe, self.tokenizer)
         per_epoch = len(batch_indices(len(self.train_set), cfg.micro_batch_size, cfg.seed, 0, self.dp_rank, self.dims.dp))
         if per_epoch == 0:
             raise TrainError(
@@ -194,18 +194,23 @@ class Trainer:
             log.info("precomputing the reference log-probabilities of %d train rows", len(self.train_set))
             table = {name: precompute_reference(self.model, self.objective.collate, self.objective.reference_logps, rows,
                                                 self.cfg.micro_batch_size, self.accelerator.device, self.strategy.autocast)
-                     for name, rows in (("train", self.train_set), ("eval", self.eval_set)) if rows is not None}
+                     for name, rows in self._row_sets().items()}
             if self.main:
                 tmp = path.with_name(path.name + ".tmp")
                 torch.save(table, tmp)
                 os.replace(tmp, path)
             self.accelerator.wait_for_everyone()
-        for name in ("train", "eval"):
-            rows = getattr(self, f"{name}_set")
-            if rows is not None:
-                for k, column in enumerate(self.objective.reference_columns):
-                    rows = rows.add_column(column, table[name][:, k].tolist())
-                setattr(self, f"{name}_set", rows)
+        with_reference = {}
+        for name, rows in self._row_sets().items():
+            for k, column in enumerate(self.objective.reference_columns):
+                rows = rows.add_column(column, table[name][:, k].tolist())
+            with_reference[name] = rows
+        self.train_set = with_reference.pop("train")
+        self.eval_sets = {name: with_reference[eval_dir(name)] for name in self.eval_sets}
+
+    def _row_sets(self) -> dict:
+        """The train rows and each eval set, by the names their precomputed reference is kept under."""
+        return {"train": self.train_set, **{eval_dir(name): rows for name, rows in self.eval_sets.items()}}
 
     # ------------------------------------------------------------------------- the loop's verbs
 
@@ -225,8 +230,9 @@ class Trainer:
             f"training {state.total_steps} steps: {rows} rows, {self.world} process(es) ({self.strategy.name}), micro-batch "
             f"{cfg.micro_batch_size} x accumulation {cfg.gradient_accumulation_steps} x {self.dims.dp} = {rows_per_step} rows/step"
         )
-        if self.eval_set is not None:
-            state.initial_eval_loss = self.evaluate(log_as_step=0)
+        if self.eval_sets:
+            base = self.evaluate(log_as_step=0)
+            state.initial_eval_loss, state.initial_eval_losses = base["eval_loss"], base
 
     def next_micro_batches(self) -> list[Batch]:
         """This rank's micro-batches for the next optimizer step, on its device."""
@@ -314,29 +320,51 @@ class Trainer:
         self.window_tokens, self.window_rows, self.window_start = 0, 0, now
 
     @torch.no_grad()
-    def evaluate(self, log_as_step: int | None = None) -> float:
-        """Mean loss per target over the whole eval set, rows split across ranks; logged at ``log_as_step``."""
+    def evaluate(self, log_as_step: int | None = None) -> dict[str, float]:
+        """Every eval set's mean loss per target (logged at ``log_as_step``): the one set's as
+        ``eval_loss``; named sets' as ``eval_<name>_loss``, the first also as ``eval_loss``, and,
+        once the base model's is known, as a ratio of it (``eval_<name>_vs_base``: above 1, the
+        set got worse than before training, e.g. forgetting on a retain set)."""
+        metrics: dict[str, float] = {}
+        base = self.state.initial_eval_losses or {}
+        for name, rows in self.eval_sets.items():
+            loss = self._eval_loss(rows)
+            if not self.recipe.data.named_eval:
+                metrics["eval_loss"] = loss
+                continue
+            metrics.setdefault("eval_loss", loss)
+            metrics[f"eval_{name}_loss"] = loss
+            if log_as_step != 0 and base.get(f"eval_{name}_loss"):
+                metrics[f"eval_{name}_vs_base"] = loss / base[f"eval_{name}_loss"]
+        step = self.state.step if log_as_step is None else log_as_step
+        self.metrics.write({"step": step, **metrics})
+        if self.recipe.data.named_eval:
+            shown = ", ".join(f"{name} {metrics[f'eval_{name}_loss']:.4f}" + (f" ({metrics[f'eval_{name}_vs_base']:.3f}x base)"
+                              if f"eval_{name}_vs_base" in metrics else "") for name in self.eval_sets)
+            self.progress.message(f"step {step}: eval loss {shown}")
+        else:
+            self.progress.message(f"step {step}: eval loss {metrics['eval_loss']:.4f}")
+        return metrics
+
+    def _eval_loss(self, eval_set) -> float:
+        """Mean loss per target over ``eval_set``, rows split across ranks."""
         acc, model, batch_size = self.accelerator, self.model, self.cfg.micro_batch_size
         model.eval()
-        rows = list(range(len(self.eval_set)))
+        rows = list(range(len(eval_set)))
         batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
         loss_sum = torch.zeros((), device=acc.device)
         targets = torch.zeros((), device=acc.device, dtype=torch.long)
         for r in range(math.ceil(len(batches) / self.dims.dp)):
             index = r * self.dims.dp + self.dp_rank
             # Every rank runs the same number of forwards (sharded models need all ranks); extra ones count zero.
-            batch = self.objective.collate([self.eval_set[i] for i in batches[min(index, len(batches) - 1)]]).to(acc.device)
+            batch = self.objective.collate([eval_set[i] for i in batches[min(index, len(batches) - 1)]]).to(acc.device)
             with self.strategy.autocast(acc.device):
                 loss = self.objective.loss_sum(model, batch, training=False)
             if index < len(batches):
                 loss_sum += loss.float()
                 targets += self.objective.targets(batch)
         model.train()
-        result = (acc.reduce(loss_sum, "sum") / acc.reduce(targets, "sum").clamp(min=1)).item()
-        step = self.state.step if log_as_step is None else log_as_step
-        self.metrics.write({"step": step, "eval_loss": result})
-        self.progress.message(f"step {step}: eval loss {result:.4f}")
-        return result
+        return (acc.reduce(loss_sum, "sum") / acc.reduce(targets, "sum").clamp(min=1)).item()
 
     def judge(self, metrics: dict[str, float]) -> early_stopping.Verdict:
         """``train.early_stopping``'s verdict on this evaluation (the same on every rank)."""

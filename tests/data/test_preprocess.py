@@ -57,7 +57,8 @@ def test_mixing_weights_samples_and_eval_fraction(tiny_llama, demo_data, tmp_pat
     raw["data"]["train"] = [{"path": str(demo_data[0]), "samples": 150}, {"path": str(extra), "weight": 2.5}]
     raw["data"]["eval_fraction"] = 0.1
     recipe = validate_recipe(raw).resolved()
-    train_set, eval_set, stats = preprocess.prepare(recipe, AutoTokenizer.from_pretrained(tiny_llama))
+    train_set, eval_sets, stats = preprocess.prepare(recipe, AutoTokenizer.from_pretrained(tiny_llama))
+    eval_set = eval_sets["eval"]
     used = [s["used"] for s in stats["sources"]]
     assert used == [150, 120]  # 48 rows x 2.5
     assert len(train_set) + len(eval_set) == 270 and len(eval_set) == 27

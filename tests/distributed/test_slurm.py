@@ -222,10 +222,14 @@ def test_time_limit_checkpoints_requeues_and_resumes(cluster, reference, tiny_ll
     stopped_at = int((run_dir / "checkpoints" / "latest").read_text().strip().removeprefix("step-"))
     assert 40 < stopped_at < LONG - 200
     wait_for_step(run_dir, job, stopped_at + 60)
+    # scancel's TERM reads as a preemption to the batch script, which would requeue the job: make it
+    # not requeueable first, so that it ends here.
+    assert subprocess.run(["scontrol", "update", f"JobId={job}", "Requeue=0"]).returncode == 0
     assert subprocess.run(["scancel", job]).returncode == 0
     state = wait_for(job, {"CANCELLED", "COMPLETED", "FAILED"}, 120)
     log = log_path.read_text()
     assert state["Restarts"] == "1" and "attempt 1 on" in log and "USR1 received" in log, log[-3000:]
+    assert state["JobState"] == "CANCELLED", log[-3000:]
     node_logs = "".join(p.read_text() for p in (run_dir / "slurm").glob(f"*-{job}-*.out"))
     assert "resuming from" in node_logs and "stopped by SIGUSR1" in node_logs
     trained = {step: loss for step, loss in trace(run_dir).items() if step <= stopped_at + 60}

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from ftl.checkpoints.rundir import read_metrics
 from ftl.recipe.load import validate_recipe
@@ -15,7 +14,7 @@ from ftl.recipe.schema import EarlyStoppingSection, RecipeError
 from ftl.train import train
 from ftl.training.early_stopping import judge
 from ftl.training.state import TrainState
-from conftest import cli_exit_code, make_recipe, write_jsonl
+from conftest import cli_exit_code, hf_eval_loss, make_recipe, write_jsonl
 
 
 @pytest.mark.parametrize("mode, values, min_delta, expected", [
@@ -95,10 +94,6 @@ def test_a_run_that_stopped_early_is_complete_when_run_again(stopped_run, tiny_l
 def test_export_best_exports_the_best_step_whose_eval_loss_is_the_logged_one(stopped_run, overfit_data, tmp_path):
     """``ftl export RUN --best`` exports checkpoints/best; the exported model's eval loss, computed by
     transformers' own loss row by row, is the one the run logged at that step."""
-    from transformers import AutoModelForCausalLM
-
-    from ftl.data.sources import build_dataset
-    from ftl.models.tokenizer import load_tokenizer
     from ftl.recipe.load import load_recipe
 
     run_dir, summary = stopped_run
@@ -106,17 +101,9 @@ def test_export_best_exports_the_best_step_whose_eval_loss_is_the_logged_one(sto
     assert cli_exit_code(["export", str(run_dir), "--best", "--out", str(out), "--dtype", "float32"]) == 0
     assert json.loads((out / "verify.json").read_text())["passed"]
     recipe = load_recipe(run_dir / "run.yaml")
-    rows = build_dataset(recipe.data.eval, load_tokenizer(recipe.model), recipe.data)
-    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    total, targets = 0.0, 0
-    with torch.no_grad():
-        for row in rows:
-            labels = torch.tensor([row["labels"]])
-            n = int((labels[:, 1:] != -100).sum())
-            total += model(input_ids=torch.tensor([row["input_ids"]]), labels=labels).loss.item() * n
-            targets += n
-    assert total / targets == pytest.approx(summary.best_metric, rel=1e-5)
-    assert total / targets != pytest.approx(_evals(run_dir)[summary.steps], rel=1e-3)  # not the last step's model
+    loss = hf_eval_loss(out, recipe, recipe.data.eval)
+    assert loss == pytest.approx(summary.best_metric, rel=1e-5)
+    assert loss != pytest.approx(_evals(run_dir)[summary.steps], rel=1e-3)  # not the last step's model
 
 
 def test_export_best_without_a_best_checkpoint_is_one_line(tiny_llama, demo_data, tmp_path, capsys):
