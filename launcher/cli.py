@@ -438,6 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="alpaca or chat data file with reference answers")
     p.add_argument("--format", choices=["alpaca", "chat", "sharegpt"],
                    help="default: the format the run trained with, else read from the data's first row")
+    p.add_argument("--scorers", help="comma-separated scorers of the greedy completions, as eval.generate's (exact_match, "
+                   "contains, json_valid, json_fields, regex:PATTERN, module:function): each one's mean")
+    p.add_argument("--max-new-tokens", type=_count(1), default=64, help="with --scorers (default 64, as eval.generate)")
     p.add_argument("--limit", type=_count(1), help="only the first N rows")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a run whose recipe sets model.trust_remote_code to import its model's Python files")
     p.set_defaults(fn=cmd_eval)

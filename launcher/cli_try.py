@@ -29,6 +29,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
             console.print(f"{key.replace('_', ' ')}: [bold]{value:.1%}[/]" if "accuracy" in key else f"{key}: {value:g}",
                           markup=True)
         return 0
+    if args.scorers:
+        from ftl import scorers
+        from ftl.evaluate import scores_path
+
+        specs = [s for s in args.scorers.split(",") if s]
+        for spec in specs:
+            if scorers.check(spec):
+                raise UserError(f"--scorers: {scorers.check(spec)}")
+        means, n = scores_path(model, source, specs, args.limit, args.max_new_tokens, trust_remote_code=args.trust_remote_code)
+        for name, value in means.items():
+            console.print(f"{name}: [bold]{value:.4g}[/] (mean of {n} rows)", markup=True)
+        return 0
     accuracy, n, examples = evaluate_path(model, source, args.limit, trust_remote_code=args.trust_remote_code)
     for example in examples:
         console.print(f"  expected {example['expected']!r:<24} generated {example['generated']!r}")

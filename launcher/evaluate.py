@@ -71,19 +71,17 @@ def detect_format(path: str | Path) -> str:
 
 
 @torch.no_grad()
-def exact_match(
-    model: Any, tokenizer: Any, pairs: list[tuple[list[int], str]], max_new_tokens: int = 32, batch_size: int = 32
-) -> tuple[float, list[dict[str, str]]]:
-    """Accuracy over ``pairs`` and the first few (expected, generated) examples."""
+def generate_texts(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int = 32, batch_size: int = 32) -> list[str]:
+    """Greedy completions of token-id prompts, decoded and stripped (left-padded batches)."""
     model.eval()
     device = next(model.parameters()).device
-    correct, shown = 0, []
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        width = max(len(ids) for ids, _ in chunk)
+    texts = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        width = max(len(ids) for ids in chunk)
         input_ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
         attention = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, (ids, _) in enumerate(chunk):  # left padding, so every prompt ends at the same column
+        for i, ids in enumerate(chunk):  # left padding, so every prompt ends at the same column
             input_ids[i, width - len(ids) :] = torch.tensor(ids)
             attention[i, width - len(ids) :] = 1
         out = model.generate(
@@ -94,18 +92,59 @@ def exact_match(
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
-        for i, (_, answer) in enumerate(chunk):
-            text = tokenizer.decode(out[i, width:], skip_special_tokens=True).strip()
-            correct += text == answer.strip()
-            if len(shown) < 5:
-                shown.append({"expected": answer, "generated": text})
+        texts += [tokenizer.decode(out[i, width:], skip_special_tokens=True).strip() for i in range(len(chunk))]
+    return texts
+
+
+def exact_match(
+    model: Any, tokenizer: Any, pairs: list[tuple[list[int], str]], max_new_tokens: int = 32, batch_size: int = 32
+) -> tuple[float, list[dict[str, str]]]:
+    """Accuracy over ``pairs`` and the first few (expected, generated) examples."""
+    texts = generate_texts(model, tokenizer, [ids for ids, _ in pairs], max_new_tokens, batch_size)
+    correct = sum(text == answer.strip() for text, (_, answer) in zip(texts, pairs))
+    shown = [{"expected": answer, "generated": text} for text, (_, answer) in list(zip(texts, pairs))[:5]]
     return correct / max(len(pairs), 1), shown
+
+
+def generation_rows(sources: list[DataSource], tokenizer: Any, limit: int) -> list[tuple[list[int], str]]:
+    """(prompt ids, reference answer) of the first ``limit`` rows of ``sources``, in order."""
+    pairs: list[tuple[list[int], str]] = []
+    for source in sources:
+        pairs += prompts_and_answers(source, tokenizer, limit - len(pairs))
+        if len(pairs) >= limit:
+            break
+    return pairs
+
+
+def score_generations(model: Any, tokenizer: Any, pairs: list[tuple[list[int], str]], specs: list[str],
+                      max_new_tokens: int) -> dict[str, list[float]]:
+    """Every scorer's score of each row's greedy completion (``ftl.scorers``): what ``eval.generate``
+    logs during training and ``ftl eval --scorers`` reports."""
+    from ftl import scorers
+
+    texts = generate_texts(model, tokenizer, [ids for ids, _ in pairs], max_new_tokens)
+    prompts = [tokenizer.decode(ids) for ids, _ in pairs]
+    return scorers.score(specs, prompts, texts, [answer for _, answer in pairs])
 
 
 def evaluate_path(
     model_path: str | Path, data: DataSource, limit: int | None = None, trust_remote_code: bool = False
 ) -> tuple[float, int, list]:
     """Load a model or checkpoint and measure exact match on ``data``."""
+    model, tokenizer, pairs = _load_with_rows(model_path, data, limit, trust_remote_code)
+    accuracy, examples = exact_match(model, tokenizer, pairs)
+    return accuracy, len(pairs), examples
+
+
+def scores_path(model_path: str | Path, data: DataSource, specs: list[str], limit: int | None = None, max_new_tokens: int = 64,
+                trust_remote_code: bool = False) -> tuple[dict[str, float], int]:
+    """``ftl eval --scorers``: each scorer's mean over ``data``'s greedy completions (as eval.generate)."""
+    model, tokenizer, pairs = _load_with_rows(model_path, data, limit, trust_remote_code)
+    scores = score_generations(model, tokenizer, pairs, specs, max_new_tokens)
+    return {name: sum(values) / max(len(values), 1) for name, values in scores.items()}, len(pairs)
+
+
+def _load_with_rows(model_path: str | Path, data: DataSource, limit: int | None, trust_remote_code: bool) -> tuple[Any, Any, list]:
     from ftl.checkpoints.checkpoint import MANIFEST, STATE, verify
     from ftl.models.build import load_for_inference
 
@@ -114,9 +153,7 @@ def evaluate_path(
         verify(path)  # a checkpoint: only an intact one is evaluated (export verifies its own)
     rows = questions(data, limit)  # bad data fails before minutes of model loading
     model, tokenizer = load_for_inference(path, trust_remote_code=trust_remote_code)
-    pairs = prompts_and_answers(data, tokenizer, limit, rows)
-    accuracy, examples = exact_match(model, tokenizer, pairs)
-    return accuracy, len(pairs), examples
+    return model, tokenizer, prompts_and_answers(data, tokenizer, limit, rows)
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ from ftl import objectives
 from ftl.distributed import strategies
 from ftl.data.formats import FORMATS, names
 from ftl.recipe.units import parse_gib, slurm_seconds
+from ftl import scorers
 from ftl.training import early_stopping
 
 if TYPE_CHECKING:
@@ -24,7 +25,7 @@ Problems = list[tuple[tuple, str]]
 
 def check(recipe: Recipe) -> Problems:
     """Every cross-section rule, on a recipe with what it implies filled in (``with_implied``)."""
-    return (_method(recipe) + objectives.check(recipe) + _data(recipe) + early_stopping.check(recipe) + _output(recipe)
+    return (_method(recipe) + objectives.check(recipe) + _data(recipe) + early_stopping.check(recipe) + _generate(recipe) + _output(recipe)
             + _machines(recipe) + strategies.for_recipe(recipe).check())
 
 
@@ -65,6 +66,33 @@ def _data(recipe: Recipe) -> Problems:
             problems.append((("data", *key, chat_only[0]), f"applies to format {conversations}, not {source.format}"))
     if data.eval_fraction and data.eval:
         problems.append((("data", "eval_fraction"), "set either data.eval (a separate eval source) or data.eval_fraction, not both"))
+    return problems
+
+
+def _generate(recipe: Recipe) -> Problems:
+    """eval.generate: a set with reference answers, a model that generates, scorers that exist."""
+    gen = recipe.eval.generate
+    if gen is None:
+        return []
+    problems: Problems = []
+    sets = recipe.data.eval_sets()
+    if gen.set not in sets:
+        known = ", ".join(sets) or "none: set data.eval (eval_fraction's rows have no separate file to generate from)"
+        problems.append((("eval", "generate", "set"), f"'{gen.set}' is not an eval set of data.eval (sets: {known})"))
+    elif not all(FORMATS[s.format].answers for s in sets[gen.set]):
+        problems.append((("eval", "generate", "set"), f"'{gen.set}' needs rows with reference answers "
+                         f"({' or '.join(names(lambda f: f.answers))} format)"))
+    if objectives.for_recipe(recipe).head != "causal_lm":
+        problems.append((("eval", "generate"), f"method.objective {recipe.method.objective} trains a score head, which "
+                         "generates nothing; use ftl eval's pairwise accuracy"))
+    strategy = strategies.for_recipe(recipe)
+    if strategy.shards_weights:
+        problems.append((("eval", "generate"), f"generation needs each process's whole model; not under {strategy.name} yet "
+                         "(ddp, zero1 and zero2 generate)"))
+    for k, spec in enumerate(gen.scorers):
+        wrong = scorers.check(spec)
+        if wrong:
+            problems.append((("eval", "generate", "scorers", k), wrong))
     return problems
 
 

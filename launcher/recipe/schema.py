@@ -358,6 +358,19 @@ class DistributedSection(_Section):
     fsdp: FsdpSection = Field(default_factory=FsdpSection)
 
 
+class GenerateSection(_Section):
+    set: str = Field("eval", description="The eval set to generate for: a name of data.eval's named sets, or eval (the unnamed one).")
+    rows: int = Field(16, ge=1, le=100_000, description="Its first N rows, greedily, every evaluation.")
+    max_new_tokens: int = Field(64, ge=1, le=1 << 16)
+    scorers: list[str] = Field(default_factory=lambda: ["exact_match"], min_length=1, description="exact_match, contains, "
+                               "json_valid, json_fields, regex:PATTERN, or module:function (ftl.scorers); each logged as "
+                               "eval_<scorer> (eval_<set>_<scorer> for a named set).")
+
+
+class EvalSection(_Section):
+    generate: GenerateSection | None = Field(None, description="Generation metrics at every evaluation (ftl.scorers).")
+
+
 class ExportSection(_Section):
     dir: PathText | None = Field(None, description="Where `ftl export` writes the model; default <output.dir>/export.")
     dtype: Dtype = "bfloat16"
@@ -418,6 +431,7 @@ class Recipe(_Section):
     quantization: QuantizationSection = Field(default_factory=QuantizationSection)
     train: TrainSection = Field(default_factory=TrainSection)
     distributed: DistributedSection = Field(default_factory=DistributedSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
     export: ExportSection = Field(default_factory=ExportSection)
     slurm: SlurmSection = Field(default_factory=SlurmSection)
     output: OutputSection

@@ -20,8 +20,15 @@ if TYPE_CHECKING:
 
 def eval_metrics(recipe: Recipe) -> list[str]:
     """What Trainer.evaluate logs for this recipe's eval sets, and so what a run can stop on."""
+    from ftl.scorers import metric_name
+
     named = recipe.data.eval_sets() if recipe.data.named_eval else {}
-    return ["eval_loss", *[f"eval_{name}_{what}" for name in named for what in ("loss", "vs_base")]]
+    found = ["eval_loss", *[f"eval_{name}_{what}" for name in named for what in ("loss", "vs_base")]]
+    gen = recipe.eval.generate
+    if gen is not None:
+        prefix = f"eval_{gen.set}_" if recipe.data.named_eval else "eval_"
+        found += [prefix + metric_name(spec) for spec in gen.scorers]
+    return found
 
 
 @dataclass(frozen=True)

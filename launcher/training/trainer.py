@@ -37,6 +37,8 @@ from ftl.objectives.base import Batch, precompute_reference, reference_file
 from ftl.training.optim import build_optimizer
 from ftl.distributed.plan import local_device, make_plan
 from ftl.data.preprocess import eval_dir, prepare as prepare_data
+from ftl.evaluate import generation_rows, score_generations
+from ftl.scorers import ScorerError, metric_name as scorers_metric
 from ftl.training.resume import TrainError, resume_point
 from ftl.checkpoints.rundir import RunDir, read_metrics, write_atomic
 from ftl.data.streaming import RowStream
@@ -92,6 +94,8 @@ class Trainer:
                 load_source(source, streaming=recipe.data.streaming)
         self.model, self.tokenizer = build_model(recipe)
         total_steps = self._load_data()
+        gen = recipe.eval.generate  # eval.generate's prompts and answers, rendered as for training
+        self.generation = generation_rows(recipe.data.eval_sets()[gen.set], self.tokenizer, gen.rows) if gen else []
         # Model, tokenizer, data and checkpoint have all been checked: only now may the run directory change.
         if self.main:
             self.run.prepare(recipe.to_yaml(), cfg.resume, recipe.output.overwrite, checkpoint,
@@ -336,6 +340,8 @@ class Trainer:
             metrics[f"eval_{name}_loss"] = loss
             if log_as_step != 0 and base.get(f"eval_{name}_loss"):
                 metrics[f"eval_{name}_vs_base"] = loss / base[f"eval_{name}_loss"]
+        if self.recipe.eval.generate is not None:
+            metrics.update(self._generation_metrics())
         step = self.state.step if log_as_step is None else log_as_step
         self.metrics.write({"step": step, **metrics})
         if self.recipe.data.named_eval:
@@ -345,6 +351,28 @@ class Trainer:
         else:
             self.progress.message(f"step {step}: eval loss {metrics['eval_loss']:.4f}")
         return metrics
+
+    def _generation_metrics(self) -> dict[str, float]:
+        """eval.generate: each scorer's mean over the set's first rows, generated greedily, the rows
+        split across data-parallel ranks (each generates with its whole model)."""
+        gen, acc = self.recipe.eval.generate, self.accelerator
+        mine = self.generation[self.dp_rank :: self.dims.dp]
+        model, failed = acc.unwrap_model(self.model), ""
+        scores: dict[str, list[float]] = {}
+        try:
+            with self.strategy.autocast(acc.device):
+                scores = score_generations(model, self.tokenizer, mine, gen.scorers, gen.max_new_tokens)
+        except ScorerError as err:
+            failed = str(err)
+        model.train()
+        names = [scorers_metric(s) for s in gen.scorers]
+        sums = torch.tensor([sum(scores.get(name, [])) for name in names] + [len(mine), bool(failed)], dtype=torch.float64,
+                            device=acc.device)
+        sums = acc.reduce(sums, "sum")  # every rank, also one whose scorer failed: no rank waits for another forever
+        if sums[-1] > 0:
+            raise ScorerError(failed or "eval.generate: a scorer failed in another process (its log names it)")
+        prefix = f"eval_{gen.set}_" if self.recipe.data.named_eval else "eval_"
+        return {f"{prefix}{name}": (sums[i] / sums[-2].clamp(min=1)).item() for i, name in enumerate(names)}
 
     def _eval_loss(self, eval_set) -> float:
         """Mean loss per target over ``eval_set``, rows split across ranks."""
