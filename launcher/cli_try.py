@@ -35,8 +35,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         specs = [s for s in args.scorers.split(",") if s]
         for spec in specs:
-            if scorers.check(spec):
-                raise UserError(f"--scorers: {scorers.check(spec)}")
+            if wrong := scorers.check(spec):
+                raise UserError(f"--scorers: {wrong}")
         means, n = scores_path(model, source, specs, args.limit, args.max_new_tokens, trust_remote_code=args.trust_remote_code)
         for name, value in means.items():
             console.print(f"{name}: [bold]{value:.4g}[/] (mean of {n} rows)", markup=True)

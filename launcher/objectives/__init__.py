@@ -56,7 +56,7 @@ def check(recipe: Recipe) -> Problems:
             dotted = f"{section}.{key}"
             if getattr(values, key) != getattr(defaults, key) and dotted not in cls.settings:
                 problems.append(((section, key), f"applies to method.objective {_names(lambda c: dotted in c.settings)}, not {name}"))
-    for key, source in [(("train", k), s) for k, s in enumerate(data.train)] + data.eval_keys():
+    for key, source in data.source_keys():
         if source.format in cls.formats:
             continue
         others = _names(lambda c: source.format in c.formats)

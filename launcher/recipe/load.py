@@ -122,5 +122,3 @@ def _apply_override(raw: dict, override: str) -> tuple:
     except recipe_yaml.RecipeYamlError as err:
         raise RecipeError([str(err)]) from None
     return tuple(path)
-
-

@@ -58,7 +58,7 @@ def _data(recipe: Recipe) -> Problems:
             if bad:
                 problems.append((("data", key), "not available with data.streaming: one train source, no packing, mixing or "
                                  "eval_fraction; preprocess instead"))
-    for key, source in [(("train", k), s) for k, s in enumerate(data.train)] + data.eval_keys():
+    for key, source in data.source_keys():
         chat_only = [name for name, default in (("roles_to_train", ["assistant"]), ("train_eot", True), ("mask_history", False))
                      if getattr(source, name) != default]
         if not FORMATS[source.format].conversation and chat_only:

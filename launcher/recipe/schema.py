@@ -163,6 +163,15 @@ class DataSection(_Section):
             return [(("eval", name, k), s) for name, sources in self.eval.items() for k, s in enumerate(sources)]
         return [(("eval", k), s) for k, s in enumerate(self.eval or [])]
 
+    def source_keys(self) -> list[tuple[tuple, DataSource]]:
+        """Every train and eval source with its key path in the recipe (for errors)."""
+        return [(("train", k), s) for k, s in enumerate(self.train)] + self.eval_keys()
+
+    def metric_prefix(self, name: str) -> str:
+        """How eval set ``name``'s metrics are logged: ``eval_`` for the one unnamed set,
+        ``eval_<name>_`` for a named one (then ``<prefix>loss``, ``<prefix>vs_base``, ``<prefix><scorer>``)."""
+        return f"eval_{name}_" if self.named_eval else "eval_"
+
 
 class LoraSection(_Section):
     r: int = Field(16, ge=1, le=65536, validation_alias=AliasChoices("r", "rank"))
@@ -497,8 +506,7 @@ class Recipe(_Section):
         problems: list[tuple[tuple, str]] = []
         for key, path, what in [(("model", "path"), self.model.path, "model directory"),
                                 (("model", "tokenizer"), self.model.tokenizer, "tokenizer directory"),
-                                *[(("data", "train", i, "path"), s.path, "data file") for i, s in enumerate(self.data.train)],
-                                *[(("data", *key, "path"), s.path, "data file") for key, s in self.data.eval_keys()]]:
+                                *[(("data", *key, "path"), s.path, "data file") for key, s in self.data.source_keys()]]:
             if path is None or expand_path(path).exists() or not _looks_local(path, data=what == "data file"):
                 continue
             problems.append((key, f"{path}: {what} not found (relative paths are resolved from {Path.cwd()})"))

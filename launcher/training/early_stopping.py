@@ -14,20 +14,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ftl.scorers import metric_name
+
 if TYPE_CHECKING:
     from ftl.recipe.schema import EarlyStoppingSection, Recipe
     from ftl.training.state import TrainState
 
+
 def eval_metrics(recipe: Recipe) -> list[str]:
     """What Trainer.evaluate logs for this recipe's eval sets, and so what a run can stop on."""
-    from ftl.scorers import metric_name
-
-    named = recipe.data.eval_sets() if recipe.data.named_eval else {}
-    found = ["eval_loss", *[f"eval_{name}_{what}" for name in named for what in ("loss", "vs_base")]]
+    data = recipe.data
+    found = ["eval_loss"]
+    if data.named_eval:
+        found += [data.metric_prefix(name) + what for name in data.eval_sets() for what in ("loss", "vs_base")]
     gen = recipe.eval.generate
     if gen is not None:
-        prefix = f"eval_{gen.set}_" if recipe.data.named_eval else "eval_"
-        found += [prefix + metric_name(spec) for spec in gen.scorers]
+        found += [data.metric_prefix(gen.set) + metric_name(spec) for spec in gen.scorers]
     return found
 
 

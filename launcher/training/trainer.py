@@ -329,25 +329,25 @@ class Trainer:
         ``eval_loss``; named sets' as ``eval_<name>_loss``, the first also as ``eval_loss``, and,
         once the base model's is known, as a ratio of it (``eval_<name>_vs_base``: above 1, the
         set got worse than before training, e.g. forgetting on a retain set)."""
-        metrics: dict[str, float] = {}
+        data, metrics = self.recipe.data, {}
         base = self.state.initial_eval_losses or {}
         for name, rows in self.eval_sets.items():
-            loss = self._eval_loss(rows)
-            if not self.recipe.data.named_eval:
-                metrics["eval_loss"] = loss
-                continue
-            metrics.setdefault("eval_loss", loss)
-            metrics[f"eval_{name}_loss"] = loss
-            if log_as_step != 0 and base.get(f"eval_{name}_loss"):
-                metrics[f"eval_{name}_vs_base"] = loss / base[f"eval_{name}_loss"]
+            prefix = data.metric_prefix(name)
+            loss = metrics[prefix + "loss"] = self._eval_loss(rows)
+            metrics.setdefault("eval_loss", loss)  # the first set is the primary one
+            if data.named_eval and log_as_step != 0 and base.get(prefix + "loss"):
+                metrics[prefix + "vs_base"] = loss / base[prefix + "loss"]
         if self.recipe.eval.generate is not None:
             metrics.update(self._generation_metrics())
         step = self.state.step if log_as_step is None else log_as_step
         self.metrics.write({"step": step, **metrics})
-        if self.recipe.data.named_eval:
-            shown = ", ".join(f"{name} {metrics[f'eval_{name}_loss']:.4f}" + (f" ({metrics[f'eval_{name}_vs_base']:.3f}x base)"
-                              if f"eval_{name}_vs_base" in metrics else "") for name in self.eval_sets)
-            self.progress.message(f"step {step}: eval loss {shown}")
+        if data.named_eval:
+            shown = []
+            for name in self.eval_sets:
+                prefix = data.metric_prefix(name)
+                ratio = f" ({metrics[prefix + 'vs_base']:.3f}x base)" if prefix + "vs_base" in metrics else ""
+                shown.append(f"{name} {metrics[prefix + 'loss']:.4f}{ratio}")
+            self.progress.message(f"step {step}: eval loss {', '.join(shown)}")
         else:
             self.progress.message(f"step {step}: eval loss {metrics['eval_loss']:.4f}")
         return metrics
@@ -371,8 +371,8 @@ class Trainer:
         sums = acc.reduce(sums, "sum")  # every rank, also one whose scorer failed: no rank waits for another forever
         if sums[-1] > 0:
             raise ScorerError(failed or "eval.generate: a scorer failed in another process (its log names it)")
-        prefix = f"eval_{gen.set}_" if self.recipe.data.named_eval else "eval_"
-        return {f"{prefix}{name}": (sums[i] / sums[-2].clamp(min=1)).item() for i, name in enumerate(names)}
+        prefix = self.recipe.data.metric_prefix(gen.set)
+        return {prefix + name: (sums[i] / sums[-2].clamp(min=1)).item() for i, name in enumerate(names)}
 
     def _eval_loss(self, eval_set) -> float:
         """Mean loss per target over ``eval_set``, rows split across ranks."""
