@@ -108,46 +108,18 @@ def _stop_before_training() -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ftl.training.signals import EXIT_STOPPED
-
-    from ftl.distributed.launch import launch
-    from ftl.distributed.plan import local_device, make_plan
+    from ftl.distributed.launch import train_or_launch
+    from ftl.distributed.plan import local_device
 
     recipe = _one_recipe(args, "train").for_device(local_device())
     if args.allow_changed:
         from ftl.recipe.load import with_values
 
         recipe = with_values(recipe, {"train.allow_changed": sorted({*recipe.train.allow_changed, *args.allow_changed})})
-    if recipe.distributed.gpu_memory and "LOCAL_RANK" not in os.environ:
-        recipe = _fit_memory(recipe)
-    plan = make_plan(recipe)
-    if plan.world_size > 1 and "LOCAL_RANK" not in os.environ:
-        from ftl.distributed.preflight import preflight, writer_lock
-
-        with writer_lock(recipe):
-            preflight(recipe)
-            console.print(f"launching {plan.world_size} processes ({plan.strategy}): {plan.shell_command()}", highlight=False)
-            return launch(recipe, plan)
-    from ftl.train import train  # only here: the launcher process stays light
-
-    summary = train(recipe)
-    if summary.stopped:
-        return EXIT_STOPPED
-    console.print(f"[green]done[/]: {summary.steps} steps in {summary.elapsed_s:.1f}s, checkpoint {escape(str(summary.checkpoint))}", markup=True)
-    return 0
-
-
-def _fit_memory(recipe):
-    """Strategy auto with a known GPU size: choose what fits (as `ftl plan` shows); warn if nothing does."""
-    from ftl.planning.memory import fit_recipe
-
-    recipe, memory, gpu_gib = fit_recipe(recipe)
-    console.print(f"memory plan: {recipe.distributed.strategy}, micro-batch {recipe.train.micro_batch_size}, "
-                  f"estimate {memory.reserved:.1f} of {gpu_gib:g} GiB per GPU", highlight=False)
-    if not memory.fits(gpu_gib):
-        console.print(f"[yellow]warning[/]: the estimate ({memory.reserved:.1f} GiB reserved) exceeds distributed.gpu_memory "
-                      f"({gpu_gib:g} GiB); see `ftl plan` for the parts", markup=True)
-    return recipe
+    code, summary = train_or_launch(recipe)
+    if summary is not None and code == 0:
+        console.print(f"[green]done[/]: {summary.steps} steps in {summary.elapsed_s:.1f}s, checkpoint {escape(str(summary.checkpoint))}", markup=True)
+    return code
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -250,6 +222,34 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
     console.print(f"suggested train.learning_rate: [bold]{result.suggestion:.3g}[/] (steepest fall of the smoothed loss); "
                   f"plot and losses in {escape(str(out))}", markup=True, highlight=False)
     return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from ftl.sweep.run import prepare, run_local, show_status
+    from ftl.sweep.study import Sweep
+
+    files, overrides = _split(args.items)
+    if args.status and len(files) == 1 and not overrides and Path(files[0]).is_dir():
+        return show_status(Sweep.open(Path(files[0])))
+    if len(files) != 2:
+        raise UserError("ftl sweep: name a recipe and a sweep file (ftl sweep RECIPE SWEEP.yaml [key=value ...]), "
+                        "or a sweep directory with --status")
+    sweep = prepare(Path(files[0]), overrides, Path(files[1]), Path(args.dir) if args.dir else None)
+    if args.status:
+        return show_status(sweep)
+    if args.slurm:
+        from ftl.sweep.task import submit
+
+        job = submit(sweep, dry_run=args.dry_run)
+        if args.dry_run:
+            console.print(f"wrote {escape(str(sweep.root / 'slurm'))}/; submit with:", markup=True, soft_wrap=True)
+            print(job)
+        else:
+            console.print(f"submitted sweep array job {job} ({escape(str(sweep.root))}); `ftl sweep {escape(str(sweep.root))} "
+                          "--status` shows its trials", markup=True)
+            print(job)
+        return 0
+    return run_local(sweep)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -486,6 +486,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=100, help="optimizer steps of the sweep (default 100)")
     p.add_argument("--out", help="directory for lr_find.png and lr_find.json (default <output.dir>-lr-find)")
     p.set_defaults(fn=cmd_lr_find)
+
+    p = sub.add_parser("sweep", help="hyperparameter sweep with Optuna: trials of the recipe with the sweep file's keys "
+                       "varied, pruned on their eval metric, here or as a Slurm job array; the best trial's recipe as YAML",
+                       description="ftl sweep RECIPE SWEEP.yaml [key=value ...]: trials one after another here (run it again "
+                       "to resume an interrupted sweep), or --slurm as a job array. ftl sweep DIR --status: the trials table.")
+    p.add_argument("items", nargs="+", metavar="RECIPE_SWEEP_OR_OVERRIDE")
+    p.add_argument("--dir", help="the sweep directory (default <output.dir>-sweep): study.db, trials/, best.yaml")
+    p.add_argument("--slurm", action="store_true", help="submit the trials as a Slurm job array (the recipe's slurm section "
+                   "for each task; sweep file's parallel tasks at once); a requeued task resumes its trial")
+    p.add_argument("--dry-run", action="store_true", help="with --slurm: write the array script, print the sbatch command")
+    p.add_argument("--status", action="store_true", help="print the trials table and the best trial; run nothing")
+    p.set_defaults(fn=cmd_sweep)
 
     p = sub.add_parser("slurm", help="render or submit the recipe as a (multi-node) Slurm job")
     p.add_argument("action", choices=["render", "submit"])

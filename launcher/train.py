@@ -33,7 +33,7 @@ def _train(recipe: Recipe) -> RunSummary:
     state, cfg = trainer.state, trainer.cfg
     trainer.begin()
     with StopRequest() as stop:
-        while state.step < state.total_steps and not state.early_stopped:
+        while state.step < state.total_steps and not state.finished_early:
             result = trainer.step(trainer.next_micro_batches())
             if not result.taken:
                 raise trainer.refuse(result)

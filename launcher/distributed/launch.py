@@ -14,15 +14,55 @@ import signal
 import subprocess
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from ftl.recipe.schema import Recipe
 from ftl.distributed.plan import Plan, write_launch_files
 from ftl.checkpoints.rundir import RunDir
+from ftl.console import console
 from ftl.training.signals import EXIT_STOPPED, STOP_SIGNALS
+
+if TYPE_CHECKING:
+    from ftl.training.trainer import RunSummary
 
 log = logging.getLogger(__name__)
 
 LAUNCHED_ENV = "FTL_LAUNCHED"  # set for ranks started here: a stop then exits 0 (we report 75)
+
+
+def train_or_launch(recipe: Recipe) -> tuple[int, RunSummary | None]:
+    """What ``ftl train`` does with a resolved recipe (``ftl sweep`` too, for each trial): fit it to
+    ``distributed.gpu_memory``, then train in this process, or start the planned processes and
+    wait for them. Returns the exit status (75: stopped with a checkpoint) and, when it trained
+    here, the run's summary."""
+    from ftl.distributed.plan import make_plan
+    from ftl.distributed.preflight import preflight, writer_lock
+
+    if recipe.distributed.gpu_memory and "LOCAL_RANK" not in os.environ:
+        recipe = _fit_memory(recipe)
+    plan = make_plan(recipe)
+    if plan.world_size > 1 and "LOCAL_RANK" not in os.environ:
+        with writer_lock(recipe):
+            preflight(recipe)
+            console.print(f"launching {plan.world_size} processes ({plan.strategy}): {plan.shell_command()}", highlight=False)
+            return launch(recipe, plan), None
+    from ftl.train import train  # only here: the launcher process stays light
+
+    summary = train(recipe)
+    return (EXIT_STOPPED if summary.stopped else 0), summary
+
+
+def _fit_memory(recipe: Recipe) -> Recipe:
+    """Strategy auto with a known GPU size: choose what fits (as `ftl plan` shows); warn if nothing does."""
+    from ftl.planning.memory import fit_recipe
+
+    recipe, memory, gpu_gib = fit_recipe(recipe)
+    console.print(f"memory plan: {recipe.distributed.strategy}, micro-batch {recipe.train.micro_batch_size}, "
+                  f"estimate {memory.reserved:.1f} of {gpu_gib:g} GiB per GPU", highlight=False)
+    if not memory.fits(gpu_gib):
+        console.print(f"[yellow]warning[/]: the estimate ({memory.reserved:.1f} GiB reserved) exceeds distributed.gpu_memory "
+                      f"({gpu_gib:g} GiB); see `ftl plan` for the parts", markup=True)
+    return recipe
 
 
 def launch(recipe: Recipe, plan: Plan) -> int:

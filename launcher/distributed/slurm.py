@@ -17,12 +17,16 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jinja2
 
 from ftl.recipe.schema import CONTROL_CHARS, Recipe
 from ftl.errors import UserError
 from ftl.checkpoints.rundir import RunDir, write_atomic
+
+if TYPE_CHECKING:
+    from ftl.sweep.study import Sweep
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "slurm"
 
@@ -31,12 +35,14 @@ class SlurmError(UserError):
     """The job cannot be rendered or submitted."""
 
 
-def render(recipe: Recipe, mode: str = "train") -> str:
-    """The sbatch script for ``recipe`` (``mode``: train, or export after training)."""
+def render(recipe: Recipe, mode: str = "train", sweep: Sweep | None = None, tasks: int = 0) -> str:
+    """The sbatch script for ``recipe`` (``mode``: train, export after training, or ``trial``: a job
+    array of ``tasks`` trials of ``sweep``, each task training the trial the study gives it)."""
     recipe = recipe.resolved()
     slurm = recipe.slurm
-    run = RunDir(Path(recipe.output.dir))
+    run = RunDir(Path(recipe.output.dir) if sweep is None else sweep.root)
     values = slurm.model_dump()
+    values.update(sweep_dir=str(sweep.root) if sweep else "", tasks=tasks, parallel=sweep.spec.parallel if sweep else 1)
     if mode == "export":
         values.update(nodes=1, job_name=f"{slurm.job_name}-export", gpus_per_node=min(slurm.gpus_per_node or 0, 1) or None)
     values.update(
@@ -51,7 +57,7 @@ def render(recipe: Recipe, mode: str = "train") -> str:
     )
     # Every value that reaches the script is checked here, named by where it came from, before
     # anything is rendered: a newline would end a comment or #SBATCH line and start a command.
-    names = {"run_dir": "output.dir", "recipe_file": "output.dir", "stopped": "output.dir", "log_dir": "slurm.output_dir" if slurm.output_dir else "output.dir",
+    names = {"sweep_dir": "the sweep directory", "run_dir": "output.dir", "recipe_file": "output.dir", "stopped": "output.dir", "log_dir": "slurm.output_dir" if slurm.output_dir else "output.dir",
              "python": "the Python interpreter path"}
     for key, value in values.items():
         _check_safe(value, names.get(key, f"slurm.{key}"))

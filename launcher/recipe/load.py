@@ -29,7 +29,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, check_file
     if not isinstance(raw, dict):
         raise RecipeError([f"{path}: a recipe is a YAML mapping with sections model, data, method, train, output"])
     for override in overrides or []:
-        lines[_apply_override(raw, override)] = "command-line override"
+        lines[apply_override(raw, override)] = "command-line override"
     recipe = validate_recipe(raw, source=str(path), lines=lines)
     missing = recipe.missing_files() if check_files else []
     if missing:
@@ -85,7 +85,7 @@ def with_implied(recipe: Recipe) -> Recipe:
     return recipe.model_copy(update=updates) if updates else recipe
 
 
-def _apply_override(raw: dict, override: str) -> tuple:
+def apply_override(raw: dict, override: str) -> tuple:
     key, sep, value = override.partition("=")
     parts = key.strip().split(".")
     if not sep or not all(parts):

@@ -149,6 +149,8 @@ def summary_table(records: list[dict[str, Any]], summary: RunSummary) -> Table:
                          + (f" ({ratio:.3f}x the base model's)" if ratio is not None else "")))
     if summary.early_stopped:
         rows.append(("stopped early", f"at step {summary.steps}: train.early_stopping's patience ran out"))
+    if summary.pruned:
+        rows.append(("pruned", f"at step {summary.steps}: the sweep's pruner stopped this trial"))
     if summary.best_checkpoint:
         rows.append(("best checkpoint", f"{summary.best_checkpoint} ({summary.best_metric:.4f}; ftl export RUN --best)"))
     if summary.checkpoint:

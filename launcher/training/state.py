@@ -31,12 +31,19 @@ class TrainState:
     best_step: int | None = None
     evals_since_best: int = 0
     early_stopped: bool = False
+    pruned: bool = False  # a sweep's pruner stopped this trial (ftl.sweep.report)
     # Per rank, not in trainer_state.json:
     data: dict[str, Any] | None = None  # streaming: this rank's position in its part of the stream
     rng: dict[str, Any] | None = field(default=None, repr=False)  # this rank's RNG streams, as loaded
 
     SHARED = ("step", "epoch", "position", "total_steps", "method", "bits", "base_identity", "initial_eval_loss",
-              "final_eval_loss", "initial_eval_losses", "best_metric", "best_step", "evals_since_best", "early_stopped")
+              "final_eval_loss", "initial_eval_losses", "best_metric", "best_step", "evals_since_best", "early_stopped",
+              "pruned")
+
+    @property
+    def finished_early(self) -> bool:
+        """Early stopping's patience or a sweep's pruner ended the run before its last step."""
+        return self.early_stopped or self.pruned
 
     def shared(self) -> dict[str, Any]:
         """What ``trainer_state.json`` holds: the same on every rank."""

@@ -44,6 +44,8 @@ from ftl.checkpoints.rundir import RunDir, read_metrics, write_atomic
 from ftl.data.streaming import RowStream
 from ftl.training import early_stopping
 from ftl.training.state import TrainState
+from ftl.errors import UserError
+from ftl.sweep.report import TrialLink, is_trial
 from ftl.checkpoints.weights import weights_identity
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,7 @@ class RunSummary:
     final_train_loss: float | None = None
     stopped: str | None = None  # the signal that stopped the run before its last step
     early_stopped: bool = False  # train.early_stopping's patience ran out
+    pruned: bool = False  # a sweep's pruner stopped the trial
     best_checkpoint: str | None = None  # checkpoints/best (train.early_stopping)
     best_metric: float | None = None
 
@@ -138,6 +141,9 @@ class Trainer:
         self.progress = TrainingProgress(total_steps, enabled=self.main)
         self.summary = RunSummary(total_steps, resumed_from=str(checkpoint) if checkpoint else None,
                                   checkpoint=str(checkpoint) if checkpoint else None)
+        # A sweep's trial reports its evaluations to the study (the main process talks to it).
+        self.in_sweep = is_trial(self.run.root)
+        self.trial = TrialLink.of_run(self.run.root) if self.main and self.in_sweep else None
         self.first_step = self.state.step
         self.start = self.window_start = self.last_save = time.perf_counter()
         self.window_tokens = self.window_rows = 0
@@ -397,11 +403,33 @@ class Trainer:
     def judge(self, metrics: dict[str, float]) -> early_stopping.Verdict:
         """``train.early_stopping``'s verdict on this evaluation (the same on every rank)."""
         verdict = early_stopping.judge(self.cfg.early_stopping, self.state, metrics)
+        state = self.state
         if verdict.stop:
-            section, state = self.cfg.early_stopping, self.state
+            section = self.cfg.early_stopping
             self.progress.message(f"step {state.step}: {section.metric} has not improved for {section.patience} evaluations; "
                                   f"stopping early (best {state.best_metric:.4f} at step {state.best_step})")
+        if self._pruned(metrics) and not verdict.stop:
+            state.pruned = True
+            self.progress.message(f"step {state.step}: the sweep's pruner stopped this trial "
+                                  f"({self.trial and self.trial.metric or 'its metric'} behind the other trials at this step)")
+            verdict = early_stopping.Verdict(improved=verdict.improved, stop=True)
         return verdict
+
+    def _pruned(self, metrics: dict[str, float]) -> bool:
+        """A sweep trial: report this evaluation to the study (main process) and share its pruner's
+        answer with every rank; a failure is shared too, so no rank waits for another forever."""
+        if not self.in_sweep:
+            return False
+        answer, failed = 0.0, ""
+        if self.trial is not None:
+            try:
+                answer = float(self.trial.report(self.state.step, metrics))
+            except UserError as err:
+                failed = str(err)
+        answers = self.accelerator.reduce(torch.tensor([answer, float(bool(failed))], device=self.accelerator.device), "sum")
+        if answers[1] > 0:
+            raise UserError(failed or "sweep: reporting the evaluation failed in the main process (its log names why)")
+        return bool(answers[0] > 0)
 
     def save_due(self) -> bool:
         """``train.save_minutes`` of training time have passed since the last checkpoint (or the start):
@@ -433,12 +461,13 @@ class Trainer:
         summary.steps, summary.elapsed_s = self.state.step, time.perf_counter() - self.start
         summary.initial_eval_loss, summary.final_eval_loss = self.state.initial_eval_loss, self.state.final_eval_loss
         summary.early_stopped, summary.best_metric = self.state.early_stopped, self.state.best_metric
+        summary.pruned = self.state.pruned
         best = self.run.best_checkpoint() if self.cfg.early_stopping else None
         summary.best_checkpoint = str(best) if best else None
-        done = summary.steps >= summary.total_steps or summary.early_stopped
+        done = summary.steps >= summary.total_steps or self.state.finished_early
         if done and summary.resumed_from and summary.final_train_loss is None:
             self.progress.message(f"{self.run.root} is already complete ({summary.steps} steps"
-                                  + (", stopped early)" if summary.early_stopped else ")"))
+                                  + (", pruned)" if summary.pruned else ", stopped early)" if summary.early_stopped else ")"))
         elif self.main:
             records = read_metrics(self.metrics.path)
             plot_losses(records, self.run.loss_plot, title=self.recipe.output.run_name or self.run.root.name)
