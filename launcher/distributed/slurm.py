@@ -35,14 +35,14 @@ class SlurmError(UserError):
     """The job cannot be rendered or submitted."""
 
 
-def render(recipe: Recipe, mode: str = "train", sweep: Sweep | None = None, tasks: int = 0) -> str:
+def render(recipe: Recipe, mode: str = "train", sweep: Sweep | None = None, tasks: int = 0, first: int = 0) -> str:
     """The sbatch script for ``recipe`` (``mode``: train, export after training, or ``trial``: a job
     array of ``tasks`` trials of ``sweep``, each task training the trial the study gives it)."""
     recipe = recipe.resolved()
     slurm = recipe.slurm
     run = RunDir(Path(recipe.output.dir) if sweep is None else sweep.root)
     values = slurm.model_dump()
-    values.update(sweep_dir=str(sweep.root) if sweep else "", tasks=tasks, parallel=sweep.spec.parallel if sweep else 1)
+    values.update(sweep_dir=str(sweep.root) if sweep else "", tasks=tasks, first=first, parallel=sweep.spec.parallel if sweep else 1)
     if mode == "export":
         values.update(nodes=1, job_name=f"{slurm.job_name}-export", gpus_per_node=min(slurm.gpus_per_node or 0, 1) or None)
     values.update(

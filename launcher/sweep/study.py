@@ -99,14 +99,18 @@ class Sweep:
 
     # ------------------------------------------------------------------ the study
 
-    def study(self, seed: int | None = None):
-        """The study, with the sweep's sampler (seeded with ``seed``) and pruner."""
+    def study(self, seed: int | None = None, telling: bool = False):
+        """The study, with the sweep's sampler (seeded with ``seed``) and pruner. ``telling``: to tell
+        a trial's end only, with a plain sampler (the grid sampler's end-of-trial hook would stop an
+        ``optimize`` loop, and raises outside one)."""
         optuna = _optuna()
         spec = self.spec
         # SQLite: concurrent array tasks wait for each other's writes instead of failing at once.
         storage = optuna.storages.RDBStorage(f"sqlite:///{self.database}", engine_kwargs={"connect_args": {"timeout": 120}})
         seed = spec.seed if seed is None else seed
-        if spec.sampler.type == "grid":
+        if telling:
+            sampler = optuna.samplers.RandomSampler()
+        elif spec.sampler.type == "grid":
             sampler = optuna.samplers.GridSampler(spec.search_space(), seed=seed)
         elif spec.sampler.type == "random":
             sampler = optuna.samplers.RandomSampler(seed=seed)
@@ -129,12 +133,13 @@ class Sweep:
         """Trials ``owner`` began and never told: an interrupted local sweep's, a requeued task's."""
         return [t.number for t in self.trials() if t.state.name == "RUNNING" and t.user_attrs.get("owner") == owner]
 
-    def ask(self, owner: str, salt: int = 0) -> int:
-        """A new trial with its parameters drawn; returns its number. The sampler's seed comes from
-        the sweep's seed and the number of trials before it (and ``salt``: an array task's id, so
-        tasks that ask at once draw apart)."""
-        before = len(self.trials())
-        study = self.study(seed=(self.spec.seed + 1_000_003 * before + 7919 * salt) % 2**32)
+    def ask(self, owner: str, index: int | None = None) -> int:
+        """A new trial with its parameters drawn; returns its number. The sampler is seeded from the
+        sweep's seed and ``index``: by default the number of trials before it (a local sweep, so an
+        interrupted one draws what an uninterrupted one would), for an array task its place in the
+        array (tasks that ask at the same moment draw apart, whatever order they ask in)."""
+        index = len(self.trials()) if index is None else index
+        study = self.study(seed=(self.spec.seed + 1_000_003 * index) % 2**32)
         trial = study.ask()
         for key, param in self.spec.params.items():
             if isinstance(param, list):
@@ -178,7 +183,7 @@ class Sweep:
     def finish(self, number: int, failure: str | None = None):
         """Tell the study how trial ``number`` ended (from what it reported); returns it frozen."""
         optuna = _optuna()
-        study, trial = self.study(), self.frozen(number)
+        study, trial = self.study(telling=True), self.frozen(number)
         if trial.state.is_finished():
             return trial
         values = trial.intermediate_values

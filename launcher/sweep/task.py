@@ -1,7 +1,7 @@
 """``ftl sweep --slurm``: the sweep as one Slurm job array, each task one trial.
 
 The array's script is the training script (``slurm/train.sbatch.j2``, mode ``trial``) with two
-steps around the training: ``python -m ftl.sweep.task start DIR`` asks the study for the task's
+steps around the training: ``python -m ftl.sweep.task start DIR FIRST`` asks the study for the task's
 trial (or, in a requeued task, takes back the one it began: a task is named by its array job and
 task id, which a requeue keeps) and prints its run directory; after training, ``finish DIR RUN
 STATUS`` tells the study how it ended. Between them the task trains, checkpoints on Slurm's
@@ -35,12 +35,13 @@ def submit(sweep: Sweep, dry_run: bool = False) -> str:
     directory = sweep.root / "slurm"
     directory.mkdir(parents=True, exist_ok=True)
     script = directory / "trial.sbatch"
-    write_atomic(script, render(sweep.base, "trial", sweep=sweep, tasks=left))
+    write_atomic(script, render(sweep.base, "trial", sweep=sweep, tasks=left, first=len(sweep.trials())))
     return shlex.join(_sbatch_command(script, None)) if dry_run else _sbatch(script, None)
 
 
-def start(root: Path) -> str:
-    """The run directory of this task's trial ('' when the sweep needs no more trials)."""
+def start(root: Path, first: int) -> str:
+    """The run directory of this task's trial ('' when the sweep needs no more trials); ``first``:
+    the trials the study held when the array was submitted (the task's sampler index follows on)."""
     from ftl.sweep.run import _target
 
     sweep = Sweep.open(root)
@@ -51,7 +52,7 @@ def start(root: Path) -> str:
     elif len(sweep.finished()) >= _target(sweep):  # (a task of an array submitted for more than was left)
         return ""
     else:
-        number = sweep.ask(owner, salt=int(os.environ.get("SLURM_ARRAY_TASK_ID", "0")))
+        number = sweep.ask(owner, index=first + int(os.environ.get("SLURM_ARRAY_TASK_ID", "0")))
     sweep.trial_recipe(number)
     return str(sweep.trial_dir(number))
 
@@ -65,12 +66,12 @@ def finish(root: Path, run_dir: Path, status: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) == 2 and args[0] == "start":
-        print(exit_on_user_error(lambda: start(Path(args[1]))))
+    if len(args) == 3 and args[0] == "start":
+        print(exit_on_user_error(lambda: start(Path(args[1]), int(args[2]))))
     elif len(args) == 4 and args[0] == "finish":
         exit_on_user_error(lambda: finish(Path(args[1]), Path(args[2]), int(args[3])))
     else:
-        sys.exit("usage: python -m ftl.sweep.task start SWEEP_DIR | finish SWEEP_DIR RUN_DIR STATUS")
+        sys.exit("usage: python -m ftl.sweep.task start SWEEP_DIR FIRST | finish SWEEP_DIR RUN_DIR STATUS")
 
 
 if __name__ == "__main__":

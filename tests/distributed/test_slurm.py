@@ -295,6 +295,59 @@ def test_a_preempted_two_node_dpo_job_resumes_to_the_local_trace(cluster, tiny_l
         assert trace[step] == pytest.approx(loss, rel=1e-5), step
 
 
+@pytest.mark.slurm
+@pytest.mark.timeout(1200)
+def test_a_sweep_runs_as_a_job_array_prunes_and_a_requeued_trial_resumes(cluster, tiny_llama, demo_data, tmp_path):
+    """`ftl sweep --slurm`: 6 trials, 2 array tasks at a time, each trial a 1-node job of its own
+    that shares the study (SQLite). A task requeued from outside while it trains takes back its
+    trial and resumes it from its checkpoint; the random sampler's draws follow the task ids (seed
+    0: tasks 2, 3 and 5 draw rates below 1e-5, which the median pruner stops once two finished)."""
+    from ftl.sweep.study import Sweep, table_rows
+
+    raw = slurm_recipe(tiny_llama, demo_data, tmp_path / "run", 120, "constant", nodes=1)
+    raw["data"]["eval"] = {"path": str(demo_data[1])}
+    raw["train"].update(eval_steps=20, save_steps=20)
+    raw["distributed"] = {"strategy": "single"}
+    recipe = write_yaml(tmp_path / "r.yaml", raw)
+    sweep_file = write_yaml(tmp_path / "sweep.yaml", {
+        "trials": 6, "seed": 0, "parallel": 2, "sampler": "random", "pruner": {"type": "median", "startup_trials": 2},
+        "params": {"train.learning_rate": {"low": 1e-6, "high": 3e-2, "log": True}, "method.lora.r": [4, 8]}})
+    out = ftl("sweep", str(recipe), str(sweep_file), "--slurm", "--dir", str(tmp_path / "sweep"))
+    assert out.returncode == 0, out.stderr
+    array = out.stdout.split()[-1]
+    # Requeue the first trial that has saved a checkpoint (tasks 0 and 1 cannot be pruned: none had finished).
+    deadline, requeued = time.monotonic() + 600, None
+    while requeued is None:
+        assert time.monotonic() < deadline, job_state(array)
+        time.sleep(0.5)
+        if not (tmp_path / "sweep" / "study.db").exists():
+            continue
+        sweep = Sweep.open(tmp_path / "sweep")
+        for trial in sweep.trials():
+            latest = sweep.trial_dir(trial.number) / "checkpoints" / "latest"
+            if trial.state.name == "RUNNING" and latest.is_file() and latest.read_text().strip() == "step-20":
+                requeued = trial
+                break
+    element = requeued.user_attrs["owner"].removeprefix("slurm:")
+    assert subprocess.run(["scontrol", "requeue", element]).returncode == 0
+    while len(Sweep.open(tmp_path / "sweep").finished()) < 6:
+        assert time.monotonic() < deadline + 300, job_state(array)
+        time.sleep(2)
+    sweep = Sweep.open(tmp_path / "sweep")
+    rows = {r["trial"]: r for r in table_rows(sweep)}
+    assert sorted(r["owner"] for r in rows.values()) == sorted(f"slurm:{array}_{i}" for i in range(6))
+    assert {r["state"] for r in rows.values()} <= {"complete", "pruned"}, rows
+    assert [r for r in rows.values() if r["state"] == "pruned"], rows
+    assert wait_for(element, {"COMPLETED"}, 60)["Restarts"] == "1"
+    resumed = sweep.trial_dir(requeued.number)
+    assert rows[requeued.number]["state"] == "complete" and rows[requeued.number]["evals"] == 6
+    evals = {r["step"]: r["eval_loss"] for r in read_metrics(resumed / "metrics.jsonl") if "eval_loss" in r and r["step"] > 0}
+    assert sorted(evals) == [20, 40, 60, 80, 100, 120] and rows[requeued.number]["value"] == min(evals.values())
+    node_logs = "".join(p.read_text() for p in (tmp_path / "sweep" / "slurm").glob("*-node*.out"))
+    assert f"resumingfrom{resumed}/checkpoints/step-" in re.sub(r"\s", "", node_logs)  # (rich wraps long paths)
+    assert sweep.best_recipe.is_file()
+
+
 @pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[2].glob("recipes/*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_recipe_renders_the_job_its_shape_says(path):
     """The job's nodes are the recipe's machines and its GPUs per node the processes per machine

@@ -152,3 +152,37 @@ def test_a_sweep_killed_in_a_trial_resumes_to_the_same_trials_and_best(swept, fi
         assert b["value"] == pytest.approx(a["value"], rel=1e-6)
     assert resumed.best().number == swept.best().number
     assert yaml.safe_load(resumed.best_recipe.read_text())["train"] == yaml.safe_load(swept.best_recipe.read_text())["train"]
+
+
+@pytest.mark.multiprocess
+def test_a_pruned_trial_of_two_processes_stops_on_both_ranks(tiny_llama, demo_data, tmp_path):
+    """The main process asks the study; both DDP ranks stop at the same step, with a checkpoint,
+    and a later `ftl train` of the trial's recipe finds it complete (pruned) instead of training on."""
+    recipe = _recipe(tiny_llama, demo_data, tmp_path)
+    raw = yaml.safe_load(recipe.read_text())
+    raw["distributed"] = {"strategy": "ddp", "num_processes": 2, "main_process_port": 29791}
+    write_yaml(recipe, raw)
+    # grid seed 1 asks lr 1e-2 first; the second trial (1e-7) is behind it at its first evaluation
+    sweep_file = write_yaml(tmp_path / "sweep.yaml", {"seed": 1, "sampler": "grid", "pruner": {"type": "median", "startup_trials": 1},
+                                                       "params": {"train.learning_rate": [1e-2, 1e-7]}})
+    assert cli_exit_code(["sweep", str(recipe), str(sweep_file), "--dir", str(tmp_path / "s")]) == 0
+    sweep = Sweep.open(tmp_path / "s")
+    rows = table_rows(sweep)
+    assert [(r["train.learning_rate"], r["state"], r["pruned_at"]) for r in rows] == [(1e-2, "complete", None), (1e-7, "pruned", 4)]
+    pruned = sweep.trial_dir(1)
+    assert (pruned / "checkpoints" / "latest").read_text().strip() == "step-4" and max(_evals(pruned)) == 4
+    from conftest import ftl_train
+
+    assert ftl_train(str(pruned / "recipe.yaml")) == 0
+    assert (pruned / "checkpoints" / "latest").read_text().strip() == "step-4"
+
+
+def test_a_slurm_sweep_renders_one_array_task_per_trial_left(files, tmp_path, capsys):
+    recipe, sweep_file = files
+    assert cli_exit_code(["sweep", str(recipe), str(sweep_file), "slurm.time=00:30:00", "--slurm", "--dry-run",
+                          "--dir", str(tmp_path / "s")]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"sbatch --parsable {tmp_path}/s/slurm/trial.sbatch")
+    script = (tmp_path / "s" / "slurm" / "trial.sbatch").read_text()
+    assert "#SBATCH --array=0-5%1\n" in script and f"-m ftl.sweep.task start {tmp_path}/s 0)" in script
+    assert f'-m ftl.sweep.task finish {tmp_path}/s "$RUN" "$status"' in script and 'if [ -f "$STOPPED" ]' in script
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
