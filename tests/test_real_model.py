@@ -17,7 +17,10 @@ from ftl.evaluate import prompts_and_answers
 from ftl.export.write import export
 from ftl.models.build import load_for_inference
 from ftl.train import train
+from ftl.checkpoints.rundir import read_metrics
 from conftest import cli_exit_code, make_recipe
+
+GENERATION_SCORERS = ["exact_match", "json_valid", "json_fields"]
 
 
 def _greedy(path: Path, prompts: list[list[int]]) -> list[list[int]]:
@@ -31,7 +34,7 @@ def _greedy(path: Path, prompts: list[list[int]]) -> list[list[int]]:
 
 
 @pytest.mark.slow
-def test_real_model_trains_and_its_export_generates_the_same(artifacts, tmp_path):
+def test_real_model_trains_and_its_export_generates_the_same(artifacts, tmp_path, capsys):
     """LoRA on the real model; its export (float32 and GGUF) generates what the trained model does.
     (QLoRA's real export is the defaults test below; its merge against the trained model, test_export.py.)"""
     model = artifacts / "models" / "smollm2-135m-instruct"
@@ -40,9 +43,19 @@ def test_real_model_trains_and_its_export_generates_the_same(artifacts, tmp_path
         model, train_path, tmp_path / "run", eval_path, method={"type": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
         data={"train": {"path": str(train_path), "format": "chat"}, "eval": {"path": str(eval_path), "format": "chat"}, "max_length": 96},
         train={"max_steps": 3, "micro_batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1, "seed": 0},
+        eval={"generate": {"rows": 6, "max_new_tokens": 24, "scorers": GENERATION_SCORERS}},
         export={"dtype": "float32", "gguf": "f32"}))
     summary = train(recipe)
     assert summary.final_eval_loss < summary.initial_eval_loss
+    # The generation metrics logged on the demo's task equal what `ftl eval` computes on the checkpoint.
+    logged = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "eval_exact_match" in r]
+    assert [r["step"] for r in logged] == [0, 3] and logged[-1]["eval_json_valid"] > logged[0]["eval_json_valid"]
+    capsys.readouterr()
+    assert cli_exit_code(["eval", summary.checkpoint, "--data", str(eval_path), "--limit", "6", "--max-new-tokens", "24",
+                          "--scorers", ",".join(GENERATION_SCORERS)]) == 0
+    out = capsys.readouterr().out
+    for metric in ("exact_match", "json_valid", "json_fields"):
+        assert f"{metric}: {logged[-1]['eval_' + metric]:.4g} (mean of 6 rows)" in out, out
     report = export(tmp_path / "run", tmp_path / "export")
     assert report["passed"]
     _, tokenizer = load_for_inference(summary.checkpoint)

@@ -100,7 +100,7 @@ def status_table(sweep: Sweep) -> Table:
     short = [key.rsplit(".", 1)[-1] for key in spec.params]
     names = [s if short.count(s) == 1 else key for s, key in zip(short, spec.params)]
     for column in ["trial", "state", *names, spec.metric, "best step", "evals", "note"]:
-        table.add_column(column, justify="right" if column not in ("state", "note") else "left")
+        table.add_column(column, justify="right" if column not in ("state", "note") else "left", no_wrap=column == "note")
     best = sweep.best()
     for row in table_rows(sweep):
         note = (f"at step {row['pruned_at']}" if row["pruned_at"] is not None else row["failure"] or "")

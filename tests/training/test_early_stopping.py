@@ -106,6 +106,27 @@ def test_export_best_exports_the_best_step_whose_eval_loss_is_the_logged_one(sto
     assert loss != pytest.approx(_evals(run_dir)[summary.steps], rel=1e-3)  # not the last step's model
 
 
+@pytest.mark.slow
+def test_with_the_defaults_a_lora_run_keeps_its_best_and_exports_it_verified(tiny_llama, overfit_data, tmp_path):
+    """The defaults a user keeps (bf16 weights, mixed_precision and export dtype as the schema has
+    them, LoRA's defaults): the run records its best evaluation, and `export --best` writes that
+    checkpoint (a bf16 export) and passes its own verification."""
+    run_dir = tmp_path / "run"
+    raw = _recipe(tiny_llama, overfit_data, run_dir, learning_rate=3e-3, max_steps=40)
+    raw["model"].pop("dtype")
+    raw["method"] = {"type": "lora"}
+    recipe = validate_recipe(raw)
+    assert recipe.model.dtype == "bfloat16"
+    summary = train(recipe)
+    evals = _evals(run_dir)
+    best_step = min(evals, key=lambda s: (evals[s], s))
+    assert summary.best_checkpoint == str(run_dir / "checkpoints" / f"step-{best_step}") and summary.best_metric == evals[best_step]
+    out = tmp_path / "export"
+    assert cli_exit_code(["export", str(run_dir), "--best", "--out", str(out)]) == 0
+    report = json.loads((out / "verify.json").read_text())
+    assert report["passed"] and report["dtype"] == "bfloat16" and report["checkpoint"] == f"checkpoints/step-{best_step}", report
+
+
 def test_export_best_without_a_best_checkpoint_is_one_line(tiny_llama, demo_data, tmp_path, capsys):
     run_dir = tmp_path / "run"
     train(validate_recipe(make_recipe(tiny_llama, demo_data[0], run_dir, train={"max_steps": 1})))
