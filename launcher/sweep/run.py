@@ -78,11 +78,16 @@ def run_trial(sweep: Sweep, number: int) -> int:
     recipe = sweep.trial_recipe(number)
     shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sweep.frozen(number).params.items())
     console.print(f"[bold]trial {number}[/] ({escape(shown)}) in {escape(str(sweep.trial_dir(number)))}", markup=True, highlight=False)
+    import torch
+
     try:
         code, _ = train_or_launch(recipe)
-    except UserError as err:  # a diverging rate, a scorer that failed: the trial failed, the sweep goes on
-        trial = sweep.finish(number, failure=str(err).splitlines()[0])
-        console.print(f"trial {number}: [red]failed[/]: {escape(str(err).splitlines()[0])}", markup=True, highlight=False)
+    except (UserError, torch.OutOfMemoryError) as err:  # a diverging rate, a batch too big: the trial failed, the sweep goes on
+        reason = str(err).splitlines()[0] if isinstance(err, UserError) else "out of memory (torch.OutOfMemoryError)"
+        sweep.finish(number, failure=reason)
+        console.print(f"trial {number}: [red]failed[/]: {escape(reason)}", markup=True, highlight=False)
+        if isinstance(err, torch.OutOfMemoryError) and torch.cuda.is_available():
+            torch.cuda.empty_cache()
         return 0
     if code == EXIT_STOPPED:
         console.print(f"trial {number} stopped with a checkpoint; run the same ftl sweep to resume it", highlight=False)
@@ -100,7 +105,9 @@ def status_table(sweep: Sweep) -> Table:
     short = [key.rsplit(".", 1)[-1] for key in spec.params]
     names = [s if short.count(s) == 1 else key for s, key in zip(short, spec.params)]
     for column in ["trial", "state", *names, spec.metric, "best step", "evals", "note"]:
-        table.add_column(column, justify="right" if column not in ("state", "note") else "left", no_wrap=column == "note")
+        note = column == "note"  # (a failure's reason, cut short: the full one is in the trial's log)
+        table.add_column(column, justify="left" if note or column == "state" else "right", no_wrap=True,
+                         overflow="ellipsis", max_width=24 if note else None)
     best = sweep.best()
     for row in table_rows(sweep):
         note = (f"at step {row['pruned_at']}" if row["pruned_at"] is not None else row["failure"] or "")

@@ -160,7 +160,9 @@ def test_a_pruned_trial_of_two_processes_stops_on_both_ranks(tiny_llama, demo_da
     and a later `ftl train` of the trial's recipe finds it complete (pruned) instead of training on."""
     recipe = _recipe(tiny_llama, demo_data, tmp_path)
     raw = yaml.safe_load(recipe.read_text())
-    raw["distributed"] = {"strategy": "ddp", "num_processes": 2, "main_process_port": 29791}
+    from test_distributed import free_port
+
+    raw["distributed"] = {"strategy": "ddp", "num_processes": 2, "main_process_port": free_port()}
     write_yaml(recipe, raw)
     # grid seed 1 asks lr 1e-2 first; the second trial (1e-7) is behind it at its first evaluation
     sweep_file = write_yaml(tmp_path / "sweep.yaml", {"seed": 1, "sampler": "grid", "pruner": {"type": "median", "startup_trials": 1},
@@ -186,3 +188,13 @@ def test_a_slurm_sweep_renders_one_array_task_per_trial_left(files, tmp_path, ca
     assert "#SBATCH --array=0-5%1\n" in script and f"-m ftl.sweep.task start {tmp_path}/s 0)" in script
     assert f'-m ftl.sweep.task finish {tmp_path}/s "$RUN" "$status"' in script and 'if [ -f "$STOPPED" ]' in script
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+
+
+def test_a_trial_whose_training_fails_is_failed_and_the_sweep_goes_on(tiny_llama, demo_data, tmp_path):
+    recipe = _recipe(tiny_llama, demo_data, tmp_path, max_steps=4)
+    sweep_file = write_yaml(tmp_path / "sweep.yaml", {"sampler": "grid", "pruner": "none", "seed": 1,
+                                                       "params": {"train.learning_rate": [1e-3, 1e9]}})
+    assert cli_exit_code(["sweep", str(recipe), str(sweep_file), "method.type=full", "--dir", str(tmp_path / "s")]) == 0
+    rows = {r["train.learning_rate"]: r for r in table_rows(Sweep.open(tmp_path / "s"))}
+    assert rows[1e-3]["state"] == "complete" and rows[1e9]["state"] == "fail"
+    assert "is not finite" in rows[1e9]["failure"] and rows[1e9]["value"] is None
