@@ -9,14 +9,10 @@ exact), which are already in the study and skipped.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 from ftl.errors import UserError, first_line
 from ftl.sweep.study import TRIAL_FILE, Sweep
-
-log = logging.getLogger(__name__)
-
 
 def is_trial(run_dir: Path) -> bool:
     return (Path(run_dir) / TRIAL_FILE).is_file()

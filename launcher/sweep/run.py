@@ -9,7 +9,6 @@ asks for (or, requeued, takes back) its own trial in ``ftl.sweep.task``.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from rich.markup import escape
@@ -49,7 +48,7 @@ def prepare(recipe_path: Path, overrides: list[str], sweep_path: Path, directory
 
 def run_local(sweep: Sweep) -> int:
     """Run the sweep's trials here; returns 75 if a stop signal interrupted it (run again to resume)."""
-    target = _target(sweep)
+    target = sweep.spec.trial_count
     with RunDir(sweep.root).lock():
         for number in sweep.running(LOCAL):
             console.print(f"trial {number}: resuming (an earlier ftl sweep left it unfinished)", highlight=False)
@@ -61,14 +60,6 @@ def run_local(sweep: Sweep) -> int:
     console.print(status_table(sweep))
     _say_best(sweep)
     return 0
-
-
-def _target(sweep: Sweep) -> int:
-    """Trials to finish: the sweep file's, at most the grid's size with the grid sampler."""
-    spec = sweep.spec
-    if spec.sampler.type == "grid":
-        return min(spec.trial_count, math.prod(len(v) for v in spec.search_space().values()))
-    return spec.trial_count
 
 
 def run_trial(sweep: Sweep, number: int) -> int:
@@ -100,7 +91,7 @@ def run_trial(sweep: Sweep, number: int) -> int:
 
 def status_table(sweep: Sweep) -> Table:
     spec = sweep.spec
-    table = Table(title=f"sweep {sweep.root} ({spec.metric}, {spec.mode}; {len(sweep.finished())} of {_target(sweep)} finished)",
+    table = Table(title=f"sweep {sweep.root} ({spec.metric}, {spec.mode}; {len(sweep.finished())} of {spec.trial_count} finished)",
                   title_justify="left")
     short = [key.rsplit(".", 1)[-1] for key in spec.params]
     names = [s if short.count(s) == 1 else key for s, key in zip(short, spec.params)]

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Callable, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, ValidationError, model_validator
 
@@ -126,11 +126,11 @@ class SweepSpec(_Spec):
 
     @property
     def trial_count(self) -> int:
-        if self.trials is not None:
-            return self.trials
+        """Trials to finish: ``trials`` (default 10), at most the grid's size with the grid sampler."""
         if self.sampler.type == "grid":
-            return math.prod(len(values) for values in self.search_space().values())
-        return 10
+            grid = math.prod(len(values) for values in self.search_space().values())
+            return grid if self.trials is None else min(self.trials, grid)
+        return 10 if self.trials is None else self.trials
 
     def identity(self) -> dict[str, Any]:
         """What a sweep directory was started with and a later ``ftl sweep`` on it must match
@@ -166,7 +166,7 @@ def override(key: str, value: Any) -> str:
     return f"{key}={json.dumps(value)}"
 
 
-def check_params(spec: SweepSpec, path: Path, try_recipe: Any) -> None:
+def check_params(spec: SweepSpec, path: Path, try_recipe: Callable[[list[str]], Any]) -> None:
     """Every parameter's bounds and choices make a valid recipe (``try_recipe(overrides)`` loads the
     recipe with them applied); the first problem of each key is reported at its line."""
     problems = []

@@ -18,20 +18,17 @@ that was interrupted and resumed asks for the same parameters as one that never 
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ftl.checkpoints.rundir import RunDir, write_atomic
+from ftl.checkpoints.rundir import write_atomic
 from ftl.recipe.load import apply_override, validate_recipe
 from ftl.recipe.schema import Recipe, RecipeError
 from ftl.recipe import safe_yaml
 from ftl.sweep.spec import SweepError, SweepSpec, override
-
-log = logging.getLogger(__name__)
 
 STUDY = "ftl-sweep"
 TRIAL_FILE = "sweep_trial.json"  # in a trial's run directory: the sweep and trial it reports to
@@ -166,19 +163,22 @@ class Sweep:
     def trial_recipe(self, number: int) -> Recipe:
         """The base recipe with trial ``number``'s parameters, in its own run directory; written
         there as ``recipe.yaml`` beside the file that ties the run to its trial."""
-        trial = self.frozen(number)
         run_dir = self.trial_dir(number)
-        raw = self.base.model_dump(mode="json")
-        for item in [override(k, v) for k, v in trial.params.items()] + [override("output.dir", str(run_dir))]:
-            apply_override(raw, item)
-        try:
-            recipe = validate_recipe(raw, source=f"trial {number}")
-        except RecipeError as err:
-            raise SweepError(f"trial {number}'s parameters do not make a valid recipe: {err.problems[0]}") from None
+        recipe = self._with_params(number, {"output.dir": str(run_dir)})
         run_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
-        write_atomic(RunDir(run_dir).root / TRIAL_FILE, json.dumps({"sweep": str(self.root), "trial": number}))
+        write_atomic(run_dir / TRIAL_FILE, json.dumps({"sweep": str(self.root), "trial": number}))
         return recipe
+
+    def _with_params(self, number: int, extra: dict[str, Any] | None = None) -> Recipe:
+        """The base recipe with trial ``number``'s parameters (and ``extra`` keys) set, validated."""
+        raw = self.base.model_dump(mode="json")
+        for key, value in {**self.frozen(number).params, **(extra or {})}.items():
+            apply_override(raw, override(key, value))
+        try:
+            return validate_recipe(raw, source=f"trial {number}")
+        except RecipeError as err:
+            raise SweepError(f"trial {number}'s parameters do not make a valid recipe: {err.problems[0]}") from None
 
     def finish(self, number: int, failure: str | None = None):
         """Tell the study how trial ``number`` ended (from what it reported); returns it frozen."""
@@ -210,10 +210,7 @@ class Sweep:
         best = self.best()
         if best is None:
             return
-        raw = self.base.model_dump(mode="json")
-        for key, value in best.params.items():
-            apply_override(raw, override(key, value))
-        recipe = validate_recipe(raw, source=f"trial {best.number}")
+        recipe = self._with_params(best.number)
         note = (f"# ftl sweep {self.root}: trial {best.number}, {self.spec.metric} {best.value:.6g} (the best of "
                 f"{len(self.finished())} finished trials); it trained in {self.trial_dir(best.number)}\n")
         write_atomic(self.best_recipe, note + recipe.to_yaml())

@@ -27,11 +27,9 @@ from ftl.sweep.study import TRIAL_FILE, Sweep, owner_of_this_task
 def submit(sweep: Sweep, dry_run: bool = False) -> str:
     """Write ``<sweep>/slurm/trial.sbatch`` for the trials still to run and sbatch it; returns the
     array job's id (``dry_run``: the sbatch command)."""
-    from ftl.sweep.run import _target
-
-    left = _target(sweep) - len(sweep.finished())
+    left = sweep.spec.trial_count - len(sweep.finished())
     if left <= 0:
-        raise UserError(f"sweep {sweep.root}: all {_target(sweep)} trials have finished; raise trials in the sweep file to add more")
+        raise UserError(f"sweep {sweep.root}: all {sweep.spec.trial_count} trials have finished; raise trials in the sweep file to add more")
     directory = sweep.root / "slurm"
     directory.mkdir(parents=True, exist_ok=True)
     script = directory / "trial.sbatch"
@@ -42,14 +40,12 @@ def submit(sweep: Sweep, dry_run: bool = False) -> str:
 def start(root: Path, first: int) -> str:
     """The run directory of this task's trial ('' when the sweep needs no more trials); ``first``:
     the trials the study held when the array was submitted (the task's sampler index follows on)."""
-    from ftl.sweep.run import _target
-
     sweep = Sweep.open(root)
     owner = owner_of_this_task()
     mine = sweep.running(owner)
     if mine:
         number = mine[0]
-    elif len(sweep.finished()) >= _target(sweep):  # (a task of an array submitted for more than was left)
+    elif len(sweep.finished()) >= sweep.spec.trial_count:  # (a task of an array submitted for more than was left)
         return ""
     else:
         number = sweep.ask(owner, index=first + int(os.environ.get("SLURM_ARRAY_TASK_ID", "0")))

@@ -143,7 +143,7 @@ class Trainer:
                                   checkpoint=str(checkpoint) if checkpoint else None)
         # A sweep's trial reports its evaluations to the study (the main process talks to it).
         self.in_sweep = is_trial(self.run.root)
-        self.trial = TrialLink.of_run(self.run.root) if self.main and self.in_sweep else None
+        self.trial = TrialLink.of_run(self.run.root) if self.main else None
         self.first_step = self.state.step
         self.start = self.window_start = self.last_save = time.perf_counter()
         self.window_tokens = self.window_rows = 0
@@ -410,8 +410,8 @@ class Trainer:
                                   f"stopping early (best {state.best_metric:.4f} at step {state.best_step})")
         if self._pruned(metrics) and not verdict.stop:
             state.pruned = True
-            self.progress.message(f"step {state.step}: the sweep's pruner stopped this trial "
-                                  f"({self.trial and self.trial.metric or 'its metric'} behind the other trials at this step)")
+            self.progress.message(f"step {state.step}: the sweep's pruner stopped this trial (its metric is behind "
+                                  "the other trials' at this step)")
             verdict = early_stopping.Verdict(improved=verdict.improved, stop=True)
         return verdict
 
